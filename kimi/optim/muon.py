@@ -1,0 +1,216 @@
+"""Muon for hidden matrices and AdamW for everything else, in one optimizer.
+
+Muon (Keller Jordan) keeps a Nesterov momentum of each weight matrix's gradient and replaces it by the
+nearest semi-orthogonal matrix (Newton-Schulz) before stepping. Following Moonlight ("Muon is Scalable
+for LLM Training") the orthogonalised update of an A x B matrix is scaled by 0.2 * sqrt(max(A, B)) so its
+RMS matches a typical AdamW update, which lets Muon reuse AdamW's learning rate and weight decay.
+
+Muon should only be used for hidden weight matrices. Embeddings, the output head, the MoE router and
+every parameter with fewer than two dimensions (norms, biases) go to AdamW; `build_optimizer` does the
+split. Parameters of more than two dimensions (MoE experts, (E, F, D)) are stacks of matrices: each
+(A, B) slice over the last two dims is orthogonalised on its own, all in one batched call.
+
+The same class runs on one device and under FSDP2: when a parameter is a DTensor sharded along a matrix
+dimension, `dist_muon.orthogonalize` gathers whole matrices onto owner ranks for Newton-Schulz. With
+plain tensors it does no communication.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from kimi.config import ConfigError, OptimConfig
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic: maximal slope at 0, singular values land in ~[0.7, 1.2]
+
+
+def default_ns_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where matmuls are fast in bf16 (CUDA); fp32 elsewhere (CPU bf16 matmul is slow, emulated)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def newton_schulz(G: Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = None) -> Tensor:
+    """Approximately orthogonalise each matrix in G (..., A, B): U S V^T -> U S' V^T with S' in ~[0.7, 1.2].
+
+    Normalises each matrix by its Frobenius norm (so the spectral norm is <= 1), then runs `steps` quintic
+    iterations X <- aX + (bXX^T + c(XX^T)^2)X on the wide orientation (transposed when A > B, so the Gram
+    matrix is the small one). Leading dims are a batch. Computes and returns in `dtype`
+    (default: `default_ns_dtype(G.device)`).
+    """
+    if G.ndim < 2:
+        raise ValueError(f"newton_schulz needs a (..., A, B) tensor, got shape {tuple(G.shape)}")
+    a, b, c = NS_COEFFS
+    X = G.to(dtype or default_ns_dtype(G.device))
+    transposed = G.size(-2) > G.size(-1)
+    if transposed:
+        X = X.mT
+    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    # Fused multiply-adds (one rounding per product in bf16; the same ops as torch.optim.Muon for 2-D).
+    mm_add = torch.addmm if X.ndim == 2 else torch.baddbmm
+    batch = X.shape[:-2]
+    X = X.flatten(0, -3) if X.ndim > 3 else X  # flatten, not reshape(-1, ..): empty expert shards (0, A, B)
+    for _ in range(steps):
+        A = X @ X.mT
+        B = mm_add(A, A, A, beta=b, alpha=c)  # bA + cA^2
+        X = mm_add(X, B, X, beta=a)  # aX + BX
+    X = X.unflatten(0, batch) if len(batch) > 1 else X
+    return X.mT if transposed else X
+
+
+def muon_lr_scale(shape: torch.Size) -> float:
+    """Moonlight's RMS matching: an orthogonal A x B update has RMS ~1/sqrt(max(A, B)); AdamW's is ~0.2."""
+    return 0.2 * math.sqrt(max(shape[-2], shape[-1]))
+
+
+def _local(t: Tensor) -> Tensor:
+    """The rank-local data of a DTensor (a view: in-place ops write through), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon + AdamW. Each param group carries `use_muon`; Muon groups use lr, weight_decay, momentum,
+    nesterov, ns_steps; AdamW groups use lr, weight_decay, betas, eps. Weight decay is decoupled in both
+    (p *= 1 - lr * wd, with the group's unscaled lr). Gradients must already be reduced across ranks
+    (FSDP2 does that); a parameter whose grad is None is skipped, which must happen on all ranks alike.
+
+    `ns_dtype`: Newton-Schulz compute (and, when distributed, communication) dtype; None: bf16 on CUDA,
+    fp32 elsewhere.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 3e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        ns_dtype: torch.dtype | None = None,
+    ):
+        if lr < 0 or weight_decay < 0 or not 0 <= momentum < 1:
+            raise ValueError(
+                f"Muon: need lr >= 0, weight_decay >= 0, 0 <= momentum < 1 (got {lr}, {weight_decay}, {momentum})"
+            )
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                        betas=tuple(betas), eps=eps, use_muon=True)  # fmt: skip
+        super().__init__(params, defaults)
+        self.ns_dtype = ns_dtype
+        for group in self.param_groups:
+            for p in group["params"]:
+                if group["use_muon"] and p.ndim < 2:
+                    raise ValueError(
+                        f"Muon group got a {p.ndim}-D parameter of shape {tuple(p.shape)}; put it in an AdamW group"
+                    )
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["use_muon"]:
+                self._muon_step(group)
+            else:
+                self._adamw_step(group)
+        return loss
+
+    def _muon_step(self, group: dict) -> None:
+        from kimi.optim.dist_muon import orthogonalize  # the (possibly distributed) Newton-Schulz
+
+        lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
+        params, updates = [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p.grad)  # a DTensor when p is: checkpoints reshard
+            g, buf = _local(p.grad), _local(state["momentum_buffer"])
+            # EMA momentum (torch.optim.Muon's form); Moonlight's buf = m*buf + g differs by a constant
+            # factor (1 - m) that Newton-Schulz's normalisation removes.
+            buf.lerp_(g, 1 - mom)
+            params.append(p)
+            updates.append(g.lerp(buf, mom) if group["nesterov"] else buf)
+        orthos = orthogonalize(params, updates, steps=group["ns_steps"], dtype=self.ns_dtype)
+        for p, o in zip(params, orthos):
+            p_local = _local(p)
+            p_local.mul_(1 - lr * wd)
+            p_local.add_(o.to(p_local.dtype), alpha=-lr * muon_lr_scale(p.shape))  # p.shape: global shape
+
+    def _adamw_step(self, group: dict) -> None:
+        lr, wd, (beta1, beta2), eps = group["lr"], group["weight_decay"], group["betas"], group["eps"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            step = state["step"].item()
+            p_local, g = _local(p), _local(p.grad)
+            m, v = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
+            p_local.mul_(1 - lr * wd)
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            bc1, bc2 = 1 - beta1**step, 1 - beta2**step
+            denom = (v.sqrt() / bc2**0.5).add_(eps)
+            p_local.addcdiv_(m, denom, value=-lr / bc1)
+
+
+# ----------------------------------------------------------------------------- building from a model
+
+ADAMW_NAME_KEYS = ("embed_tokens", "lm_head", "router")  # >= 2-D, yet not hidden matrices: AdamW
+
+
+def param_group_name(name: str, p: Tensor, cfg: OptimConfig) -> str:
+    """'muon', 'adamw' (decayed) or 'adamw_no_decay' (ndim < 2: norms and biases are not decayed)."""
+    if p.ndim < 2:
+        return "adamw_no_decay"
+    if cfg.name == "adamw" or any(k in name for k in ADAMW_NAME_KEYS):
+        return "adamw"
+    return "muon"
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, ns_dtype: torch.dtype | None = None) -> Muon:
+    """Split `model`'s trainable parameters into Muon / AdamW groups (each group has a 'name') and build
+    one `Muon` optimizer. cfg.name == 'adamw' puts every parameter in AdamW groups.
+
+    Raises ConfigError naming any trainable parameter that lands in no group or in more than one.
+    """
+    cfg.validate()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    by_group: dict[str, list[tuple[str, Tensor]]] = {"muon": [], "adamw": [], "adamw_no_decay": []}
+    for n, p in named:
+        by_group[param_group_name(n, p, cfg)].append((n, p))
+    groups = []
+    for gname, items in by_group.items():
+        if not items:
+            continue
+        g = dict(name=gname, params=list(items), use_muon=gname == "muon")  # (name, p): torch keeps "param_names"
+        if gname == "adamw_no_decay":
+            g["weight_decay"] = 0.0
+        groups.append(g)
+    _check_partition(named, groups)
+    return Muon(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                ns_steps=cfg.ns_steps, betas=cfg.betas, eps=cfg.eps, ns_dtype=ns_dtype)  # fmt: skip
+
+
+def _check_partition(named: list[tuple[str, Tensor]], groups: list[dict]) -> None:
+    """Every trainable parameter in exactly one group (a guard for future edits of the split rule)."""
+    count: dict[int, int] = {}
+    for g in groups:
+        for item in g["params"]:
+            p = item[1] if isinstance(item, tuple) else item  # (name, param) pairs or bare params
+            count[id(p)] = count.get(id(p), 0) + 1
+    bad = [f"{n} (in {count.get(id(p), 0)} groups)" for n, p in named if count.get(id(p), 0) != 1]
+    if bad:
+        raise ConfigError(f"optimizer param groups must hold every trainable parameter exactly once: {', '.join(bad)}")
