@@ -1,0 +1,77 @@
+"""Small building blocks shared by attention, MoE and the transformer: RMSNorm, SwiGLU MLP, RoPE.
+
+Legend: B batch, T tokens of this forward, H heads, R rotary dims, D model dim, F hidden dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / rms(x), computed in fp32 and cast back (the HF DeepSeek-V3 order, for exact parity)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). The dense FFN, and the fused shared experts of a MoE layer."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def rope_cos_sin(positions_T: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (T, dim/2) in fp32 for integer positions.
+
+    Computed per forward rather than held in a buffer: it is tiny, and a model built on the meta
+    device (then `to_empty`) would otherwise carry garbage tables. Same float32 op order as HF
+    DeepSeek-V3 (`inv_freq = 1 / theta**(arange(0, dim, 2)/dim)`) so converted models agree to ~1e-7.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=positions_T.device) / dim))
+    freqs_TR = positions_T.float()[:, None] * inv_freq[None, :]
+    return freqs_TR.cos(), freqs_TR.sin()
+
+
+def apply_rope(x: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate the last dim of x (..., T, ?, 2R') by position; x is laid out (B, T, H, dim).
+
+    interleave=True rotates pairs (x0, x1), (x2, x3), ... (how DeepSeek-V3 checkpoints store the rope
+    dims); False rotates (x_i, x_{i+dim/2}) (GPT-NeoX / Llama). Either way the output is written as
+    [rotated firsts, rotated seconds] like HF does: q and k get the same permutation, so q.k is
+    unchanged, and the latent cache simply stores k_rope in that layout.
+    """
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    else:
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+    cos = cos_TR[:, None, :].to(x.dtype)  # (T, 1, R/2) broadcasts over heads
+    sin = sin_TR[:, None, :].to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)

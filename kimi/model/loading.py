@@ -1,0 +1,78 @@
+"""Reading model checkpoints: `.pt` files ({"config": ..., "model": state_dict}) and checkpoint directories.
+
+Every failure is a ValueError with one line saying what is wrong (missing file, foreign format,
+key or shape mismatch), never a traceback from deep inside load_state_dict.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kimi.config import Config, KimiConfig, from_dict
+
+
+def model_config_from(cfg: Any) -> KimiConfig:
+    """A KimiConfig from what a checkpoint stores: `Config.to_dict()`, `asdict(KimiConfig)` or the objects."""
+    if isinstance(cfg, KimiConfig):
+        return cfg
+    if isinstance(cfg, Config):
+        return cfg.model
+    if not isinstance(cfg, dict):
+        raise ValueError(f"checkpoint config should be a dict, got {type(cfg).__name__}")
+    if isinstance(cfg.get("model"), dict) and "n_layer" in cfg["model"]:
+        cfg = cfg["model"]  # a whole Config tree: keep its model section
+    return from_dict(KimiConfig, cfg, "model")
+
+
+def load_checkpoint(path, map_location="cpu") -> tuple[KimiConfig, dict[str, torch.Tensor]]:
+    path = Path(path)
+    if path.is_dir():
+        from kimi.checkpoint import load_model_state  # lazy: the checkpoint module is optional here
+
+        cfg, state_dict = load_model_state(path)
+    elif path.is_file():
+        try:
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"cannot read checkpoint '{path}': {first}") from None
+        if not isinstance(obj, dict) or "config" not in obj or "model" not in obj:
+            raise ValueError(f"'{path}' is not a nanoKimi checkpoint (expected a dict with 'config' and 'model')")
+        cfg, state_dict = obj["config"], obj["model"]
+    else:
+        raise ValueError(f"checkpoint '{path}' does not exist")
+    return model_config_from(cfg), state_dict
+
+
+def _clean_key(k: str) -> str:
+    # torch.compile wraps modules as `_orig_mod`; DDP prefixes `module.`
+    k = k.replace("_orig_mod.", "")
+    return k.removeprefix("module.")
+
+
+def load_state_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """load_state_dict(strict=True), with mismatches reported as one readable line."""
+    state_dict = {_clean_key(k): v for k, v in state_dict.items()}
+    expected = model.state_dict()
+    if getattr(model, "config", None) is not None and getattr(model.config, "tie_embeddings", False):
+        if "lm_head.weight" not in state_dict and "embed_tokens.weight" in state_dict:
+            state_dict["lm_head.weight"] = state_dict["embed_tokens.weight"]
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s) e.g. {missing[:3]}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} key(s) e.g. {unexpected[:3]}")
+        raise ValueError("checkpoint does not match the model config: " + "; ".join(parts))
+    for k, v in expected.items():
+        if tuple(state_dict[k].shape) != tuple(v.shape):
+            raise ValueError(
+                f"checkpoint tensor '{k}' has shape {tuple(state_dict[k].shape)} but the model expects {tuple(v.shape)}"
+            )
+    model.load_state_dict(state_dict, strict=True)

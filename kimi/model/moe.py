@@ -1,0 +1,245 @@
+"""Mixture of experts: router -> top-k -> permute -> grouped SwiGLU experts -> un-permute, weight, sum.
+
+Legend: B batch, L sequence length, T tokens (B*L), D model dim, F expert hidden, E experts
+(E_local when expert parallelism gave this module a slice), K experts per token, N = T*K routed rows.
+
+Each step is a small module-level function so a kernel (or an expert-parallel all-to-all) can replace
+it. The seam is `MoE.dispatcher`: any callable `dispatcher(x_TD, topk_idx_TK, topk_w_TK, experts) -> y_TD`
+returning the routed output already weighted by topk_w and summed over K. `LocalDispatcher` is the
+single-device one; kimi.parallel swaps in its all-to-all version from outside.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kimi.config import MoEConfig
+from kimi.model.layers import MLP
+from kimi.model.router import (
+    Router,
+    capacity_keep,
+    route,
+    router_entropy,
+    seq_aux_loss,
+    switch_aux_loss,
+)
+
+# ----------------------------------------------------------------------------- dispatch steps
+
+
+def permute(topk_idx_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order the N = T*K assignments by expert: (sort_idx_N, counts_E).
+
+    sort_idx_N[j] is the flattened (token, k) index of the j-th row in expert order; the sort is
+    stable, so within an expert rows keep token order (deterministic, and what capacity relies on).
+    """
+    flat_N = topk_idx_TK.reshape(-1)
+    return torch.argsort(flat_N, stable=True), torch.bincount(flat_N, minlength=num_experts)
+
+
+def gather_rows(x_TD: torch.Tensor, sort_idx_N: torch.Tensor, top_k: int) -> torch.Tensor:
+    """x_ND: each token's row repeated once per chosen expert, in expert order."""
+    return x_TD.index_select(0, sort_idx_N // top_k)
+
+
+def unpermute(y_ND: torch.Tensor, sort_idx_N: torch.Tensor, topk_w_TK: torch.Tensor) -> torch.Tensor:
+    """Put expert outputs back in (token, k) order, weight by topk_w and sum over k -> y_TD (fp32).
+
+    index_copy + a sum over K instead of index_add: its backward is a gather, so it stays deterministic
+    on GPU (no atomics). Weighting in fp32 as HF does, so bf16 outputs are not rounded twice.
+    """
+    T, K = topk_w_TK.shape
+    y_TKD = y_ND.new_empty(y_ND.shape).index_copy(0, sort_idx_N, y_ND).view(T, K, -1)
+    return (y_TKD.float() * topk_w_TK[..., None].float()).sum(dim=1)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def grouped_mm_supported(x_ND: torch.Tensor, w_EFD: torch.Tensor) -> bool:
+    """torch's grouped GEMM wants 16-byte aligned rows, and on CUDA bf16 (SM >= 80)."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    dtype = _compute_dtype(x_ND)
+    size = torch.empty((), dtype=dtype).element_size()
+    if (w_EFD.shape[1] * size) % 16 or (w_EFD.shape[2] * size) % 16:
+        return False
+    if x_ND.device.type == "cpu":
+        return True
+    return x_ND.device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] >= 8
+
+
+def grouped_swiglu(x_ND, w1_EFD, w3_EFD, w2_EDF, counts_E) -> torch.Tensor:
+    """All experts in three grouped GEMMs; expert e owns rows offs[e-1]:offs[e] (some may own none)."""
+    offs_E = counts_E.cumsum(0).to(torch.int32)
+    dtype = _compute_dtype(x_ND)  # grouped_mm has no autocast rule: cast explicitly
+    x_ND = x_ND.to(dtype)
+    h_NF = F.silu(F.grouped_mm(x_ND, w1_EFD.to(dtype).transpose(-2, -1), offs=offs_E))
+    h_NF = h_NF * F.grouped_mm(x_ND, w3_EFD.to(dtype).transpose(-2, -1), offs=offs_E)
+    return F.grouped_mm(h_NF, w2_EDF.to(dtype).transpose(-2, -1), offs=offs_E)
+
+
+def looped_swiglu(x_ND, w1_EFD, w3_EFD, w2_EDF, counts_E) -> torch.Tensor:
+    """Reference / fallback: one expert at a time (one host sync for the counts)."""
+    outs, start = [], 0
+    for e, n in enumerate(counts_E.tolist()):
+        if n:
+            xe = x_ND[start : start + n]
+            outs.append((F.silu(xe @ w1_EFD[e].T) * (xe @ w3_EFD[e].T)) @ w2_EDF[e].T)
+        start += n
+    if start < x_ND.shape[0]:  # rows past sum(counts) (padding) belong to no expert
+        outs.append(x_ND.new_zeros(x_ND.shape[0] - start, w2_EDF.shape[1]))
+    return torch.cat(outs) if outs else x_ND.new_zeros(0, w2_EDF.shape[1])
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts stored as stacked 3-D weights: w1 (gate) and w3 (up) are (E, F, D), w2 (down)
+    is (E, D, F). forward(x_ND, counts_E): rows already sorted by expert, counts_E has one entry per
+    expert this module holds (E_local = w1.shape[0] under expert parallelism); experts may get 0 rows."""
+
+    use_grouped_mm = True  # set False (class or instance) to force the per-expert loop
+
+    def __init__(self, num_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.w3 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+
+    @property
+    def num_experts(self) -> int:
+        return self.w1.shape[0]
+
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        if counts_E.shape[0] != self.num_experts:
+            raise ValueError(
+                f"counts_E has {counts_E.shape[0]} entries but this module holds {self.num_experts} experts"
+            )
+        fn = grouped_swiglu if self.use_grouped_mm and grouped_mm_supported(x_ND, self.w1) else looped_swiglu
+        return fn(x_ND, self.w1, self.w3, self.w2, counts_E)
+
+
+class LocalDispatcher:
+    """Single-device dispatch: permute, gather, run the experts, un-permute/weight/sum. A plain callable
+    (not a Module) so an expert-parallel replacement of any kind can be assigned over it."""
+
+    def __call__(self, x_TD, topk_idx_TK, topk_w_TK, experts: GroupedExperts) -> torch.Tensor:
+        sort_idx_N, counts_E = permute(topk_idx_TK, experts.num_experts)
+        y_ND = experts(gather_rows(x_TD, sort_idx_N, topk_idx_TK.shape[1]), counts_E)
+        return unpermute(y_ND, sort_idx_N, topk_w_TK).to(x_TD.dtype)
+
+    def __repr__(self) -> str:
+        return "LocalDispatcher()"
+
+
+def _in_backward() -> bool:
+    """True while autograd recomputes a checkpointed forward; its routing must not be counted twice."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class MoE(nn.Module):
+    """Routed experts + fused shared experts, with aux-loss-free load balancing.
+
+    forward(x_BLD) -> y_BLD and sets `self.aux_loss` (0-dim; zero unless a balance-loss coef is set).
+    Training forwards add their selected-token counts to `tokens_per_expert` (fp32, not saved), so
+    gradient-accumulation micro-batches add up until `update_bias()` consumes and zeros them.
+    """
+
+    def __init__(self, dim: int, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
+        self.router = Router(dim, cfg.num_experts, cfg.score_func)
+        self.experts = GroupedExperts(cfg.num_experts, dim, cfg.expert_hidden)
+        n_shared = cfg.n_shared_experts
+        self.shared_experts = MLP(dim, n_shared * cfg.expert_hidden) if n_shared > 0 else None
+        self.dispatcher = LocalDispatcher()
+        self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_experts), persistent=False)
+        self.register_buffer("_entropy_sum", torch.zeros(2), persistent=False)  # [sum, count] since update
+        self.aux_loss = torch.zeros(())
+        self._last_counts_E: torch.Tensor | None = None  # what the last update_bias consumed
+        self._last_entropy: float | None = None
+
+    def forward(self, x_BLD: torch.Tensor) -> torch.Tensor:
+        B, L, D = x_BLD.shape
+        cfg = self.cfg
+        x_TD = x_BLD.reshape(B * L, D)
+        scores_TE = self.router(x_TD)
+        topk_idx_TK, topk_w_TK = route(
+            scores_TE, self.router.expert_bias, self.top_k, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob
+        )
+        if cfg.capacity_factor is not None:
+            # Overflow assignments get weight 0: the output is exactly that of dropping them, while
+            # the dispatcher seam keeps its fixed (T, K) shapes.
+            capacity = math.ceil(cfg.capacity_factor * topk_idx_TK.numel() / self.num_experts)
+            topk_w_TK = topk_w_TK * capacity_keep(topk_idx_TK, self.num_experts, capacity)
+        y_TD = self.dispatcher(x_TD, topk_idx_TK, topk_w_TK, self.experts)
+        if cfg.routed_scaling_factor != 1.0:
+            y_TD = y_TD * cfg.routed_scaling_factor
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+        self.aux_loss = self._aux_loss(scores_TE, topk_idx_TK, B)
+        if self.training and not _in_backward():
+            self._accumulate(scores_TE, topk_idx_TK)
+        return y_TD.view(B, L, D)
+
+    def _aux_loss(self, scores_TE, topk_idx_TK, batch_size: int) -> torch.Tensor:
+        loss = scores_TE.new_zeros(())
+        if self.cfg.seq_aux_loss_coef > 0:
+            loss = loss + self.cfg.seq_aux_loss_coef * seq_aux_loss(scores_TE, topk_idx_TK, batch_size)
+        if self.cfg.aux_loss_coef > 0:
+            loss = loss + self.cfg.aux_loss_coef * switch_aux_loss(scores_TE, topk_idx_TK)
+        return loss
+
+    @torch.no_grad()
+    def _accumulate(self, scores_TE, topk_idx_TK) -> None:
+        counts_E = torch.bincount(topk_idx_TK.reshape(-1), minlength=self.num_experts)
+        self.tokens_per_expert.add_(counts_E.to(self.tokens_per_expert.dtype))
+        self._entropy_sum[0] += router_entropy(scores_TE)
+        self._entropy_sum[1] += 1
+
+    @torch.no_grad()
+    def update_bias(self, tokens_per_expert_E: torch.Tensor | None = None) -> None:
+        """bias += rate * sign(mean_load - load) (when moe.aux_loss_free), then zero the counts.
+
+        Pass `tokens_per_expert_E` to use counts summed over data-parallel ranks; otherwise this
+        module's own accumulated counts are used. Underloaded experts become more likely to be chosen.
+        """
+        bias_E = self.router.expert_bias
+        counts_E = (self.tokens_per_expert if tokens_per_expert_E is None else tokens_per_expert_E).detach()
+        counts_E = counts_E.to(device=bias_E.device, dtype=torch.float32)
+        if self.cfg.aux_loss_free:
+            bias_E.add_(self.cfg.bias_update_rate * torch.sign(counts_E.mean() - counts_E))
+        self._last_counts_E = counts_E.clone()
+        if self._entropy_sum[1] > 0:
+            self._last_entropy = float(self._entropy_sum[0] / self._entropy_sum[1])
+        self.tokens_per_expert.zero_()
+        self._entropy_sum.zero_()
+
+    @torch.no_grad()
+    def routing_stats(self, tokens_per_expert_E: torch.Tensor | None = None) -> dict:
+        """Load statistics: counts given, else accumulated since the last update_bias, else the counts
+        that update consumed. max_load = max/mean (1 = perfect), load_cv = std/mean, router_entropy =
+        mean entropy (nats) of the normalised router scores over training forwards since the update."""
+        counts_E = tokens_per_expert_E
+        if counts_E is None:
+            counts_E = self.tokens_per_expert
+            if float(counts_E.sum()) == 0 and self._last_counts_E is not None:
+                counts_E = self._last_counts_E
+        counts_E = counts_E.detach().float().cpu()
+        mean = float(counts_E.mean())
+        n_fwd = float(self._entropy_sum[1])
+        entropy = float(self._entropy_sum[0]) / n_fwd if n_fwd > 0 else self._last_entropy
+        return {
+            "tokens_per_expert": counts_E.tolist(),
+            "max_load": float(counts_E.max()) / mean if mean > 0 else 0.0,
+            "load_cv": float(counts_E.std(unbiased=False)) / mean if mean > 0 else 0.0,
+            "router_entropy": float("nan") if entropy is None else entropy,
+        }
