@@ -1,5 +1,7 @@
 """Optimizers: Muon + AdamW in one class, QK-clip (MuonClip), learning-rate schedules, global grad clipping."""
 
 from kimi.optim.muon import Muon, build_optimizer, newton_schulz
+from kimi.optim.qk_clip import QKClip, all_reduce_max
+from kimi.optim.schedules import build_scheduler, lr_lambda
 
-__all__ = ["Muon", "build_optimizer", "newton_schulz"]
+__all__ = ["Muon", "QKClip", "all_reduce_max", "build_optimizer", "build_scheduler", "lr_lambda", "newton_schulz"]
