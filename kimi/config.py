@@ -198,6 +198,8 @@ class DataConfig:
     block_size: int | None = None  # training window; None -> model.block_size
     num_workers: int = 2  # tokenisation processes in `kimi.prepare`
     shard_tokens: int = 50_000_000  # tokens per shard file
+    cache_dir: str | None = None  # named-corpus downloads; None -> $NANOKIMI_CACHE or ~/.cache/nanokimi
+    verify_shards: bool = False  # recompute every shard's sha256 when opening (reads all data; sizes+headers are always checked)
 
 
 @dataclass

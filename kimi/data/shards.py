@@ -1,0 +1,147 @@
+"""The on-disk token format, shared by the writer (`prepare.py`) and the reader (`dataset.py`).
+
+    OUT/train/shard_00000.bin   256-byte header + token ids (little-endian uint16, or uint32 for big vocabularies)
+    OUT/train/manifest.json     each shard's file name, token count and sha256; tokenizer, vocab, corpus, sources
+    OUT/val/...
+
+Header: magic b"NKSHARD\\0", u32 version, u32 dtype code (1 = uint16, 2 = uint32), u64 token count,
+zero padding to 256 bytes. A fixed header keeps the token data aligned, so `np.memmap` can map it at an
+offset without copying.
+
+Every file is written to a temp name in the same directory and renamed into place, so a crash never leaves a
+half-written file under the final name; the manifest is written last and names only complete shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MAGIC = b"NKSHARD\0"
+VERSION = 1
+HEADER_BYTES = 256
+_HEADER = struct.Struct("<8sIIQ")
+DTYPES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
+MANIFEST = "manifest.json"
+RERUN = "re-run python -m kimi.prepare"
+
+
+class ShardError(ValueError):
+    """A shard or manifest is missing, truncated or corrupt; the message names the file."""
+
+
+def dtype_for_vocab(vocab_size: int) -> np.dtype:
+    """uint16 while every id fits (vocab <= 65536), uint32 otherwise: half the disk and page cache."""
+    return DTYPES[1] if vocab_size <= 1 << 16 else DTYPES[2]
+
+
+def _dtype_code(dtype: np.dtype) -> int:
+    for code, dt in DTYPES.items():
+        if np.dtype(dtype) == dt:
+            return code
+    raise ValueError(f"shards hold uint16 or uint32 tokens, not {dtype}")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: Path, parts: list[bytes | memoryview]) -> None:
+    """Write `parts` to `path` through a temp file + fsync + rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for part in parts:
+                f.write(part)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_shard(path: str | Path, tokens: np.ndarray) -> str:
+    """Write one shard atomically; returns the file's sha256 (header included)."""
+    tokens = np.ascontiguousarray(tokens)
+    header = _HEADER.pack(MAGIC, VERSION, _dtype_code(tokens.dtype), tokens.size).ljust(HEADER_BYTES, b"\0")
+    data = memoryview(tokens.astype(tokens.dtype.newbyteorder("<"), copy=False)).cast("B")
+    atomic_write_bytes(Path(path), [header, data])
+    h = hashlib.sha256(header)
+    h.update(data)
+    return h.hexdigest()
+
+
+def read_header(path: str | Path) -> tuple[np.dtype, int]:
+    """(dtype, token count) of a shard; refuses bad magic, unknown version/dtype and truncated files."""
+    path = Path(path)
+    if not path.is_file():
+        raise ShardError(f"shard '{path}' is missing; {RERUN}")
+    with open(path, "rb") as f:
+        head = f.read(HEADER_BYTES)
+    if len(head) < HEADER_BYTES or head[:8] != MAGIC:
+        raise ShardError(f"'{path}' is not a nanoKimi token shard (bad magic); {RERUN}")
+    _, version, code, n = _HEADER.unpack_from(head)
+    if version != VERSION or code not in DTYPES:
+        raise ShardError(
+            f"shard '{path}' has version {version} / dtype code {code}, which this code cannot read; {RERUN}"
+        )
+    expected = HEADER_BYTES + n * DTYPES[code].itemsize
+    size = path.stat().st_size
+    if size != expected:
+        what = "truncated" if size < expected else "longer than its header says"
+        raise ShardError(f"shard '{path}' is {what} ({size} bytes, expected {expected}); {RERUN}")
+    return DTYPES[code], n
+
+
+def open_shard(path: str | Path, num_tokens: int | None = None, sha256: str | None = None) -> np.memmap:
+    """Map a shard read-only after checking its header and size (and, if given, its count and hash)."""
+    dtype, n = read_header(path)
+    if num_tokens is not None and n != num_tokens:
+        raise ShardError(f"shard '{path}' holds {n} tokens but the manifest says {num_tokens}; {RERUN}")
+    if sha256 is not None and sha256_file(path) != sha256:
+        raise ShardError(f"shard '{path}' is corrupt (sha256 differs from the manifest); {RERUN}")
+    if n == 0:
+        return np.zeros(0, dtype=dtype)  # np.memmap refuses empty maps
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(n,))
+
+
+def write_manifest(split_dir: str | Path, manifest: dict[str, Any]) -> None:
+    text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
+    atomic_write_bytes(Path(split_dir) / MANIFEST, [text.encode()])
+
+
+def read_manifest(split_dir: str | Path) -> dict[str, Any]:
+    path = Path(split_dir) / MANIFEST
+    if not path.is_file():
+        raise ShardError(f"'{path}' is missing (an interrupted prepare?); {RERUN}")
+    try:
+        manifest = json.loads(path.read_text())
+        assert isinstance(manifest, dict) and isinstance(manifest["shards"], list)
+    except (ValueError, AssertionError, KeyError):
+        raise ShardError(f"'{path}' is not a valid manifest; {RERUN}") from None
+    return manifest
+
+
+def open_split(split_dir: str | Path, verify: bool = False) -> tuple[dict[str, Any], list[np.memmap]]:
+    """The manifest and one memmap per shard. Sizes and headers are always checked; `verify=True`
+    also recomputes every sha256 (reads all the data: seconds per GB)."""
+    split_dir = Path(split_dir)
+    manifest = read_manifest(split_dir)
+    maps = []
+    for entry in manifest["shards"]:
+        sha = entry["sha256"] if verify else None
+        maps.append(open_shard(split_dir / entry["file"], entry["num_tokens"], sha))
+    return manifest, maps
