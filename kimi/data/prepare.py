@@ -1,0 +1,233 @@
+"""Text -> token shards: tokenise in worker processes, write memory-mappable shards and a manifest.
+
+    prepare(corpus, "data/shakespeare", data_cfg)  ->  {"train": SplitInfo, "val": SplitInfo}
+    TextDataProcessor(DataConfig()).process_dataset("mine", train_files=[...])  ->  (train_dir, val_dir)
+
+Every document is preceded by <|endoftext|> (50256), which thus both separates documents and marks where
+one begins (llm.c's convention). Output depends only on the inputs and settings, never on the number of
+workers: chunks are tokenised in parallel but written in order.
+
+Idempotent: each split's manifest records a fingerprint of everything the tokens depend on (corpus and its
+source hashes, split rule version, tokenizer, shard size). A re-run whose fingerprint matches and whose
+shards all pass a full sha256 check touches nothing; otherwise the split is rewritten, manifest last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from kimi.config import DataConfig
+from kimi.data.corpora import Corpus, files_corpus, get_corpus
+from kimi.data.shards import (
+    VERSION,
+    ShardError,
+    dtype_for_vocab,
+    open_split,
+    read_manifest,
+    write_manifest,
+    write_shard,
+)
+from kimi.data.tokenizer import get_tokenizer
+
+SPLITS = ("train", "val")
+CHUNK_CHARS = 1 << 20  # long documents are cut into ~1 MB pieces so one big file still uses every worker
+BATCH_CHARS = 64 << 20  # text in flight at once: bounds memory on large inputs
+
+
+@dataclass
+class SplitInfo:
+    path: Path
+    num_tokens: int
+    num_shards: int
+    skipped: bool  # True when an up-to-date split was left untouched
+
+
+def chunk_text(text: str, size: int = CHUNK_CHARS) -> list[str]:
+    """Cut `text` into pieces of about `size` chars whose separate encodings concatenate to the encoding
+    of the whole. We cut only between a non-space character and a newline: no GPT-2 pre-token spans
+    that point (letters/digits/symbol runs never contain whitespace, whitespace runs contain nothing else),
+    and the regex sees the same text on both sides of it."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        cut = text.find("\n", start + size)
+        while cut != -1 and text[cut - 1].isspace():
+            cut = text.find("\n", cut + 1)
+        if cut == -1:
+            break
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def _encode(task: tuple[str, bool, str]) -> np.ndarray:
+    name, first, text = task
+    enc = get_tokenizer(name)
+    ids = ([enc.eot_token] if first else []) + enc.encode_ordinary(text)
+    return np.asarray(ids, dtype=dtype_for_vocab(enc.n_vocab))
+
+
+def _batches(docs: Iterable[str], name: str) -> Iterator[list[tuple[str, bool, str]]]:
+    batch, chars = [], 0
+    for doc in docs:
+        for i, piece in enumerate(chunk_text(doc)):
+            batch.append((name, i == 0, piece))
+            chars += len(piece)
+            if chars >= BATCH_CHARS:
+                yield batch
+                batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def tokenize(
+    docs: Iterable[str], tokenizer: str, num_workers: int, desc: str = "", progress: bool = True
+) -> Iterator[np.ndarray]:
+    """Token arrays in document order (EOT first in each document), encoded by `num_workers` processes."""
+    total = sum(map(len, docs)) if isinstance(docs, list) else None
+    bar = tqdm(total=total, unit="char", unit_scale=True, desc=desc, disable=not progress, leave=False)
+    pool = multiprocessing.get_context().Pool(num_workers) if num_workers > 1 else None
+    try:
+        for batch in _batches(docs, tokenizer):
+            step = max(1, len(batch) // (4 * num_workers))
+            results = pool.imap(_encode, batch, chunksize=step) if pool else map(_encode, batch)
+            for task, ids in zip(batch, results):
+                bar.update(len(task[2]))
+                yield ids
+    finally:
+        bar.close()
+        if pool:
+            pool.terminate()
+
+
+def fingerprint(corpus: Corpus, split: str, tokenizer: str, shard_tokens: int) -> str:
+    spec = {"format": VERSION, "corpus": corpus.name, "corpus_version": corpus.version, "sources": corpus.sources,
+            "split": split, "tokenizer": tokenizer, "shard_tokens": shard_tokens}  # fmt: skip
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def _up_to_date(split_dir: Path, fp: str) -> dict | None:
+    try:
+        manifest = read_manifest(split_dir)
+        if manifest.get("fingerprint") != fp:
+            return None
+        open_split(split_dir, verify=True)
+        return manifest
+    except ShardError:
+        return None
+
+
+def write_split(
+    docs: Iterable[str], split_dir: Path, corpus: Corpus, split: str, cfg: DataConfig, fp: str, progress: bool = True
+) -> dict:
+    """Tokenise `docs` into `split_dir`/shard_NNNNN.bin + manifest.json (replacing what was there)."""
+    split_dir.mkdir(parents=True, exist_ok=True)
+    (split_dir / "manifest.json").unlink(missing_ok=True)  # from here on the split reads as incomplete
+    for stale in split_dir.glob(".*.tmp"):
+        stale.unlink()
+    enc = get_tokenizer(cfg.tokenizer_name)
+    dtype = dtype_for_vocab(enc.n_vocab)
+    buf, fill, shards, n_docs = np.empty(cfg.shard_tokens, dtype=dtype), 0, [], 0
+
+    def flush() -> None:
+        nonlocal fill
+        name = f"shard_{len(shards):05d}.bin"
+        shards.append({"file": name, "num_tokens": fill, "sha256": write_shard(split_dir / name, buf[:fill])})
+        fill = 0
+
+    for ids in tokenize(docs, cfg.tokenizer_name, cfg.num_workers, f"{corpus.name}/{split}", progress):
+        n_docs += int(ids.size > 0 and ids[0] == enc.eot_token)
+        while ids.size:
+            take = min(ids.size, cfg.shard_tokens - fill)
+            buf[fill : fill + take], fill, ids = ids[:take], fill + take, ids[take:]
+            if fill == cfg.shard_tokens:
+                flush()
+    if fill:
+        flush()
+    keep = {s["file"] for s in shards}
+    for old in split_dir.glob("shard_*.bin"):
+        if old.name not in keep:
+            old.unlink()
+    manifest = {
+        "format": "nanokimi-shards", "version": VERSION, "corpus": corpus.name, "corpus_version": corpus.version,
+        "split": split, "tokenizer": cfg.tokenizer_name, "vocab_size": enc.n_vocab, "eot_token": enc.eot_token,
+        "dtype": dtype.name, "num_tokens": sum(s["num_tokens"] for s in shards), "num_documents": n_docs,
+        "shard_tokens": cfg.shard_tokens, "shards": shards, "sources": corpus.sources, "fingerprint": fp,
+    }  # fmt: skip
+    write_manifest(split_dir, manifest)
+    return manifest
+
+
+def prepare(
+    corpus: Corpus, out_dir: str | Path, cfg: DataConfig | None = None, force: bool = False, progress: bool = True
+) -> dict[str, SplitInfo]:
+    """Write OUT/train and OUT/val for `corpus`; up-to-date splits are verified and left as they are."""
+    cfg = cfg or DataConfig()
+    if cfg.shard_tokens < 1 or cfg.num_workers < 0:
+        raise ValueError(f"data.shard_tokens={cfg.shard_tokens} must be >= 1 and data.num_workers >= 0")
+    get_tokenizer(cfg.tokenizer_name)  # fail on a bad name before any work (and warm forked workers' cache)
+    out: dict[str, SplitInfo] = {}
+    for split in SPLITS:
+        split_dir = Path(out_dir) / split
+        fp = fingerprint(corpus, split, cfg.tokenizer_name, cfg.shard_tokens)
+        manifest = None if force else _up_to_date(split_dir, fp)
+        skipped = manifest is not None
+        if manifest is None:
+            docs = corpus.train() if split == "train" else corpus.val()
+            manifest = write_split(docs, split_dir, corpus, split, cfg, fp, progress)
+        out[split] = SplitInfo(split_dir, manifest["num_tokens"], len(manifest["shards"]), skipped)
+    return out
+
+
+def prepare_corpus(name: str, out_dir: str | Path, cfg: DataConfig | None = None, **kw) -> dict[str, SplitInfo]:
+    """A named corpus (see kimi.data.corpora.CORPORA), downloaded into the cache on first use."""
+    cfg = cfg or DataConfig()
+    return prepare(get_corpus(name, cfg.cache_dir), out_dir, cfg, **kw)
+
+
+def prepare_files(
+    train_files: list,
+    val_files: list | None,
+    out_dir: str | Path,
+    cfg: DataConfig | None = None,
+    name: str = "custom",
+    **kw,
+) -> dict[str, SplitInfo]:
+    """The user's text / JSON-lines files or folders."""
+    return prepare(files_corpus(name, train_files, val_files), out_dir, cfg, **kw)
+
+
+class TextDataProcessor:
+    """The README's entry point: `process_dataset(name, train_files, val_files) -> (train_dir, val_dir)`.
+
+    With files, `name` only labels the data; without, it must be a named corpus (else CorpusError).
+    Output goes to `out_dir`, default `data/<name>`, ready for `--data.dataset=data/<name>`."""
+
+    def __init__(self, config: DataConfig | None = None, progress: bool = True):
+        self.config = config or DataConfig()
+        self.progress = progress
+
+    def process_dataset(
+        self,
+        name: str,
+        train_files: list | None = None,
+        val_files: list | None = None,
+        out_dir: str | Path | None = None,
+        force: bool = False,
+    ) -> tuple[str, str]:
+        out_dir = Path(out_dir) if out_dir is not None else Path("data") / name
+        if train_files:
+            info = prepare_files(
+                train_files, val_files, out_dir, self.config, name, force=force, progress=self.progress
+            )
+        else:
+            info = prepare_corpus(name, out_dir, self.config, force=force, progress=self.progress)
+        return str(info["train"].path), str(info["val"].path)

