@@ -1,7 +1,17 @@
 """Optimizers: Muon + AdamW in one class, QK-clip (MuonClip), learning-rate schedules, global grad clipping."""
 
+from kimi.optim.grad_clip import clip_grad_norm_
 from kimi.optim.muon import Muon, build_optimizer, newton_schulz
 from kimi.optim.qk_clip import QKClip, all_reduce_max
 from kimi.optim.schedules import build_scheduler, lr_lambda
 
-__all__ = ["Muon", "QKClip", "all_reduce_max", "build_optimizer", "build_scheduler", "lr_lambda", "newton_schulz"]
+__all__ = [
+    "Muon",
+    "QKClip",
+    "all_reduce_max",
+    "build_optimizer",
+    "build_scheduler",
+    "lr_lambda",
+    "newton_schulz",
+    "clip_grad_norm_",
+]

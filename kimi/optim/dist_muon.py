@@ -5,8 +5,8 @@ Running Newton-Schulz on a row shard of a matrix is wrong (it orthogonalises the
 Each parameter falls in one of three cases, decided from its placements alone (identical on every rank):
 
   local     plain tensor, or a DTensor whose placements split no matrix dim (the last two): Replicate, or
-            Shard along a batch dim, e.g. the expert dim of (E, F, D) expert weights sharded by EP or by
-            FSDP2's Shard(0). Every local (A, B) slice is a whole matrix: NS runs in place of the shard.
+            (strided) Shard along a batch dim, e.g. the expert dim of (E, F, D) expert weights sharded by EP
+            and FSDP2's Shard(0). Every local (A, B) slice is a whole matrix: NS runs on the local tensor.
   gathered  a DTensor split along one matrix dim d by exactly one mesh dim (FSDP2 Shard(0) of a 2-D weight,
             HSDP (Replicate, Shard(0)), an expert stack sharded (Shard(0) by EP, Shard(1) by FSDP)).
             Each matrix gets an owner rank in that mesh dim's group; see the exchange below.
@@ -54,12 +54,12 @@ def _classify(p: Tensor) -> tuple[str, int, int]:
         return "local", -1, -1
     from torch.distributed.tensor import Shard
 
-    splits = []  # (mesh dim, tensor dim) of placements that split a matrix dim
+    splits = []  # (mesh dim, tensor dim, plain Shard?) of placements that split a matrix dim
     for k, pl in enumerate(p.placements):
         if pl.is_partial():
             raise ValueError("Muon: a parameter with a Partial placement has no well-defined update; reduce it first")
-        if pl.is_shard():
-            d = pl.dim % p.ndim
+        if not pl.is_replicate():  # Shard, or e.g. _StridedShard (FSDP2 over EP), whose is_shard() is False
+            d = getattr(pl, "dim", p.ndim - 1) % p.ndim  # a split of unknown kind: assume a matrix dim
             if d >= p.ndim - 2:
                 splits.append((k, d, type(pl) is Shard))
     if not splits:

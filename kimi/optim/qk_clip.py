@@ -28,8 +28,11 @@ def all_reduce_max(group=None) -> Callable[[Tensor], None]:
 def scale_rows_(p: Tensor, scale: Tensor) -> None:
     """p[i, ...] *= scale[i] for the rows of p held here; `scale` spans the global rows."""
     if hasattr(p, "to_local"):  # DTensor: scale the local block, which starts at the shard's row offset
+        from torch.distributed.tensor import Replicate, Shard
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+        if not all(type(pl) in (Shard, Replicate) for pl in p.placements):  # e.g. strided: rows not a block
+            raise NotImplementedError(f"QK-clip: placements {p.placements} are not Shard/Replicate")
         local = p.to_local()  # a view of the shard: the in-place mul writes through
         _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
         rows = scale[offset[0] : offset[0] + local.shape[0]]
