@@ -54,11 +54,12 @@ def _clean_key(k: str) -> str:
     return k.removeprefix("module.")
 
 
-def load_state_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """load_state_dict(strict=True), with mismatches reported as one readable line."""
+def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict with wrapper prefixes removed, after checking its keys and shapes against `model`
+    (which may live on the meta device). Raises ValueError naming the first problem."""
     state_dict = {_clean_key(k): v for k, v in state_dict.items()}
     expected = model.state_dict()
-    if getattr(model, "config", None) is not None and getattr(model.config, "tie_embeddings", False):
+    if getattr(getattr(model, "config", None), "tie_embeddings", False):
         if "lm_head.weight" not in state_dict and "embed_tokens.weight" in state_dict:
             state_dict["lm_head.weight"] = state_dict["embed_tokens.weight"]
     missing = [k for k in expected if k not in state_dict]
@@ -75,4 +76,9 @@ def load_state_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> 
             raise ValueError(
                 f"checkpoint tensor '{k}' has shape {tuple(state_dict[k].shape)} but the model expects {tuple(v.shape)}"
             )
-    model.load_state_dict(state_dict, strict=True)
+    return state_dict
+
+
+def load_state_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """load_state_dict(strict=True), with mismatches reported as one readable line."""
+    model.load_state_dict(check_state_dict(model, state_dict), strict=True)

@@ -1,0 +1,208 @@
+"""Parity with transformers' DeepSeek-V3 (Kimi K2's architecture), through `python -m kimi.convert` both ways.
+
+Tolerance: relative error ||ours - HF|| / ||HF|| <= 1e-5 on fp32 CPU logits (differences are op order only).
+Every parameter is perturbed (norm weights too) and the routing bias is random and nonzero, so a wrong
+mapping, a swapped norm or a bias used in the weights instead of only the selection would show up.
+"""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from kimi.config import KimiConfig  # noqa: E402
+from kimi.convert import main as convert_main  # noqa: E402
+from kimi.model import KimiModel  # noqa: E402
+
+TOL = 1e-5
+
+
+def rel_err(a, b) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def hf_config(q_lora_rank, rope_interleave=True, **kw):
+    args = dict(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        n_shared_experts=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        kv_lora_rank=32,
+        q_lora_rank=q_lora_rank,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        max_position_embeddings=64,
+        rope_interleave=rope_interleave,
+        initializer_range=0.1,
+        rms_norm_eps=1e-5,  # differs from the latent norms' fixed 1e-6, as in real checkpoints
+    )
+    args.update(kw)
+    return transformers.DeepseekV3Config(**args)
+
+
+def random_hf_model(cfg, seed=0):
+    torch.manual_seed(seed)
+    model = transformers.DeepseekV3ForCausalLM(cfg).float().eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(torch.randn(buf.shape, generator=g) * 0.3)
+    return model
+
+
+def tokens(seed=3):
+    return torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize(
+    "q_lora_rank,interleave", [(None, True), (24, True), (24, False)], ids=["q-plain", "q-lora", "no-interleave"]
+)
+def test_from_hf_then_back_to_hf(tmp_path, q_lora_rank, interleave):
+    hf = random_hf_model(hf_config(q_lora_rank, interleave))
+    hf.save_pretrained(tmp_path / "hf")
+    assert convert_main(["--from-hf", str(tmp_path / "hf"), str(tmp_path / "kimi.pt")]) == 0
+    ours = KimiModel.from_checkpoint(tmp_path / "kimi.pt").eval()
+    assert ours.moe_layers()[0].router.expert_bias.abs().sum() > 0
+    idx = tokens()
+    with torch.no_grad():
+        ref = hf(idx).logits
+        got = ours(idx).logits
+    err = rel_err(got, ref)
+    print(f"from-hf {q_lora_rank=} {interleave=}: rel err {err:.2e}")
+    assert err <= TOL
+
+    # the routing bias matters (selection only): zeroing it must change the logits
+    with torch.no_grad():
+        for m in ours.moe_layers():
+            m.router.expert_bias.zero_()
+        assert rel_err(ours(idx).logits, ref) > 1e-3
+
+    assert convert_main(["--to-hf", str(tmp_path / "kimi.pt"), str(tmp_path / "back")]) == 0
+    hf2 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").float().eval()
+    with torch.no_grad():
+        err2 = rel_err(hf2(idx).logits, ref)
+    print(f"to-hf {q_lora_rank=} {interleave=}: rel err {err2:.2e}")
+    assert err2 <= TOL
+
+
+def test_kimi_model_to_hf(tmp_path):
+    """A natively built nanoKimi model (random routing bias, tied embeddings) exported and run by HF."""
+    torch.manual_seed(5)
+    cfg = KimiConfig(
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        vocab_size=256,
+        block_size=32,
+        tie_embeddings=True,
+        attention={
+            "q_lora_rank": 16,
+            "kv_lora_rank": 16,
+            "qk_nope_head_dim": 8,
+            "qk_rope_head_dim": 4,
+            "v_head_dim": 8,
+        },
+        moe={
+            "num_experts": 4,
+            "top_k": 2,
+            "expert_hidden": 16,
+            "n_group": 2,
+            "topk_group": 2,
+            "routed_scaling_factor": 1.5,
+        },
+        init_std=0.1,
+    )
+    ours = KimiModel(cfg).eval()
+    with torch.no_grad():
+        for m in ours.moe_layers():
+            m.router.expert_bias.copy_(torch.randn(4) * 0.3)
+        for n, p in ours.named_parameters():
+            if "norm" in n:
+                p.add_(torch.randn(p.shape) * 0.1)
+    torch.save({"config": dataclasses.asdict(cfg), "model": ours.state_dict()}, tmp_path / "k.pt")
+    assert convert_main(["--to-hf", str(tmp_path / "k.pt"), str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"] is True
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").float().eval()
+    idx = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        err = rel_err(ours(idx).logits, hf(idx).logits)
+    print(f"kimi->hf: rel err {err:.2e}")
+    assert err <= TOL
+
+
+def test_fused_in_memory_expert_layout_converts(tmp_path):
+    """transformers v5 holds experts fused (gate_up_proj (E, 2F, D), down_proj (E, D, F)); files written
+    straight from its state_dict use that layout instead of per-expert tensors."""
+    from safetensors.torch import save_file
+
+    hf = random_hf_model(hf_config(None), seed=7)
+    sd = hf.state_dict()
+    assert "model.layers.1.mlp.experts.gate_up_proj" in sd
+    d = tmp_path / "fused"
+    d.mkdir()
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(d / "model.safetensors"))
+    (d / "config.json").write_text(hf.config.to_json_string())
+    assert convert_main(["--from-hf", str(d), str(tmp_path / "k.pt")]) == 0
+    ours = KimiModel.from_checkpoint(tmp_path / "k.pt").eval()
+    idx = tokens()
+    with torch.no_grad():
+        assert rel_err(ours(idx).logits, hf(idx).logits) <= TOL
+
+
+def _write_hf(tmp_path, **kw):
+    cfg = hf_config(None, **kw)
+    d = tmp_path / "hf"
+    d.mkdir()
+    (d / "config.json").write_text(cfg.to_json_string())
+    return d
+
+
+@pytest.mark.parametrize(
+    "kw,why",
+    [
+        (
+            {
+                "rope_parameters": {
+                    "rope_type": "yarn",
+                    "factor": 4.0,
+                    "rope_theta": 10000.0,
+                    "original_max_position_embeddings": 16,
+                }
+            },
+            "RoPE scaling 'yarn'",
+        ),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        ({"attention_bias": True}, "attention_bias"),
+    ],
+)
+def test_unrepresentable_hf_configs_are_refused(tmp_path, capsys, kw, why):
+    d = _write_hf(tmp_path, **kw)
+    assert convert_main(["--from-hf", str(d), str(tmp_path / "x.pt")]) == 2
+    err = capsys.readouterr().err
+    assert why in err and err.count("\n") == 1
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_to_hf_refuses_the_mha_baseline(tmp_path, capsys):
+    cfg = KimiConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=64, attention={"type": "mha"}, moe={"use_moe": False})
+    torch.save({"config": dataclasses.asdict(cfg), "model": KimiModel(cfg).state_dict()}, tmp_path / "m.pt")
+    assert convert_main(["--to-hf", str(tmp_path / "m.pt"), str(tmp_path / "out")]) == 2
+    assert "attention.type='mha'" in capsys.readouterr().err
