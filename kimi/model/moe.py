@@ -65,7 +65,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def grouped_mm_supported(x_ND: torch.Tensor, w_EFD: torch.Tensor) -> bool:
-    """torch's grouped GEMM wants 16-byte aligned rows, and on CUDA bf16 (SM >= 80)."""
+    """torch's grouped GEMM wants 16-byte aligned rows, and on CUDA (and under torch.compile) bf16 (SM >= 80)."""
     if not hasattr(F, "grouped_mm"):
         return False
     dtype = _compute_dtype(x_ND)
@@ -73,7 +73,8 @@ def grouped_mm_supported(x_ND: torch.Tensor, w_EFD: torch.Tensor) -> bool:
     if (w_EFD.shape[1] * size) % 16 or (w_EFD.shape[2] * size) % 16:
         return False
     if x_ND.device.type == "cpu":
-        return True
+        # eager CPU takes any float dtype, but the meta kernel torch.compile traces with insists on bf16
+        return dtype == torch.bfloat16 or not torch.compiler.is_compiling()
     return x_ND.device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] >= 8
 
 
