@@ -22,6 +22,7 @@ from kimi.model.layers import MLP
 from kimi.model.router import (
     Router,
     capacity_keep,
+    expert_counts,
     route,
     router_entropy,
     seq_aux_loss,
@@ -38,7 +39,7 @@ def permute(topk_idx_TK: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, 
     stable, so within an expert rows keep token order (deterministic, and what capacity relies on).
     """
     flat_N = topk_idx_TK.reshape(-1)
-    return torch.argsort(flat_N, stable=True), torch.bincount(flat_N, minlength=num_experts)
+    return torch.argsort(flat_N, stable=True), expert_counts(flat_N, num_experts)
 
 
 def gather_rows(x_TD: torch.Tensor, sort_idx_N: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -166,7 +167,7 @@ class MoE(nn.Module):
         self.register_buffer("_entropy_sum", torch.zeros(2), persistent=False)  # [sum, count] since update
         self.aux_loss = torch.zeros(())
         self._last_counts_E: torch.Tensor | None = None  # what the last update_bias consumed
-        self._last_entropy: float | None = None
+        self._last_entropy_sum: torch.Tensor | None = None
 
     def forward(self, x_BLD: torch.Tensor) -> torch.Tensor:
         B, L, D = x_BLD.shape
@@ -201,7 +202,7 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def _accumulate(self, scores_TE, topk_idx_TK) -> None:
-        counts_E = torch.bincount(topk_idx_TK.reshape(-1), minlength=self.num_experts)
+        counts_E = expert_counts(topk_idx_TK.reshape(-1), self.num_experts)
         self.tokens_per_expert.add_(counts_E.to(self.tokens_per_expert.dtype))
         self._entropy_sum[0] += router_entropy(scores_TE)
         self._entropy_sum[1] += 1
@@ -219,8 +220,7 @@ class MoE(nn.Module):
         if self.cfg.aux_loss_free:
             bias_E.add_(self.cfg.bias_update_rate * torch.sign(counts_E.mean() - counts_E))
         self._last_counts_E = counts_E.clone()
-        if self._entropy_sum[1] > 0:
-            self._last_entropy = float(self._entropy_sum[0] / self._entropy_sum[1])
+        self._last_entropy_sum = self._entropy_sum.clone()  # no host sync here: the step's hot path
         self.tokens_per_expert.zero_()
         self._entropy_sum.zero_()
 
@@ -236,8 +236,10 @@ class MoE(nn.Module):
                 counts_E = self._last_counts_E
         counts_E = counts_E.detach().float().cpu()
         mean = float(counts_E.mean())
-        n_fwd = float(self._entropy_sum[1])
-        entropy = float(self._entropy_sum[0]) / n_fwd if n_fwd > 0 else self._last_entropy
+        ent_sum, n_fwd = self._entropy_sum.tolist()
+        if n_fwd == 0 and self._last_entropy_sum is not None:
+            ent_sum, n_fwd = self._last_entropy_sum.tolist()
+        entropy = ent_sum / n_fwd if n_fwd > 0 else None
         return {
             "tokens_per_expert": counts_E.tolist(),
             "max_load": float(counts_E.max()) / mean if mean > 0 else 0.0,

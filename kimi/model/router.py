@@ -62,6 +62,13 @@ def route(
     return topk_idx_TK, topk_w_TK
 
 
+def expert_counts(flat_idx_N: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Assignments per expert (E,) int64. index_add rather than bincount, which syncs with the host on
+    CUDA to size its output; integer adds are exact, so this is deterministic too."""
+    counts_E = torch.zeros(num_experts, dtype=torch.int64, device=flat_idx_N.device)
+    return counts_E.index_add_(0, flat_idx_N, torch.ones_like(flat_idx_N))
+
+
 def capacity_keep(topk_idx_TK: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
     """Bool mask (T, K): which assignments fit in each expert's `capacity` slots.
 
@@ -98,7 +105,7 @@ def switch_aux_loss(scores_TE: torch.Tensor, topk_idx_TK: torch.Tensor) -> torch
     """Switch-Transformer balance loss over the whole batch: E * sum_i f_i * P_i, with f_i the fraction of
     the T*K assignments sent to i and P_i the mean normalised score. Equals 1 when uniform."""
     T, E = scores_TE.shape
-    counts_E = torch.bincount(topk_idx_TK.reshape(-1), minlength=E).float()
+    counts_E = expert_counts(topk_idx_TK.reshape(-1), E).float()
     f_E = counts_E / topk_idx_TK.numel()
     return E * (f_E * normalised_probs(scores_TE).mean(dim=0)).sum()
 
