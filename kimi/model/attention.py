@@ -139,7 +139,7 @@ class MLA(_MaxLogitMixin, nn.Module):
         B, S, _ = c_kv_BSC.shape
         H = self.n_head
         k_nope_BSHn, v_BSHv = self.kv_b_proj(c_kv_BSC).view(B, S, H, -1).split([self.nope, self.v_dim], dim=-1)
-        k_rope_BSHR = k_rope_BSR[:, :, None, :].expand(B, S, H, self.rope)
+        k_rope_BSHR = k_rope_BSR[:, :, None, :].to(k_nope_BSHn.dtype).expand(B, S, H, self.rope)
         q_BHTd = torch.cat([q_nope_BTHn, q_rope_BTHR], dim=-1).transpose(1, 2)
         k_BHSd = torch.cat([k_nope_BSHn, k_rope_BSHR], dim=-1).transpose(1, 2)
         if record:
