@@ -218,6 +218,9 @@ class LoggingConfig:
     run_name: str | None = None
     system_metrics_interval: float = 10.0  # seconds between CPU/RSS/GPU-memory samples
     flush_interval: float = 5.0  # seconds between MLflow log_batch calls
+    retry_interval: float = 60.0  # after an MLflow failure (warned once), seconds between reconnection attempts
+    finish_timeout: float = 15.0  # Tracker.finish waits at most this long for MLflow (a dead server must not hang exit)
+    plot_log_y: bool = False  # log-scale y axis for the loss curve drawn at the end of the run
 
 
 @dataclass
