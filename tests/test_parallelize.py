@@ -38,7 +38,9 @@ def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def run_case(rank: int, world_size: int, pcfg: ParallelConfig, num_experts: int, top_k: int, ac: bool) -> dict:
+def run_case(
+    rank: int, world_size: int, pcfg: ParallelConfig, num_experts: int, top_k: int, ac: bool, compile: bool = False
+) -> dict:
     from kimi.optim import build_optimizer
     from kimi.parallel import ParallelDims, build_mesh, parallelize, submesh, update_router_bias
 
@@ -61,8 +63,12 @@ def run_case(rank: int, world_size: int, pcfg: ParallelConfig, num_experts: int,
     # Parallel: this rank's slice of the batch.
     dims = ParallelDims.from_config(pcfg, world_size, num_experts)
     mesh = build_mesh(dims, "cpu")
-    parallelize(model, mesh, pcfg, TrainConfig(activation_checkpointing=ac))
+    # aot_eager: dynamo + autograd tracing as with inductor, without C++ codegen (minutes on a busy CPU)
+    parallelize(
+        model, mesh, pcfg, TrainConfig(activation_checkpointing=ac, compile=compile), compile_backend="aot_eager"
+    )
     opt = build_optimizer(model, ocfg)
+    assert model.state_dict().keys() == ref.state_dict().keys()  # checkpoints load with any parallel layout
     sl = slice(rank * B_PER_RANK, (rank + 1) * B_PER_RANK)
     loss = model(idx[sl], tgt[sl]).loss
     loss.backward()
@@ -99,8 +105,8 @@ def _body(rank, world_size, cases):
 
 
 CASES = {
-    # dp_shard=2 (FSDP2 only), with activation checkpointing; EP=2 over dp_shard=2 (experts: size-1 FSDP mesh).
-    2: [(ParallelConfig(dp_shard=2), 4, 2, True), (ParallelConfig(dp_shard=2, ep=2), 4, 2, False)],
+    # dp_shard=2 (FSDP2 only); EP=2 over dp_shard=2 (experts: size-1 FSDP mesh) with checkpointing + compile.
+    2: [(ParallelConfig(dp_shard=2), 4, 2, False), (ParallelConfig(dp_shard=2, ep=2), 4, 2, True, True)],
     # dp_shard=4 x ep=2 (experts FSDP-sharded over dp_shard_mod_ep=2); HSDP 2 x 2 with ep=2; one local expert
     # per EP rank over 2 FSDP ranks (Shard(1) on the hidden dim).
     4: [

@@ -21,6 +21,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -135,16 +136,12 @@ def submesh(mesh: DeviceMesh, name: str) -> DeviceMesh:
     return sub[name]
 
 
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+class DistInfo(NamedTuple):
+    """What `init_distributed` found; unpacks as `rank, world_size, local_rank = init_distributed()`."""
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
+    rank: int
+    world_size: int
+    local_rank: int
 
 
 def init_distributed(backend: str = "auto", device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
@@ -152,6 +149,7 @@ def init_distributed(backend: str = "auto", device: str = "auto", timeout_s: flo
 
     Without them, or with WORLD_SIZE=1, no group is created and everything parallel becomes a no-op.
     backend "auto": NCCL when the device is CUDA, gloo on CPU. Idempotent if a group already exists.
+    device "auto": CUDA when available; on CUDA this also sets the current device to LOCAL_RANK.
     """
     if backend not in ("auto", "nccl", "gloo"):
         raise ConfigError(f"parallel.backend={backend!r} is not one of 'auto', 'nccl', 'gloo'")
@@ -174,4 +172,4 @@ def init_distributed(backend: str = "auto", device: str = "auto", timeout_s: flo
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kw)
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
-    return DistInfo(rank, world_size, local_rank, dev)
+    return DistInfo(rank, world_size, local_rank)

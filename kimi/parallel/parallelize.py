@@ -25,20 +25,25 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         model.layers[i] = checkpoint_wrapper(block)
 
 
-def apply_compile(model: nn.Module) -> None:
-    """torch.compile each Block in place (same module tree; repeated blocks share one compiled graph).
-    The MoE all-to-all needs its split sizes on the host, so an EP block compiles as a few graphs."""
+def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
+    """torch.compile each Block in place (same module tree, so the same state_dict keys). The MoE
+    all-to-all needs its split sizes on the host (one .tolist()), so an EP block compiles as two graphs
+    around that graph break."""
     for block in model.layers:
-        block.compile()
+        block.compile(backend=backend)
 
 
 def parallelize(
-    model: nn.Module, mesh: DeviceMesh | None, parallel_cfg: ParallelConfig, train_cfg: TrainConfig
+    model: nn.Module,
+    mesh: DeviceMesh | None,
+    parallel_cfg: ParallelConfig,
+    train_cfg: TrainConfig,
+    compile_backend: str = "inductor",
 ) -> nn.Module:
     """Make `model` (a KimiModel on its device, same weights on every rank) ready for training on `mesh`.
 
     `mesh` is what `build_mesh` returned (None at world size 1: only checkpointing and compile apply).
-    In-place; returns the model for convenience. After this, parameters are DTensors: use
+    In-place; returns the model for convenience. `compile_backend` is for tests ("aot_eager" skips codegen). After this, parameters are DTensors: use
     `p.full_tensor()` to see a whole one, and clip / step with DTensor-aware code.
     """
     num_experts = model.config.moe.num_experts if model.config.moe.use_moe else None
@@ -56,7 +61,7 @@ def parallelize(
     if train_cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if train_cfg.compile:
-        apply_compile(model)
+        apply_compile(model, compile_backend)
     if mesh is not None:
         mp = mixed_precision(mesh.device_type, train_cfg.dtype)
         apply_fsdp(model, submesh(mesh, "hsdp"), submesh(mesh, "efsdp"), dims.world_size, mp)
