@@ -1,0 +1,69 @@
+"""Validation loss and perplexity of a checkpoint on a prepared dataset.
+
+python -m kimi.evaluate --checkpoint out/nano --data data/shakespeare [--split val] [--batches 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+import torch
+
+
+class ModelEvaluator:
+    """`ModelEvaluator().evaluate_perplexity(model, dataset)` -> {"loss", "perplexity", "tokens"}."""
+
+    def __init__(self, batch_size: int = 8, num_batches: int = 20):
+        self.batch_size = batch_size
+        self.num_batches = num_batches
+
+    @torch.no_grad()
+    def evaluate_perplexity(self, model: torch.nn.Module, dataset) -> dict[str, float]:
+        if dataset.vocab_size > model.config.vocab_size:
+            raise ValueError(
+                f"the dataset's vocabulary ({dataset.vocab_size}) is larger than the model's "
+                f"({model.config.vocab_size}); evaluate with data prepared for this model"
+            )
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        total, tokens = 0.0, 0
+        for x, y in dataset.eval_batches(self.num_batches, self.batch_size):
+            x, y = x.to(device), y.to(device)
+            out = model(x, y)
+            total += out.ce_loss.item() * y.numel()
+            tokens += y.numel()
+        model.train(was_training)
+        loss = total / max(1, tokens)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": tokens}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m kimi.evaluate", description="Loss and perplexity of a checkpoint.")
+    p.add_argument("--checkpoint", required=True, help="a step dir, OUT/checkpoints/latest, or a run's OUT dir")
+    p.add_argument("--data", required=True, help="a directory written by python -m kimi.prepare")
+    p.add_argument("--split", default="val", choices=["train", "val"])
+    p.add_argument("--batches", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=8)
+    args = p.parse_args(argv)
+    try:
+        from kimi.config import DataConfig
+        from kimi.data.dataset import build_dataset
+        from kimi.model import KimiModel
+
+        model = KimiModel.from_checkpoint(args.checkpoint)
+        if torch.cuda.is_available():
+            model.cuda()
+        cfg = model.config
+        ds = build_dataset(DataConfig(dataset=args.data), cfg.block_size, cfg.vocab_size, seed=0, split=args.split)
+        res = ModelEvaluator(args.batch_size, args.batches).evaluate_perplexity(model, ds)
+        print(f"{args.split} loss {res['loss']:.4f} | perplexity {res['perplexity']:.2f} | {res['tokens']:,} tokens")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

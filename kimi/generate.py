@@ -1,0 +1,208 @@
+"""Sampling from a trained model.
+
+    python -m kimi.generate --checkpoint out/nano/checkpoints/latest --prompt "ROMEO:" --stream
+    python -m kimi.generate --checkpoint out/nano --interactive
+
+    from kimi import Generator, KimiModel
+    gen = Generator(KimiModel.from_checkpoint("out/nano"))
+    print(gen.generate_text("ROMEO:", max_new_tokens=50))
+
+With `use_cache=True` (the default) decoding uses the model's MLA latent cache: per token and layer it
+stores only the compressed KV latent and the shared RoPE key, and runs the weight-absorbed decode path.
+Greedy decoding gives the same tokens with and without the cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Iterator
+
+import torch
+
+
+class PromptError(ValueError):
+    pass
+
+
+def sample_next(
+    logits_V: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """One token id from the last position's logits. temperature 0 means greedy."""
+    if temperature <= 0:
+        return logits_V.argmax(-1, keepdim=True)
+    logits_V = logits_V.float() / temperature
+    if top_k:
+        kth = torch.topk(logits_V, min(top_k, logits_V.shape[-1])).values[..., -1:]
+        logits_V = logits_V.masked_fill(logits_V < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, sorted_idx = torch.sort(logits_V, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+        logits_V = torch.full_like(logits_V, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
+    probs = logits_V.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+class Generator:
+    """Text in, text out, around a `KimiModel` (any device)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer=None, tokenizer_name: str = "gpt2"):
+        self.model = model.eval()
+        self._tokenizer = tokenizer
+        self.tokenizer_name = tokenizer_name
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from kimi.data.tokenizer import get_tokenizer
+
+            self._tokenizer = get_tokenizer(self.tokenizer_name)
+            vocab = self.model.config.vocab_size
+            if self._tokenizer.n_vocab > vocab:
+                raise PromptError(
+                    f"the model's vocabulary ({vocab}) is smaller than the {self.tokenizer_name} tokenizer's "
+                    f"({self._tokenizer.n_vocab}); it was trained on token ids, use generate(ids) instead"
+                )
+        return self._tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def stream(
+        self,
+        idx: list[int],
+        max_new_tokens: int = 50,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        use_cache: bool = True,
+        stop_token: int | None = None,
+    ) -> Iterator[int]:
+        """Yields new token ids one by one."""
+        block = self.model.config.block_size
+        if not idx:
+            raise PromptError("the prompt is empty; give at least one token")
+        if len(idx) >= block:
+            raise PromptError(f"the prompt has {len(idx)} tokens but the model's context is {block}; shorten it")
+        gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        ids = torch.tensor([idx], dtype=torch.long, device=self.device)
+        total = min(len(idx) + max_new_tokens, block)
+        cache = self.model.new_cache(1, total, device=self.device) if use_cache else None
+        pos = 0
+        for _ in range(total - len(idx)):
+            if cache is not None:
+                logits = self.model(ids[:, pos:], cache=cache, start_pos=pos).logits
+                pos = ids.shape[1]
+            else:
+                logits = self.model(ids).logits
+            nxt = sample_next(logits[0, -1], temperature, top_k, top_p, gen)
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+            tok = int(nxt)
+            yield tok
+            if stop_token is not None and tok == stop_token:
+                return
+
+    def generate(self, idx: list[int], max_new_tokens: int = 50, **kw) -> list[int]:
+        return list(self.stream(idx, max_new_tokens, **kw))
+
+    def generate_text(
+        self,
+        prompt: str,
+        max_new_tokens: int = 50,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        use_cache: bool = True,
+        on_text: Callable[[str], None] | None = None,
+    ) -> str:
+        """Continuation of `prompt` (the prompt itself not included). `on_text` receives text as it is made."""
+        tok = self.tokenizer
+        ids = tok.encode(prompt, allowed_special={"<|endoftext|>"})
+        out: list[int] = []
+        shown = ""
+        for t in self.stream(ids, max_new_tokens, temperature, top_k, top_p, seed, use_cache, stop_token=tok.eot_token):
+            if t == tok.eot_token:
+                break
+            out.append(t)
+            if on_text is not None:
+                text = tok.decode(out)
+                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                    on_text(text[len(shown) :])
+                    shown = text
+        return tok.decode(out)
+
+
+def load_generator(checkpoint: str, device: str = "auto") -> Generator:
+    from kimi.checkpoint import read_meta, resolve
+    from kimi.model import KimiModel
+
+    path = resolve(checkpoint)
+    model = KimiModel.from_checkpoint(str(path))
+    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    model.to(dev)
+    meta = read_meta(path) if path.is_dir() else {}
+    return Generator(model, tokenizer_name=meta.get("tokenizer", "gpt2"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m kimi.generate", description="Sample text from a nanoKimi checkpoint.")
+    p.add_argument("--checkpoint", required=True, help="a step dir, OUT/checkpoints/latest, or a run's OUT dir")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=200)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole context each token")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--interactive", action="store_true", help="read prompts from stdin until EOF")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    try:
+        gen = load_generator(args.checkpoint, args.device)
+        prompts = iter(lambda: input("prompt> "), None) if args.interactive else [args.prompt]
+        for prompt in _safe(prompts):
+            for i in range(args.num_samples):
+                seed = None if args.seed is None else args.seed + i
+                kw = dict(
+                    temperature=args.temperature,
+                    top_k=args.top_k,
+                    top_p=args.top_p,
+                    seed=seed,
+                    use_cache=not args.no_cache,
+                )
+                if args.stream or args.interactive:
+                    sys.stdout.write(prompt)
+                    gen.generate_text(
+                        prompt, args.max_new_tokens, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()), **kw
+                    )
+                    sys.stdout.write("\n")
+                else:
+                    print(prompt + gen.generate_text(prompt, args.max_new_tokens, **kw))
+                if args.num_samples > 1:
+                    print("-" * 40)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _safe(prompts):
+    try:
+        yield from prompts
+    except (EOFError, KeyboardInterrupt):
+        return
+
+
+if __name__ == "__main__":
+    main()

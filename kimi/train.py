@@ -1,0 +1,372 @@
+"""The training loop, written once.
+
+    python -m kimi.train --config configs/nano.yaml [--max-steps N] [--out-dir DIR] [--resume]
+                         [--section.key=value ...]
+    torchrun --nproc_per_node=8 -m kimi.train --config configs/small.yaml --parallel.ep=8
+
+The same code runs on one CPU process and under torchrun: distribution is applied from outside
+(`kimi.parallel.parallelize`), the data stream is fixed by (seed, step) and sliced per rank, and the
+global batch comes from the config, so any world size trains the same model.
+
+Preemption: SIGTERM / SIGUSR1 finish the current step, write a checkpoint and exit with
+`REQUEUE_EXIT_CODE` (3); a run whose out_dir already holds a checkpoint resumes from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from kimi.checkpoint import Checkpointer, CheckpointError
+from kimi.config import Config, ConfigError, load_config
+from kimi.runtime import Runtime, peak_flops, setup_runtime
+
+log = logging.getLogger("kimi.train")
+REQUEUE_EXIT_CODE = 3
+
+
+class UserError(ValueError):
+    """Bad input from the user: printed as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+@dataclass
+class Run:
+    """Everything a training step touches, wired once by `build`."""
+
+    cfg: Config
+    rt: Runtime
+    model: torch.nn.Module  # possibly parallelized
+    raw_model: torch.nn.Module  # the KimiModel itself (for its helpers)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    qk_clip: object | None
+    batches: object  # BatchIterator
+    val_set: object | None
+    ckpt: Checkpointer
+
+
+def build(cfg: Config, rt: Runtime) -> Run:
+    from kimi.data.dataset import BatchIterator, build_dataset
+    from kimi.model import KimiModel
+    from kimi.optim import QKClip, build_optimizer, build_scheduler
+    from kimi.parallel import parallelize
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    raw = KimiModel(cfg.model).to(rt.device)
+    model = parallelize(raw, rt.mesh, cfg.parallel, cfg.train)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    qk_clip = None
+    if cfg.optim.qk_clip:
+        qk_clip = QKClip(raw.attention_layers(), tau=cfg.optim.qk_clip_tau, reduce_fn=rt.all_reduce_max)
+    train_set = build_dataset(cfg.data, cfg.block_size, cfg.model.vocab_size, cfg.train.seed, split="train")
+    batches = BatchIterator(train_set, cfg.train.global_batch_size, cfg.train.micro_batch_size, rt.rank, rt.world)
+    val_set = None
+    if cfg.train.eval_interval > 0:
+        val_set = build_dataset(cfg.data, cfg.block_size, cfg.model.vocab_size, cfg.train.seed, split="val")
+    ckpt = Checkpointer(Path(cfg.train.out_dir) / "checkpoints", cfg.train.keep_last, cfg.train.keep_best)
+    return Run(cfg, rt, model, raw, optimizer, scheduler, qk_clip, batches, val_set, ckpt)
+
+
+def train_state(run: Run, step: int, mlflow_run_id: str | None) -> dict:
+    return {
+        "step": step,
+        "scheduler": run.scheduler.state_dict(),
+        "data": run.batches.state_dict(),
+        "mlflow_run_id": mlflow_run_id,
+    }
+
+
+def restore(run: Run) -> tuple[int, str | None]:
+    """Resume from the run's latest checkpoint when there is one (or when --resume demands it)."""
+    want = run.cfg.train.resume
+    latest = run.ckpt.latest()
+    if latest is None:
+        if want:
+            raise UserError(f"--resume: no checkpoint under '{run.ckpt.dir}'; drop --resume to start fresh")
+        return 0, None
+    if want is False:
+        raise UserError(
+            f"'{run.cfg.train.out_dir}' already holds a checkpoint ({latest.name}); "
+            "use another --out-dir, or drop --train.resume=false to continue it"
+        )
+    state, meta = run.ckpt.load(latest, run.model, run.optimizer)
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.batches.load_state_dict(state["data"])
+    run.rt.print(f"resumed from {latest} (step {state['step']}, written at world size {meta.get('world_size')})")
+    return state["step"], state.get("mlflow_run_id")
+
+
+def autocast(rt: Runtime):
+    if rt.amp_dtype is None:
+        return torch.autocast(rt.device.type, enabled=False)
+    return torch.autocast(rt.device.type, dtype=rt.amp_dtype)
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> float:
+    """Mean validation loss over fixed windows; every rank evaluates its slice of each batch."""
+    cfg, rt = run.cfg, run.rt
+    run.model.eval()
+    total, n = torch.zeros((), device=rt.device), 0
+    per_rank = max(1, cfg.train.global_batch_size // rt.world)
+    for x, y in run.val_set.eval_batches(cfg.train.eval_batches, per_rank * rt.world):
+        x, y = x[rt.rank * per_rank : (rt.rank + 1) * per_rank], y[rt.rank * per_rank : (rt.rank + 1) * per_rank]
+        for i in range(0, per_rank, cfg.train.micro_batch_size):
+            xs, ys = (
+                x[i : i + cfg.train.micro_batch_size].to(rt.device),
+                y[i : i + cfg.train.micro_batch_size].to(rt.device),
+            )
+            with autocast(rt):
+                total += run.model(xs, ys).ce_loss.float() * xs.shape[0]
+            n += xs.shape[0]
+    run.model.train()
+    return rt.all_reduce_mean(total / n).item()
+
+
+def routing_update(run: Run) -> dict:
+    """All-reduce this step's per-expert token counts, update the aux-loss-free biases, return stats."""
+    from kimi.parallel import all_reduce_routing_counts
+
+    moes = run.raw_model.moe_layers()
+    if not moes:
+        return {}
+    counts_LE = all_reduce_routing_counts(run.raw_model, run.rt.dp_group)
+    stats = [moe.routing_stats(c) for moe, c in zip(moes, counts_LE)]
+    for moe, c in zip(moes, counts_LE):
+        moe.update_bias(c)
+    return {
+        "expert_imbalance": sum(s["max_load"] for s in stats) / len(stats),
+        "router_entropy": sum(s["router_entropy"] for s in stats) / len(stats),
+        "_loads_LE": counts_LE,
+    }
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 set a flag; the loop checks it after each step (agreed across ranks)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+
+def train(cfg: Config, stop_after: int | None = None) -> dict:
+    """Runs the job described by `cfg`; returns the last metrics row (with `"preempted": True` when a
+    signal stopped it). Collective under torchrun. `stop_after=k` behaves as if SIGUSR1 arrived during
+    step k (tests use it to stop a run exactly where they want)."""
+    from kimi.tracking import Tracker
+
+    rt = setup_runtime(cfg)
+    run = build(cfg, rt)
+    start_step, mlflow_run_id = restore(run)
+    tcfg = cfg.train
+    out_dir = Path(tcfg.out_dir)
+    if rt.is_main:
+        truncate_metrics(out_dir / "metrics.jsonl", start_step)
+    tracker = Tracker(str(out_dir), cfg.logging, params=cfg.to_dict(), rank=rt.rank, resume_run_id=mlflow_run_id)
+    preempt = Preemption()
+    tokens_per_step = tcfg.global_batch_size * cfg.block_size
+    flops_per_step = run.raw_model.flops_per_token(cfg.block_size) * tokens_per_step
+    peak = peak_flops(rt.device) * rt.world
+    accum = run.batches.grad_accum
+    rt.print(
+        f"training {run.raw_model.num_params() / 1e6:.2f}M params ({run.raw_model.num_active_params() / 1e6:.2f}M active) "
+        f"on {rt.world} x {rt.device.type} | global batch {tcfg.global_batch_size} x {cfg.block_size} tokens, "
+        f"micro {tcfg.micro_batch_size}, accumulation {accum} | steps {start_step} -> {tcfg.max_steps}"
+    )
+    row: dict = {}
+    best_val = math.inf
+    status, exit_code, step = "FINISHED", 0, start_step
+    t_start, dt_ema = time.perf_counter(), None
+    try:
+        for step in range(start_step + 1, tcfg.max_steps + 1):
+            t0 = time.perf_counter()
+            micro = run.batches.next_step()
+            loss_sum = torch.zeros((), device=rt.device)
+            for i, (x, y) in enumerate(micro):
+                x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+                if hasattr(run.model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter once per step
+                    run.model.set_requires_gradient_sync(i == len(micro) - 1)
+                with autocast(rt):
+                    out = run.model(x, y)
+                (out.loss / len(micro)).backward()
+                loss_sum += out.ce_loss.detach()
+            grad_norm = rt.clip_grad_norm(run.model.parameters(), cfg.optim.grad_clip)
+            lr = run.scheduler.get_last_lr()[0]
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            qk = run.qk_clip.step() if run.qk_clip else rt.max_logit_stats(run.raw_model)
+            routing = routing_update(run)
+            # One collective for the logged loss and the preemption flag.
+            flag = float(preempt.signum is not None or step == stop_after)
+            loss, stop = rt.all_reduce_mean_and_max(loss_sum / len(micro), flag)
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            dt_ema = dt if dt_ema is None or step <= start_step + 2 else 0.9 * dt_ema + 0.1 * dt
+            row = {
+                "step": step,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "tokens_per_s": tokens_per_step / dt,
+                "mfu": flops_per_step / dt / peak if peak else 0.0,
+                "step_time_s": dt,
+                "max_attn_logit": qk.get("max_logit", 0.0),
+                "qk_clipped_heads": qk.get("clipped_heads", 0),
+            }
+            row.update({k: v for k, v in routing.items() if not k.startswith("_")})
+            last_eval = tcfg.eval_interval and (step % tcfg.eval_interval == 0 or step == tcfg.max_steps)
+            if last_eval and run.val_set is not None:
+                row["val_loss"] = evaluate(run)
+                row["val_ppl"] = math.exp(min(row["val_loss"], 20))
+                if "_loads_LE" in routing:
+                    tracker.log_expert_load(step, [c.tolist() for c in routing["_loads_LE"]])
+            if step % tcfg.log_interval == 0 or "val_loss" in row or step == tcfg.max_steps:
+                tracker.log(step, row)
+                eta = dt_ema * (tcfg.max_steps - step)
+                rt.print(format_row(row, tcfg.max_steps, eta))
+            save_now = step == tcfg.max_steps or bool(stop) or (tcfg.ckpt_interval and step % tcfg.ckpt_interval == 0)
+            if save_now:
+                meta = {
+                    "tokenizer": cfg.data.tokenizer_name,
+                    "val_loss": row.get("val_loss"),
+                    "mlflow_run_id": tracker.run_id,
+                }
+                run.ckpt.save(
+                    step, run.model, run.optimizer, train_state(run, step, tracker.run_id), cfg.to_yaml(), meta
+                )
+            if "val_loss" in row:
+                best_val = min(best_val, row["val_loss"])
+            if stop:
+                rt.print(
+                    f"preempted (signal received): checkpoint at step {step} written, exiting with {REQUEUE_EXIT_CODE}"
+                )
+                status, exit_code = "KILLED", REQUEUE_EXIT_CODE
+                break
+    except BaseException:
+        tracker.finish("FAILED", config_yaml_text=cfg.to_yaml())
+        raise
+    tracker.finish(status, config_yaml_text=cfg.to_yaml())
+    if status == "FINISHED":
+        wall = time.perf_counter() - t_start
+        rt.print(
+            f"done: {step - start_step} steps in {wall:.0f}s | final loss {row.get('loss', float('nan')):.4f}"
+            + (f" | best val {best_val:.4f}" if best_val < math.inf else "")
+            + f" | {out_dir}"
+        )
+    rt.shutdown()
+    if exit_code:
+        row["preempted"] = True
+    return row
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """On resume, drop rows a killed run logged after its last checkpoint, so steps are not doubled."""
+    if not path.exists():
+        return
+    import json
+
+    lines = path.read_text().splitlines()
+    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    if len(keep) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+
+
+def format_row(row: dict, max_steps: int, eta_s: float) -> str:
+    s = (
+        f"step {row['step']:>5}/{max_steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
+        f"gnorm {row['grad_norm']:.2f} | {row['tokens_per_s']:,.0f} tok/s | mfu {100 * row['mfu']:.1f}% | "
+        f"max logit {row['max_attn_logit']:.1f}"
+    )
+    if "expert_imbalance" in row:
+        s += f" | load max/mean {row['expert_imbalance']:.2f}"
+    if "val_loss" in row:
+        s += f" | val {row['val_loss']:.4f} (ppl {row['val_ppl']:.1f})"
+    return s + f" | eta {format_time(eta_s)}"
+
+
+def format_time(s: float) -> str:
+    s = int(max(0, s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(
+        prog="python -m kimi.train",
+        description="Train a Kimi-K2-style MoE model (single process, or under torchrun for FSDP2 + EP).",
+        epilog="Any config field can be overridden as --section.key=value, e.g. --moe.num_experts=16 "
+        "--train.global_batch_size=64 --parallel.ep=2. Precedence: command line > YAML > defaults.",
+    )
+    p.add_argument("--config", help="YAML config (see configs/); defaults only when omitted")
+    p.add_argument("--max-steps", type=int, help="shortcut for --train.max_steps")
+    p.add_argument("--out-dir", help="shortcut for --train.out_dir (checkpoints, metrics.jsonl, mlflow.db)")
+    p.add_argument("--resume", action="store_true", help="require resuming from OUT/checkpoints/latest")
+    p.add_argument("--dry-run", action="store_true", help="build on the meta device, print sizes and memory, exit")
+    return p.parse_known_args(argv)
+
+
+def config_from_args(args: argparse.Namespace, overrides: list[str]) -> Config:
+    extra = list(overrides)
+    if args.max_steps is not None:
+        extra.append(f"--train.max_steps={args.max_steps}")
+    if args.out_dir is not None:
+        extra.append(f"--train.out_dir={args.out_dir}")
+    if args.resume:
+        extra.append("--train.resume=true")
+    return load_config(args.config, extra)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args, overrides = parse_args(argv)
+    try:
+        cfg = config_from_args(args, overrides)
+        if args.dry_run:
+            from kimi.dry_run import dry_run
+
+            dry_run(cfg)
+            return
+        if train(cfg).get("preempted"):
+            sys.exit(REQUEUE_EXIT_CODE)
+    except (ConfigError, UserError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except ValueError as e:  # bad input caught deep inside (data, tokens, layouts): still one line
+        if os.environ.get("KIMI_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The training loop end to end on one CPU process: metrics, checkpoints, exact resume, bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kimi.checkpoint import Checkpointer, load_model_state, resolve
+from kimi.config import load_config
+from kimi.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG = ROOT / "configs" / "debug.yaml"
+
+
+def _cfg(out: Path, *extra: str):
+    return load_config(
+        DEBUG,
+        [f"--train.out_dir={out}", "--logging.mlflow=false", "--train.eval_interval=4", *extra],
+    )
+
+
+def _losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_metrics_and_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    row = train(_cfg(out, "--train.max_steps=6", "--train.ckpt_interval=2", "--train.keep_last=2"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "lr", "tokens_per_s", "grad_norm", "mfu", "max_attn_logit", "expert_imbalance"):
+        assert key in rows[0], key
+    assert "val_loss" in rows[3] and "val_loss" in rows[5] and "val_loss" not in rows[2]
+    assert row["step"] == 6
+    ckpts = out / "checkpoints"
+    steps = sorted(p.name for p in ckpts.glob("step_*"))
+    assert (ckpts / "latest").resolve().name == "step_000006"
+    best = (ckpts / "best").resolve().name
+    assert len(set(steps) - {best}) == 2, steps  # keep_last=2, plus the best one
+    meta = json.loads((ckpts / "latest" / "meta.json").read_text())
+    assert meta["step"] == 6 and meta["tokenizer"] == "gpt2" and "git_commit" in meta
+    assert "model:" in (ckpts / "latest" / "config.yaml").read_text()
+
+
+def test_resume_is_bit_exact(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(_cfg(full, "--train.max_steps=8"))
+    # Stopped after step 3 as a preempted run would be (checkpoint, then exit) ...
+    assert train(_cfg(part, "--train.max_steps=8"), stop_after=3)["preempted"]
+    assert list(_losses(part)) == [1, 2, 3]
+    # ... and resumed automatically (the out_dir holds a checkpoint) to the end.
+    train(_cfg(part, "--train.max_steps=8"))
+    a, b = _losses(full), _losses(part)
+    assert list(b) == list(range(1, 9))
+    assert [a[s] for s in range(1, 9)] == [b[s] for s in range(1, 9)]  # bit for bit
+    sd_a = load_model_state(full / "checkpoints" / "latest")[1]
+    sd_b = load_model_state(part / "checkpoints" / "latest")[1]
+    for k in sd_a:
+        assert torch.equal(sd_a[k], sd_b[k]), k
+
+
+def test_leftover_tmp_is_never_latest(tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(out, "--train.max_steps=2"))
+    ckpts = out / "checkpoints"
+    # A save killed half-way leaves a .tmp directory; it must not be picked up, and the next save cleans it.
+    (ckpts / "step_000003.tmp").mkdir()
+    assert Checkpointer(ckpts).latest().name == "step_000002"
+    assert resolve(out).name == "step_000002"
+    train(_cfg(out, "--train.max_steps=3"))
+    assert not (ckpts / "step_000003.tmp").exists()
+    assert Checkpointer(ckpts).latest().name == "step_000003"
+
+
+def _cli(*args, cwd=ROOT):
+    return subprocess.run(
+        [sys.executable, "-m", "kimi.train", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--config", "configs/nope.yaml"], "does not exist"),
+        (["--config", "configs/debug.yaml", "--moe.num_expert=4"], "did you mean 'num_experts'"),
+        (["--config", "configs/debug.yaml", "--train.max_steps=ten"], "should be an integer"),
+        (["--config", "configs/debug.yaml", "--data.dataset=/nonexistent/dir"], "kimi.prepare"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, args, needle):
+    res = _cli(*args, f"--train.out_dir={tmp_path / 'o'}", "--logging.mlflow=false")
+    assert res.returncode == 2, res.stderr
+    lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], res.stderr
+
+
+def test_incompatible_checkpoint_is_one_line(tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(out, "--train.max_steps=1"))
+    res = _cli(
+        "--config",
+        "configs/debug.yaml",
+        f"--train.out_dir={out}",
+        "--logging.mlflow=false",
+        "--train.max_steps=2",
+        "--model.n_embd=96",
+    )
+    assert res.returncode == 2
+    assert res.stderr.strip().startswith("error:") and "different config" in res.stderr
