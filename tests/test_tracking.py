@@ -20,7 +20,14 @@ import pytest
 import torch
 
 from kimi.config import Config, LoggingConfig
-from kimi.tracking import Tracker, flatten_params, plot_expert_load, plot_loss_curve, resolve_tracking_uri
+from kimi.tracking import (
+    Tracker,
+    flatten_params,
+    plot_expert_load,
+    plot_loss_curve,
+    read_expert_loads,
+    resolve_tracking_uri,
+)
 from kimi.tracking.mlflow_sink import mlflow_key
 from tests.mlflow_server import free_port, start_mlflow_server, stop
 
@@ -85,7 +92,7 @@ def test_sqlite_default_store_round_trip(tmp_path, caplog):
         row = {"step": step, "loss": _loss(step), "lr": 1e-3, "qk_clipped_heads": step % 3}
         if step % 10 == 0:
             row["val_loss"] = _loss(step) + 0.1
-            tracker.log_expert_load(step, torch.tensor(loads * step))
+            tracker.log_expert_load(step, torch.tensor(loads * step), layer_ids=[1, 2, 3])  # layer 0 dense
         tracker.log(step, row)
     extra = tmp_path / "notes.txt"
     extra.write_text("hello")
@@ -120,11 +127,12 @@ def test_sqlite_default_store_round_trip(tmp_path, caplog):
     assert run.data.params["extra.long"] == "x" * 6000
     assert _history(client, run.info.run_id, "loss") == [(s, pytest.approx(_loss(s))) for s in range(1, 31)]
     assert [s for s, _ in _history(client, run.info.run_id, "val_loss")] == [10, 20, 30]
-    # loads are 1..24 per row of 8: layer 0 max/mean = 8 / 4.5
-    assert _history(client, run.info.run_id, "moe/layer0/max_load")[-1] == (30, pytest.approx(8 / 4.5))
+    # loads are 1..24 per row of 8: the first row (model layer 1) has max/mean = 8 / 4.5
+    assert _history(client, run.info.run_id, "moe/layer1/max_load")[-1] == (30, pytest.approx(8 / 4.5))
+    assert "moe/layer0/max_load" not in run.data.metrics
     assert {"system/cpu_percent", "system/rss_gb"} <= set(run.data.metrics)
     assert 0 < run.data.metrics["system/rss_gb"] < 64
-    assert not any(k.startswith("moe/layer0/expert") for k in run.data.metrics)  # summaries, not L*E series
+    assert not any("expert" in k for k in run.data.metrics if k.startswith("moe/"))  # summaries, not L*E series
     tags = run.data.tags
     assert tags["host"] == socket.gethostname() and tags["torch_version"] == torch.__version__
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
@@ -200,6 +208,27 @@ def test_unreachable_server_at_start_warns_once_and_never_blocks(tmp_path, caplo
     assert len(warnings) == 1, warnings
     assert "MLflow logging is off" in warnings[0] and "metrics.jsonl" in warnings[0] and uri in warnings[0]
     assert [r["step"] for r in _rows(tmp_path / "metrics.jsonl")] == list(range(1, 201))
+
+
+def test_hung_server_finish_is_bounded(tmp_path, caplog):
+    """A server that accepts TCP but never answers: every request waits for the HTTP timeout. finish()
+    must still return after finish_timeout, with one warning, and the abandoned thread stays quiet."""
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(64)  # the kernel completes handshakes into the backlog; nobody ever reads
+        uri = f"http://127.0.0.1:{hole.getsockname()[1]}"
+        tracker = Tracker(str(tmp_path), _cfg(tracking_uri=uri, finish_timeout=2.0), params={})
+        for step in range(1, 51):
+            tracker.log(step, {"loss": _loss(step)})
+        t0 = time.monotonic()
+        tracker.finish("FINISHED")
+        assert time.monotonic() - t0 < 2.0 + 5.0  # finish_timeout + plotting on a busy box
+    thread = tracker._sink._thread
+    thread.join(timeout=60)  # the socket is closed now: the pending request fails within seconds
+    assert not thread.is_alive()
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1 and "did not finish within 2 s" in warnings[0], warnings
+    assert [r["step"] for r in _rows(tmp_path / "metrics.jsonl")] == list(range(1, 51))
 
 
 # ----------------------------------------------------------------------------- a real server
@@ -290,12 +319,22 @@ def test_plot_loss_curve(tmp_path):
     assert plot_loss_curve(empty, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
 
 
+def test_read_expert_loads_after_a_requeue(tmp_path):
+    path = tmp_path / "expert_load.jsonl"
+    rows = [{"step": s, "layers": [1, 2], "loads": [[s, 1.0], [1.0, s]]} for s in (10, 20, 30)]
+    rows += [{"step": s, "layers": [1, 2], "loads": [[s, 2.0], [2.0, s]]} for s in (20, 30, 40)]  # resumed at 10
+    path.write_text("\n".join(json.dumps(r) for r in rows) + '\n{"step": 50, "loa')
+    steps, loads, layer_ids = read_expert_loads(path)
+    assert steps == [10, 20, 30, 40] and layer_ids == [1, 2]
+    assert loads[1] == [[20, 2.0], [2.0, 20]]  # the re-run eval replaced the old one
+
+
 def test_plot_expert_load(tmp_path):
     rng = np.random.default_rng(0)
     two_d = plot_expert_load(rng.gamma(2.0, size=(4, 8)), tmp_path / "a.png")
     many = rng.gamma(2.0, size=(5, 12, 64))
     many[:, 0] = 0  # a dense first layer has no routed load: drawn gray, not as "balanced"
-    three_d = plot_expert_load(many.tolist(), tmp_path / "b.png", steps=[100, 200, 300, 400, 500])
+    three_d = plot_expert_load(many.tolist(), tmp_path / "b.png", steps=[100, 200, 300, 400, 500], layer_ids=range(12))
     for png in (two_d, three_d):
         assert png.read_bytes()[:8] == PNG_MAGIC
     with pytest.raises(ValueError, match="layers x experts"):

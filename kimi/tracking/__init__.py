@@ -12,7 +12,15 @@ system.py       CPU / RSS / GPU-memory samples and provenance tags (git, host, v
 plots.py        plot_loss_curve, plot_expert_load
 """
 
-from kimi.tracking.plots import plot_expert_load, plot_loss_curve
+from kimi.tracking.plots import plot_expert_load, plot_loss_curve, read_expert_loads, read_series
 from kimi.tracking.tracker import Tracker, flatten_params, resolve_tracking_uri
 
-__all__ = ["Tracker", "flatten_params", "plot_expert_load", "plot_loss_curve", "resolve_tracking_uri"]
+__all__ = [
+    "Tracker",
+    "flatten_params",
+    "plot_expert_load",
+    "plot_loss_curve",
+    "read_expert_loads",
+    "read_series",
+    "resolve_tracking_uri",
+]

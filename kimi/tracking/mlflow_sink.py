@@ -108,12 +108,29 @@ class MlflowSink:
         return self.run_id
 
     def close(self, status: str, timeout: float) -> bool:
-        """Flush, upload queued artifacts, end the run with `status`; True if that all finished in time."""
+        """Flush, upload queued artifacts, end the run with `status`; True if that all finished in time.
+
+        On a timeout the thread is abandoned (a daemon: it dies with the process) and silenced, so the
+        warning said here, or the one said before, stays the only one."""
         with self._cv:
             if self._closing is None:
                 self._closing = status
             self._cv.notify()
-        return self._done.wait(timeout)
+        if self._done.wait(timeout):
+            return True
+        self._warn_once(
+            "MLflow did not finish within %g s (logging.finish_timeout; %s); the run may stay RUNNING "
+            "without its last metrics/artifacts; %s has every metric",
+            timeout, self.uri, self._note,
+        )  # fmt: skip
+        return False
+
+    def _warn_once(self, msg: str, *args: Any) -> bool:
+        with self._cv:  # close() (training thread) and _fail() (this thread) may race for the one warning
+            first, self._warned = not self._warned, True
+        if first:
+            log.warning(msg, *args)
+        return first
 
     # ------------------------------------------------------------------ background thread
 
@@ -284,14 +301,11 @@ class MlflowSink:
     def _fail(self, what: str, e: BaseException) -> None:
         self.down = True
         self._retry_at = time.monotonic() + self._retry_s
-        if not self._warned:
-            self._warned = True
-            reason = " ".join(str(e).split())[:300] or type(e).__name__
-            log.warning(
-                "MLflow logging is off (%s failed for %s: %s); %s still has every metric; retrying every %g s",
-                what, self.uri, reason, self._note, self._retry_s,
-            )  # fmt: skip
-        else:
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        if not self._warn_once(
+            "MLflow logging is off (%s failed for %s: %s); %s still has every metric; retrying every %g s",
+            what, self.uri, reason, self._note, self._retry_s,
+        ):  # fmt: skip
             log.debug("MLflow %s failed again: %s", what, e)
 
 

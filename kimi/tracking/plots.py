@@ -40,6 +40,31 @@ def read_series(metrics_jsonl_path: str | Path) -> dict[str, dict[int, float]]:
     return series
 
 
+def read_expert_loads(path: str | Path) -> tuple[list[int], list, list[int] | None]:
+    """expert_load.jsonl -> (steps, loads per step (layers x experts), layer ids of the rows or None).
+
+    A requeued job re-runs the evals after its last checkpoint: a step <= the previous one drops the
+    older rows from that step on. If the shape changed (another config in the same out_dir), only the
+    rows with the latest shape are kept. Torn or foreign lines are skipped.
+    """
+    rows: list[dict] = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+                step, shape = int(row["step"]), np.shape(row["loads"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            if len(shape) != 2:
+                continue
+            rows = [r for r in rows if r["step"] < step]
+            rows.append({**row, "step": step, "shape": shape})
+    if not rows:
+        return [], [], None
+    rows = [r for r in rows if r["shape"] == rows[-1]["shape"]]
+    return [r["step"] for r in rows], [r["loads"] for r in rows], rows[-1].get("layers")
+
+
 def plot_loss_curve(metrics_jsonl_path: str | Path, out_png: str | Path, log_y: bool = False) -> Path | None:
     """Train loss (raw + smoothed) and val loss against step; returns `out_png`, or None if no loss was logged."""
     series = read_series(metrics_jsonl_path)
@@ -69,7 +94,8 @@ def plot_loss_curve(metrics_jsonl_path: str | Path, out_png: str | Path, log_y: 
         ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
     elif len(finite) > 20:  # the first steps (loss ~ ln(vocab)) would otherwise flatten the rest of the curve
         lo, hi = min(finite), float(np.percentile(finite, 98))
-        ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.15 * (hi - lo))
+        if hi - lo > 1e-9 * max(1.0, abs(hi)):
+            ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.15 * (hi - lo))
     ax.set_xlabel("step")
     ax.set_ylabel("loss" + (" (log scale)" if ax.get_yscale() == "log" else ""))
     ax.set_title("Training loss")
@@ -78,11 +104,13 @@ def plot_loss_curve(metrics_jsonl_path: str | Path, out_png: str | Path, log_y: 
     return _save(fig, out_png)
 
 
-def plot_expert_load(loads, out_png: str | Path, steps: list[int] | None = None) -> Path:
+def plot_expert_load(
+    loads, out_png: str | Path, steps: list[int] | None = None, layer_ids: list[int] | None = None
+) -> Path:
     """Heatmap of per-expert load, normalised so that 1 = a perfectly even share (load / mean over experts).
 
     `loads`: a (layers x experts) array, or a list over eval steps of such arrays (steps x layers x experts;
-    `steps` labels them). For the 3-D form the left panel shows the last eval and the right panel the
+    `steps` labels them; `layer_ids` names the rows, e.g. [1, 2, 3] when layer 0 is dense). For the 3-D form the left panel shows the last eval and the right panel the
     imbalance (max / mean load) of each layer over the evals. Blue = underused, red = overloaded.
     """
     arr = np.asarray(loads, dtype=float)
@@ -95,6 +123,7 @@ def plot_expert_load(loads, out_png: str | Path, steps: list[int] | None = None)
     S, L, E = arr.shape
     norm_SLE = normalise_loads(arr)
     steps = list(steps) if steps is not None and len(steps) == S else list(range(S))
+    layer_ids = list(layer_ids) if layer_ids is not None and len(layer_ids) == L else list(range(L))
     wide = S > 1
     w_heat = min(16.0, max(5.0, 0.32 * E + 2.5))
     fig = Figure(figsize=(w_heat + (6.0 if wide else 0.0), min(12.0, max(3.2, 0.38 * L + 1.8))), layout="constrained")
@@ -117,12 +146,12 @@ def plot_expert_load(loads, out_png: str | Path, steps: list[int] | None = None)
     ax.set_xlabel("expert")
     ax.set_ylabel("layer")
     _int_ticks(ax.xaxis, E)
-    _int_ticks(ax.yaxis, L)
+    _layer_ticks(ax.yaxis, layer_ids)
     title = f"Expert load at step {steps[-1]}" if wide or steps != [0] else "Expert load"
     ax.set_title(title + (" (gray: layer without routed experts)" if np.isnan(last_LE).all(axis=1).any() else ""))
     fig.colorbar(im, ax=ax, label="normalised load (1 = uniform)", shrink=0.9)
     if wide:
-        _imbalance_panel(fig, axes[1], norm_SLE, steps)
+        _imbalance_panel(fig, axes[1], norm_SLE, steps, layer_ids)
     return _save(fig, out_png)
 
 
@@ -133,7 +162,7 @@ def normalise_loads(arr: np.ndarray) -> np.ndarray:
         return np.where(mean > 0, arr / np.where(mean > 0, mean, 1.0), np.nan)
 
 
-def _imbalance_panel(fig: Figure, ax, norm_SLE: np.ndarray, steps: list[int]) -> None:
+def _imbalance_panel(fig: Figure, ax, norm_SLE: np.ndarray, steps: list[int], layer_ids: list[int]) -> None:
     """max / mean load of each layer over the evals: one line per layer while that stays readable
     (<= 6 layers), else a (layer x eval) heatmap."""
     L = norm_SLE.shape[1]
@@ -147,17 +176,32 @@ def _imbalance_panel(fig: Figure, ax, norm_SLE: np.ndarray, steps: list[int]) ->
         ax.invert_yaxis()  # layer 0 on top, as in the left panel
         ax.set_xlabel("eval step")
         ax.set_ylabel("layer")
-        _int_ticks(ax.yaxis, L)
+        _layer_ticks(ax.yaxis, layer_ids)
         fig.colorbar(im, ax=ax, label="max / mean expert load")
         return
     cmap = matplotlib.colormaps["viridis"]  # used up to 0.85: its last yellows are unreadable on white
     for i in range(L):
-        ax.plot(steps, imb_SL[:, i], color=cmap(0.85 * i / max(1, L - 1)), lw=1.5, marker="o", ms=3, label=f"layer {i}")
+        ax.plot(
+            steps,
+            imb_SL[:, i],
+            color=cmap(0.85 * i / max(1, L - 1)),
+            lw=1.5,
+            marker="o",
+            ms=3,
+            label=f"layer {layer_ids[i]}",
+        )
     ax.axhline(1.0, color="gray", ls="--", lw=1, label="uniform")
     ax.set_xlabel("step")
     ax.set_ylabel("max / mean expert load")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+
+
+def _layer_ticks(axis, layer_ids: list[int]) -> None:
+    """Row i is labelled with layer_ids[i] (every row while they fit, else about 16 of them)."""
+    step = max(1, math.ceil(len(layer_ids) / 16))
+    rows = list(range(0, len(layer_ids), step))
+    axis.set_ticks(rows, [str(layer_ids[i]) for i in rows])
 
 
 def _int_ticks(axis, n: int) -> None:

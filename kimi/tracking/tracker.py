@@ -27,7 +27,7 @@ import numpy as np
 
 from kimi.config import LoggingConfig
 from kimi.tracking.mlflow_sink import MlflowSink
-from kimi.tracking.plots import normalise_loads, plot_expert_load, plot_loss_curve
+from kimi.tracking.plots import normalise_loads, plot_expert_load, plot_loss_curve, read_expert_loads
 from kimi.tracking.system import SystemSampler, current_cuda_device, provenance_tags
 
 log = logging.getLogger("kimi.tracking")
@@ -127,12 +127,13 @@ class Tracker:
                 self._sampler.cuda_device = current_cuda_device()
             self._sink.add_metrics(int(step), numeric, int(time.time() * 1000))
 
-    def log_expert_load(self, step: int, loads_LE: Any) -> None:
+    def log_expert_load(self, step: int, loads_LE: Any, layer_ids: list[int] | None = None) -> None:
         """Record per-expert token counts (or fractions) of each MoE layer (L x E) at an eval.
 
         The full matrix goes to expert_load.jsonl (heatmap + MLflow artifact at finish); only a compact
         summary becomes metrics (2 + L series instead of L * E): `moe/layer{i}/max_load` (max / mean load
         of that layer, 1 = perfectly balanced), `moe/max_load` and `moe/min_load` over all layers.
+        `layer_ids` names the rows (model layer indices, e.g. [1, 2] when layer 0 is dense); default 0..L-1.
         """
         if not self.enabled or self._finished:
             return
@@ -142,13 +143,18 @@ class Tracker:
             arr_LE = np.asarray(loads_LE, dtype=float)
             if arr_LE.ndim != 2:
                 raise ValueError(f"expected (layers x experts), got shape {arr_LE.shape}")
+            layer_ids = [int(i) for i in layer_ids] if layer_ids is not None else list(range(arr_LE.shape[0]))
+            if len(layer_ids) != arr_LE.shape[0]:
+                raise ValueError(f"{len(layer_ids)} layer_ids for {arr_LE.shape[0]} rows of loads")
         except (TypeError, ValueError) as e:
             log.warning("log_expert_load(step=%s) ignored: %s", step, e)
             return
         with open(self.expert_load_path, "a") as f:
-            self._write(f, {"step": int(step), "loads": arr_LE.tolist()})
+            self._write(f, {"step": int(step), "layers": layer_ids, "loads": arr_LE.tolist()})
         norm_LE = normalise_loads(arr_LE)
-        summary = {f"moe/layer{i}/max_load": float(np.nanmax(r)) for i, r in enumerate(norm_LE) if np.isfinite(r).any()}
+        summary = {
+            f"moe/layer{i}/max_load": float(np.nanmax(r)) for i, r in zip(layer_ids, norm_LE) if np.isfinite(r).any()
+        }
         if np.isfinite(norm_LE).any():
             summary["moe/max_load"], summary["moe/min_load"] = float(np.nanmax(norm_LE)), float(np.nanmin(norm_LE))
         self.log(step, summary)
@@ -227,13 +233,7 @@ class Tracker:
             return
         for path, art_dir in files:
             self._sink.add_artifact(str(path), art_dir)
-        if not self._sink.close(status, self.cfg.finish_timeout) and not self._sink.down:
-            log.warning(
-                "MLflow did not finish within %g s (logging.finish_timeout); the run may stay RUNNING and miss its "
-                "last metrics/artifacts; %s has every metric",
-                self.cfg.finish_timeout,
-                self.metrics_path,
-            )
+        self._sink.close(status, self.cfg.finish_timeout)
 
     def __enter__(self) -> Tracker:
         return self
@@ -246,24 +246,11 @@ class Tracker:
         return False
 
     def _plot_expert_load(self) -> Path | None:
-        steps, loads = [], []
-        with open(self.expert_load_path) as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue  # torn last line
-                if steps and row["step"] <= steps[-1]:  # a requeued job re-ran these evals: keep the newer ones
-                    keep = [i for i, s in enumerate(steps) if s < row["step"]]
-                    steps, loads = [steps[i] for i in keep], [loads[i] for i in keep]
-                steps.append(row["step"])
-                loads.append(row["loads"])
+        steps, loads, layer_ids = read_expert_loads(self.expert_load_path)
         if not loads:
             return None
-        if len({np.shape(x) for x in loads}) > 1:  # the shape changed between runs: show the latest shape only
-            shape = np.shape(loads[-1])
-            steps, loads = zip(*[(s, x) for s, x in zip(steps, loads) if np.shape(x) == shape])
-        return plot_expert_load(list(loads), self.out_dir / "plots" / "expert_load.png", steps=list(steps))
+        out = self.out_dir / "plots" / "expert_load.png"
+        return plot_expert_load(loads, out, steps=steps, layer_ids=layer_ids)
 
     def _write(self, f, row: dict[str, Any]) -> None:
         try:
