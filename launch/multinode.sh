@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Launch `kimi.train` on this node under torchrun; run it once on every node of the job.
+#
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 ./launch/multinode.sh --train.max_steps=1000   # on node0
+#   NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 ./launch/multinode.sh --train.max_steps=1000   # on node1
+#
+# Arguments pass through to `torchrun ... -m kimi.train --config "$CONFIG" "$@"`. The nodes meet via
+# torchrun's c10d rendezvous at MASTER_ADDR:MASTER_PORT (the store runs on MASTER_ADDR). With NNODES=1
+# and no MASTER_ADDR it runs standalone (a free local port): that is what launch/train.sh does.
+# Without GPUs (no nvidia-smi, or it lists none) it starts NPROC CPU processes; the trainer then picks
+# gloo and the CPU itself (train.device=auto, parallel.backend=auto), so the same line runs anywhere.
+#
+# Knobs (environment variables, default in brackets):
+#   CONFIG       YAML config                                        [configs/debug.yaml]
+#   NGPU         GPUs to use per node                               [all that nvidia-smi lists]
+#   NPROC        processes per node                                 [NGPU; 2 without GPUs]
+#   NNODES       nodes in the job                                   [1]
+#   NODE_RANK    this node's index, 0..NNODES-1                     [0]
+#   MASTER_ADDR  host of the rendezvous store (node 0)              [standalone if NNODES=1, else required]
+#   MASTER_PORT  its port                                           [29500]
+#   RDZV_ID      rendezvous id, the same on every node of one job   [nanokimi-$MASTER_PORT]
+#   OMP_NUM_THREADS  threads per process                            [CPUs on this node / NPROC, at least 1]
+#   MODULE       Python module to run                               [kimi.train]
+#   TORCHRUN     the launcher command                               [torchrun; $PYTHON -m torch.distributed.run if PYTHON is set]
+set -euo pipefail
+
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+    sed -n '2,/^set -euo pipefail/{/^set /d; s/^# \{0,1\}//; p}' "${BASH_SOURCE[0]}"
+    exit 0
+fi
+
+# GPUs this node can use: CUDA_VISIBLE_DEVICES if set (empty: none), else what nvidia-smi lists.
+gpus_here() {
+    if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
+        tr ',' '\n' <<<"$CUDA_VISIBLE_DEVICES" | grep -c . || true
+    elif command -v nvidia-smi >/dev/null 2>&1; then
+        { nvidia-smi -L 2>/dev/null || true; } | grep -c '^GPU ' || true
+    else
+        echo 0
+    fi
+}
+
+CONFIG=${CONFIG:-configs/debug.yaml}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_PORT=${MASTER_PORT:-29500}
+RDZV_ID=${RDZV_ID:-nanokimi-$MASTER_PORT}
+MODULE=${MODULE:-kimi.train}
+TORCHRUN=${TORCHRUN:-${PYTHON:+$PYTHON -m torch.distributed.run}}
+TORCHRUN=${TORCHRUN:-torchrun}
+
+found=$(gpus_here)
+if [[ "$found" -gt 0 ]]; then
+    NGPU=${NGPU:-$found}
+    NPROC=${NPROC:-$NGPU}
+else
+    NPROC=${NPROC:-2}
+    echo "launch: no GPU on $(hostname -s): $NPROC CPU processes (gloo)" >&2
+fi
+threads=$(( $(nproc) / NPROC ))
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( threads > 0 ? threads : 1 ))}
+
+if [[ ! -f "$CONFIG" ]]; then
+    echo "launch: CONFIG=$CONFIG does not exist (run from the repository root; configs are in configs/)" >&2
+    exit 2
+fi
+
+read -r -a launcher <<<"$TORCHRUN"
+if [[ "$NNODES" == 1 && -z "${MASTER_ADDR:-}" ]]; then
+    rdzv=(--standalone)
+else
+    : "${MASTER_ADDR:?set MASTER_ADDR (the host of node 0) when NNODES > 1}"
+    # --node_rank only orders the log prefixes: c10d assigns the ranks itself.
+    rdzv=(--nnodes="$NNODES" --node_rank="$NODE_RANK" --rdzv_id="$RDZV_ID" --rdzv_backend=c10d
+        --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT")
+fi
+cmd=("${launcher[@]}" "${rdzv[@]}" --nproc_per_node="$NPROC" -m "$MODULE" --config "$CONFIG" "$@")
+echo "+ ${cmd[*]}" >&2
+exec "${cmd[@]}"

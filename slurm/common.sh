@@ -1,0 +1,126 @@
+# The body of slurm/train_*.sh (sourced by them, not run): one torchrun per node under srun, c10d
+# rendezvous on the head node, checkpoint-and-requeue on a preemption signal.
+#
+# Knobs (environment variables at `sbatch` time; sbatch exports the submitting shell's environment):
+#   CONFIG, OUT_DIR     set by the train_*.sh that sources this
+#   EXTRA               more --section.key=value overrides, split on spaces [none]
+#   GPUS_PER_NODE       GPUs per node                  [from --gpus-per-node; else nvidia-smi; 0 = CPU]
+#   NPROC               processes per node             [GPUS_PER_NODE; 2 on CPU-only nodes]
+#   OMP_NUM_THREADS     threads per process            [cpus-per-task / NPROC, at least 1]
+#   PYTHON              run `$PYTHON -m torch.distributed.run`  [torchrun from PATH]
+#   MODULE              module to run                  [kimi.train]
+#   MASTER_PORT         rendezvous port                [20000 + job id % 20000]
+#   REQUEUE_EXIT_CODE   the trainer's "checkpoint written, requeue me" exit code [3]
+#   SHUTDOWN_TIMEOUT    seconds torchrun lets workers finish after TERM before SIGKILL [90]
+#
+# How a preemption travels. `--signal=B:USR1@120` sends USR1 to this batch shell only, 120 s before
+# the time limit (test it with `scancel --signal=USR1 --batch JOBID`). The trap below turns it into
+# `scancel --signal=TERM $SLURM_JOB_ID`, which slurmstepd delivers to every process of every step
+# (torchrun and all its workers) without killing anything; slurmstepd logs that as
+# "*** STEP N.0 ... CANCELLED ***", but the step runs on. Why not the obvious ways:
+#   - `kill -TERM <srun>`: srun answers TERM with "forcing job termination", i.e. SIGKILL to the tasks.
+#   - USR1 to the step: a torchrun without --signals-to-handle (older torch) dies of USR1 and orphans
+#     its workers. (Where torchrun has it, PET_SIGNALS_TO_HANDLE below makes it treat USR1 like TERM,
+#     in case someone uses --signal=USR1@120 without B:.)
+# torchrun handles TERM in every version: it passes it on to its workers, gives them SHUTDOWN_TIMEOUT
+# seconds, then SIGKILLs. The trainer, on TERM, finishes its step, writes a checkpoint and exits with
+# REQUEUE_EXIT_CODE. torchrun reports any worker failure as exit code 1, so the code does not reach
+# this shell through torchrun; the job is requeued (`scontrol requeue`) when srun returns
+# REQUEUE_EXIT_CODE (a launcher that keeps the code), or when USR1 arrived, srun failed and
+# OUT_DIR/checkpoints/latest moved during this run (a trainer that dies without saving is not
+# requeued in a loop). The requeued job keeps its id (so MASTER_PORT and the rendezvous id), appends
+# to the same slurm-%j.out, starts after AuthInfo's cred_expire (120 s by default) and the trainer
+# resumes from OUT_DIR/checkpoints/latest.
+# TERM means slurm is ending the job (`scancel JOBID`, the time limit itself, preemption): slurm
+# sends it to the steps and to this shell at once. The trainer still saves, but this shell does not
+# requeue: `scontrol requeue` would bring a cancelled job back to life (seen on 22.05).
+set -euo pipefail
+
+: "${SLURM_JOB_ID:?submit this with sbatch (or run it inside an allocation)}"
+: "${CONFIG:?}" "${OUT_DIR:?}"
+EXTRA=${EXTRA:-}
+MODULE=${MODULE:-kimi.train}
+REQUEUE_EXIT_CODE=${REQUEUE_EXIT_CODE:-3}
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-90}
+export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+
+# --gpus-per-node=8 or =a100:8 -> 8; no GRES request -> ask nvidia-smi on this (head) node.
+if [[ -z "${GPUS_PER_NODE:-}" ]]; then
+    if [[ -n "${SLURM_GPUS_PER_NODE:-}" ]]; then
+        GPUS_PER_NODE=${SLURM_GPUS_PER_NODE##*:}
+    elif command -v nvidia-smi >/dev/null 2>&1; then
+        GPUS_PER_NODE=$({ nvidia-smi -L 2>/dev/null || true; } | grep -c '^GPU ' || true)
+    else
+        GPUS_PER_NODE=0
+    fi
+fi
+if [[ "$GPUS_PER_NODE" -gt 0 ]]; then
+    NPROC=${NPROC:-$GPUS_PER_NODE}
+else
+    NPROC=${NPROC:-2}  # CPU-only node: the trainer picks gloo and the CPU (device/backend "auto")
+fi
+cpus=${SLURM_CPUS_PER_TASK:-$(nproc)}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((cpus / NPROC > 0 ? cpus / NPROC : 1))}
+
+if [[ ! -f "$CONFIG" ]]; then
+    echo "slurm: CONFIG=$CONFIG not found from $PWD (submit from the repository root)" >&2
+    exit 2
+fi
+read -r -a torchrun <<<"${PYTHON:+$PYTHON -m torch.distributed.run}"
+[[ ${#torchrun[@]} -gt 0 ]] || torchrun=(torchrun)
+read -r -a extra <<<"$EXTRA"
+# srun in 22.05 does not inherit --cpus-per-task from sbatch: pass it, or all workers share one CPU.
+cmd=(srun --ntasks-per-node=1 --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK}
+    "${torchrun[@]}" --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node="$NPROC"
+    --rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT"
+    -m "$MODULE" --config "$CONFIG" --train.out_dir="$OUT_DIR" "${extra[@]}" "$@")
+
+ckpt_stamp() {  # what `latest` points at and when it was written; empty when there is none
+    local latest=$OUT_DIR/checkpoints/latest
+    if [[ -e "$latest" || -L "$latest" ]]; then stat -c '%N %y' "$latest"; fi
+}
+
+signals=0 got_usr1=0 got_term=0
+on_signal() {
+    echo "slurm: got SIG$1 at $(date +%T): asking every step to checkpoint and stop (SIGTERM)"
+    if [[ $1 == USR1 ]]; then got_usr1=1; else got_term=1; fi
+    # After a plain scancel the job is gone already and this fails: the steps have their TERM then.
+    if [[ $signals -eq 0 ]]; then scancel --signal=TERM "$SLURM_JOB_ID" 2>/dev/null || true; fi
+    signals=$((signals + 1))
+}
+trap 'on_signal USR1' USR1
+trap 'on_signal TERM' TERM
+
+echo "slurm: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NUM_NODES node(s) [$SLURM_JOB_NODELIST]," \
+    "head $MASTER_ADDR:$MASTER_PORT, $NPROC process(es)/node, OMP_NUM_THREADS=$OMP_NUM_THREADS"
+echo "+ ${cmd[*]}"
+before=$(ckpt_stamp)
+"${cmd[@]}" &
+srun_pid=$!
+# `wait` returns early (status > 128) whenever a trap runs; wait again until srun itself has ended.
+while :; do
+    seen=$signals
+    rc=0
+    wait "$srun_pid" || rc=$?
+    [[ $signals -ne $seen ]] || break
+done
+echo "slurm: srun exited with $rc after $signals signal(s)"
+
+requeue=0
+if [[ $got_term -eq 0 ]]; then
+    if [[ $rc -eq $REQUEUE_EXIT_CODE ]]; then
+        requeue=1
+    elif [[ $got_usr1 -eq 1 && $rc -ne 0 && "$(ckpt_stamp)" != "$before" ]]; then
+        requeue=1  # torchrun turned the trainer's REQUEUE_EXIT_CODE into 1; the new checkpoint tells
+    fi
+fi
+if [[ $requeue -eq 1 ]]; then
+    echo "slurm: checkpoint written ($(ckpt_stamp)); requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+echo "slurm: done, exit code $rc"
+exit "$rc"
