@@ -109,7 +109,11 @@ class Tracker:
     # ------------------------------------------------------------------ per step
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        """Append {"step": step, **metrics} to metrics.jsonl now; queue the numeric values for MLflow."""
+        """Append {"step": step, **metrics} to metrics.jsonl now; queue the numeric values for MLflow.
+
+        Pass Python numbers (a tensor is read with `.item()`, which syncs a CUDA stream). Non-numeric values
+        (strings) go to the jsonl only. NaN/inf are written as NaN/Infinity, which Python's json reads back.
+        """
         if not self.enabled or self._finished:
             return
         row: dict[str, Any] = {"step": int(step)}
