@@ -180,7 +180,7 @@ class TrainConfig:
     keep_last: int = 2
     keep_best: bool = True
     out_dir: str = "out/debug"
-    resume: bool = False
+    resume: bool | None = None  # None: resume when out_dir has a checkpoint; True: must; False: must not
 
     def validate(self) -> None:
         if self.micro_batch_size < 1 or self.global_batch_size < 1:

@@ -242,7 +242,8 @@ def train(cfg: Config, stop_after: int | None = None) -> dict:
                 row["val_loss"] = evaluate(run)
                 row["val_ppl"] = math.exp(min(row["val_loss"], 20))
                 if "_loads_LE" in routing:
-                    tracker.log_expert_load(step, [c.tolist() for c in routing["_loads_LE"]])
+                    moe_ids = [i for i in range(cfg.model.n_layer) if cfg.model.is_moe_layer(i)]
+                    tracker.log_expert_load(step, [c.tolist() for c in routing["_loads_LE"]], layer_ids=moe_ids)
             if step % tcfg.log_interval == 0 or "val_loss" in row or step == tcfg.max_steps:
                 tracker.log(step, row)
                 eta = dt_ema * (tcfg.max_steps - step)

@@ -41,7 +41,7 @@ def test_metrics_and_checkpoints(tmp_path):
     steps = sorted(p.name for p in ckpts.glob("step_*"))
     assert (ckpts / "latest").resolve().name == "step_000006"
     best = (ckpts / "best").resolve().name
-    assert len(set(steps) - {best}) == 2, steps  # keep_last=2, plus the best one
+    assert steps == ["step_000004", "step_000006"] and best in steps  # keep_last=2; best never rotated out
     meta = json.loads((ckpts / "latest" / "meta.json").read_text())
     assert meta["step"] == 6 and meta["tokenizer"] == "gpt2" and "git_commit" in meta
     assert "model:" in (ckpts / "latest" / "config.yaml").read_text()

@@ -161,7 +161,9 @@ class Tracker:
         }
         if np.isfinite(norm_LE).any():
             summary["moe/max_load"], summary["moe/min_load"] = float(np.nanmax(norm_LE)), float(np.nanmin(norm_LE))
-        self.log(step, summary)
+        # MLflow only: metrics.jsonl keeps one row per training step (the matrix is in expert_load.jsonl).
+        if self._sink is not None:
+            self._sink.add_metrics(int(step), summary, int(time.time() * 1000))
 
     # ------------------------------------------------------------------ files
 
