@@ -6,8 +6,9 @@
     results = run_distributed(_body, world_size=2, args=(tmp,))   # [rank0's return, rank1's return]
 
 Each rank is a fresh process (torch.multiprocessing spawn) with the torchrun environment variables set
-(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT on a free port), one CPU thread, and a gloo
-process group (60 s timeout) already initialised. If any rank raises, the others are killed and the
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT on a free port, for code that calls
+`init_distributed` itself with init_pg=False), one CPU thread, and otherwise a gloo process group (60 s
+timeout, rendezvous through a file in a fresh temp dir) already initialised. If any rank raises, the others are killed and the
 test fails with that rank's traceback. Return values travel back through torch.save files.
 """
 
@@ -53,15 +54,38 @@ def _worker(
     torch.set_num_threads(1)  # N ranks share a couple of cores; more threads only thrash
     try:
         if init_pg:
-            dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
+            # A FileStore in the run's own temp dir: no rendezvous port to race other processes for.
+            store = f"file://{os.path.join(out_dir, 'store')}"
+            dist.init_process_group(
+                "gloo", init_method=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=60)
+            )
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException as e:
-        # Re-raise with the full traceback in the message: spawn reports it to the parent verbatim.
-        raise RankFailed(f"rank {rank} of {world_size} failed:\n{traceback.format_exc()}") from e
+        # A failing rank's peers fail next ("connection closed by peer"), and spawn reports whichever it sees
+        # first. Stamp each failure with its time so the parent can report the root cause: the earliest one.
+        msg = f"rank {rank} of {world_size} failed:\n{traceback.format_exc()}"
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(f"{time.time()!r}\n{msg}")
+        raise RankFailed(msg) from e
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _first_failure(out_dir: str, world_size: int) -> str | None:
+    failures = []
+    for r in range(world_size):
+        path = os.path.join(out_dir, f"rank{r}.err")
+        if os.path.exists(path):
+            stamp, _, msg = open(path).read().partition("\n")
+            failures.append((float(stamp), r, msg))
+    if not failures:
+        return None
+    failures.sort()
+    others = [r for _, r, _ in failures[1:]]
+    also = f"\n(ranks {others} failed after it, probably because of it)" if others else ""
+    return failures[0][2] + also
 
 
 def run_distributed(
@@ -88,8 +112,8 @@ def run_distributed(
             while not ctx.join(timeout=0.5):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{world_size} ranks still running after {timeout:.0f} s")
-        except mp.ProcessRaisedException as e:
-            raise RankFailed(str(e)) from None
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+            raise RankFailed(_first_failure(out_dir, world_size) or str(e)) from None
         finally:
             for p in ctx.processes:  # only our own children, by handle
                 if p.is_alive():

@@ -43,8 +43,10 @@ def parallelize(
     """Make `model` (a KimiModel on its device, same weights on every rank) ready for training on `mesh`.
 
     `mesh` is what `build_mesh` returned (None at world size 1: only checkpointing and compile apply).
-    In-place; returns the model for convenience. `compile_backend` is for tests ("aot_eager" skips codegen). After this, parameters are DTensors: use
-    `p.full_tensor()` to see a whole one, and clip / step with DTensor-aware code.
+    In-place; returns the model for convenience. After this, parameters are DTensors: use `p.full_tensor()`
+    to see a whole one, and clip / step with DTensor-aware code. Every forward is collective under EP and
+    FSDP: all ranks must run the same number of forwards (eval and generation included).
+    `compile_backend` is for tests ("aot_eager" traces like inductor without the C++ codegen).
     """
     num_experts = model.config.moe.num_experts if model.config.moe.use_moe else None
     world = 1 if mesh is None else mesh.size()
@@ -53,8 +55,6 @@ def parallelize(
         shape = (dims.dp_replicate, dims.dp_shard_mod_ep, dims.ep)
         if tuple(mesh.shape) != shape or mesh.mesh_dim_names != MESH_DIMS:
             raise ValueError(f"mesh {mesh.mesh_dim_names}={tuple(mesh.shape)} does not match parallel config {shape}")
-    elif dims.ep > 1:
-        raise ValueError(f"parallel.ep={dims.ep} needs a mesh; at world size 1 set parallel.ep=1")
 
     if dims.ep_enabled and model.moe_layers():
         apply_expert_parallel(model, submesh(mesh, "ep"))
