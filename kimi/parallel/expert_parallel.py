@@ -26,7 +26,7 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from kimi.model.moe import gather_rows, unpermute
+from kimi.model.moe import gather_rows, permute, unpermute
 
 
 def _as_group(group: dist.ProcessGroup | DeviceMesh) -> dist.ProcessGroup:
@@ -40,7 +40,7 @@ def _as_group(group: dist.ProcessGroup | DeviceMesh) -> dist.ProcessGroup:
 class AllToAllDispatcher:
     """The MoE dispatcher seam for expert parallelism over `group` (a ProcessGroup or a 1-D DeviceMesh).
 
-    `forward(x_TD, topk_idx_TK, topk_w_TK, experts) -> y_TD` with `topk_idx_TK` in global expert ids
+    `dispatcher(x_TD, topk_idx_TK, topk_w_TK, experts) -> y_TD` with `topk_idx_TK` in global expert ids
     [0, num_experts) and `experts` holding this rank's L = num_experts / R experts (plain tensors or
     DTensor Shard(0) over the EP mesh, see `apply_expert_parallel`). Every rank of the group must call it
     (it is a collective), with any T including 0. A plain callable, like the model's LocalDispatcher.
@@ -61,13 +61,9 @@ class AllToAllDispatcher:
         K = topk_idx_TK.shape[1]
         R, L, E = self.ep_size, self.num_local, self.num_experts
 
-        # 1. Permute locally to expert order (stable, so equal experts keep token order).
-        flat_idx_N = topk_idx_TK.reshape(-1)
-        sort_idx_N = torch.argsort(flat_idx_N, stable=True)
-        # scatter_add, not bincount: bincount on CUDA syncs with the host to size its output.
-        counts_E = torch.zeros(E, dtype=torch.int64, device=x_TD.device).index_add_(
-            0, flat_idx_N, torch.ones_like(flat_idx_N)
-        )
+        # 1. Permute locally to expert order with the model's own steps (stable sort; counts without a
+        #    host sync). Rows for rank r's experts are now contiguous, in rank order.
+        sort_idx_N, counts_E = permute(topk_idx_TK, E)
         x_ND = gather_rows(x_TD, sort_idx_N, K)
 
         # 2. Tell every rank how many rows of each of its experts we send: recv_counts_RL[s, l] = rows that
