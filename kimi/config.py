@@ -180,6 +180,7 @@ class TrainConfig:
     keep_last: int = 2
     keep_best: bool = True
     out_dir: str = "out/debug"
+    profile: bool = False  # time the all-to-alls and the optimizer step per step (adds syncs; for benches)
     resume: bool | None = None  # None: resume when out_dir has a checkpoint; True: must; False: must not
 
     def validate(self) -> None:

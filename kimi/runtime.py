@@ -6,6 +6,7 @@ At world size 1 every collective here is a no-op, so `kimi.train` has one code p
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +88,12 @@ class Runtime:
         for layer in layers:
             layer.reset_max_logits()
         return {"max_logit": m.item(), "clipped_heads": 0}
+
+    def sync_time(self) -> float:
+        """perf_counter after the device has finished its queued work (for profiling only)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def shutdown(self) -> None:
         if dist.is_initialized():

@@ -155,6 +155,19 @@ def routing_update(run: Run) -> dict:
     }
 
 
+def a2a_stats(model) -> dict:
+    """Expert-parallel all-to-all traffic of this step (forward, this rank), then reset the counters."""
+    stats = [m.dispatcher.stats for m in model.moe_layers() if hasattr(m.dispatcher, "stats")]
+    if not stats:
+        return {}
+    row = {"a2a_MB": sum(s["a2a_bytes"] for s in stats) / 1e6}
+    if any(s["a2a_s"] for s in stats):
+        row["a2a_ms"] = 1000 * sum(s["a2a_s"] for s in stats)
+    for s in stats:
+        s["a2a_bytes"], s["a2a_s"] = 0, 0.0
+    return row
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -178,6 +191,9 @@ def train(cfg: Config, stop_after: int | None = None) -> dict:
 
     rt = setup_runtime(cfg)
     run = build(cfg, rt)
+    for moe in run.raw_model.moe_layers():
+        if hasattr(moe.dispatcher, "profile"):
+            moe.dispatcher.profile = cfg.train.profile
     start_step, mlflow_run_id = restore(run)
     tcfg = cfg.train
     out_dir = Path(tcfg.out_dir)
@@ -213,7 +229,9 @@ def train(cfg: Config, stop_after: int | None = None) -> dict:
                 loss_sum += out.ce_loss.detach()
             grad_norm = rt.clip_grad_norm(run.model.parameters(), cfg.optim.grad_clip)
             lr = run.scheduler.get_last_lr()[0]
+            t_opt = rt.sync_time() if tcfg.profile else 0.0
             run.optimizer.step()
+            t_opt = rt.sync_time() - t_opt if tcfg.profile else 0.0
             run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
             qk = run.qk_clip.step() if run.qk_clip else rt.max_logit_stats(run.raw_model)
@@ -237,6 +255,9 @@ def train(cfg: Config, stop_after: int | None = None) -> dict:
                 "qk_clipped_heads": qk.get("clipped_heads", 0),
             }
             row.update({k: v for k, v in routing.items() if not k.startswith("_")})
+            row.update(a2a_stats(run.raw_model))
+            if tcfg.profile:
+                row["optim_ms"] = 1000 * t_opt
             last_eval = tcfg.eval_interval and (step % tcfg.eval_interval == 0 or step == tcfg.max_steps)
             if last_eval and run.val_set is not None:
                 row["val_loss"] = evaluate(run)

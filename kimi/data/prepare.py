@@ -94,7 +94,10 @@ def tokenize(
     """Token arrays in document order (EOT first in each document), encoded by `num_workers` processes."""
     total = sum(map(len, docs)) if isinstance(docs, list) else None
     bar = tqdm(total=total, unit="char", unit_scale=True, desc=desc, disable=not progress, leave=False)
-    pool = multiprocessing.get_context().Pool(num_workers) if num_workers > 1 else None
+    # "spawn", not fork: forking a process that runs other threads (torch's, MLflow's, pytest's) can
+    # hand a worker a lock that no thread will ever release (seen here: a Pool worker stuck forever).
+    pool = multiprocessing.get_context("spawn").Pool(num_workers) if num_workers > 1 else None
+    ok = False
     try:
         for batch in _batches(docs, tokenizer):
             step = max(1, len(batch) // (4 * num_workers))
@@ -102,9 +105,13 @@ def tokenize(
             for task, ids in zip(batch, results):
                 bar.update(len(task[2]))
                 yield ids
+        ok = True
     finally:
         bar.close()
-        if pool:
+        if pool and ok:
+            pool.close()
+            pool.join()
+        elif pool:
             pool.terminate()
 
 

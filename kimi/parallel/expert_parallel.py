@@ -19,10 +19,12 @@ replaces that seam and the experts' parameters, from outside the model.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed._functional_collectives import all_to_all_single_autograd
+from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
@@ -53,6 +55,10 @@ class AllToAllDispatcher:
             raise ValueError(f"moe.num_experts={num_experts} must be divisible by parallel.ep={self.ep_size}")
         self.num_experts = num_experts
         self.num_local = num_experts // self.ep_size
+        # Forward all-to-all traffic since the trainer last read it (bytes sent by this rank, both
+        # directions). With `profile` on, the collectives are waited for and timed (adds syncs: benches only).
+        self.profile = False
+        self.stats = {"a2a_bytes": 0, "a2a_s": 0.0}
 
     def __repr__(self) -> str:
         return f"AllToAllDispatcher(num_experts={self.num_experts}, ep={self.ep_size})"
@@ -79,7 +85,9 @@ class AllToAllDispatcher:
         M = sum(recv_splits)
 
         # 4. Tokens to their experts' owners (uneven splits; autograd runs the reverse all-to-all).
-        x_MD = all_to_all_single_autograd(x_ND, recv_splits, send_splits, self.group)
+        t0 = time.perf_counter()
+        x_MD = self._waited(all_to_all_single_autograd(x_ND, recv_splits, send_splits, self.group))
+        a2a_s = time.perf_counter() - t0
 
         # 5. Received rows come grouped by (source, local expert); the grouped matmul wants expert-major
         #    (local expert, source). A stable sort of the key l*R + s over the rows does it, on device.
@@ -91,12 +99,19 @@ class AllToAllDispatcher:
 
         # 6. Results back to the ranks that own the tokens; un-permute, weight, sum over K: the model's own
         #    combine step, so EP and single-device outputs round identically.
-        y_ND = all_to_all_single_autograd(y_MD, send_splits, recv_splits, self.group)
+        t1 = time.perf_counter()
+        y_ND = self._waited(all_to_all_single_autograd(y_MD, send_splits, recv_splits, self.group))
+        self.stats["a2a_bytes"] += (sum(send_splits) + M) * x_TD.shape[1] * x_ND.element_size()
+        if self.profile:
+            self.stats["a2a_s"] += a2a_s + time.perf_counter() - t1
         if x_TD.shape[0] == 0:
             # unpermute cannot view 0 rows as (0, K, -1). Keep y_ND in the graph all the same: this rank
             # must still join the backward all-to-alls, or its peers wait for it forever.
             return (x_TD.new_zeros(x_TD.shape) + (y_ND.sum() + topk_w_TK.sum()) * 0).to(x_TD.dtype)
         return unpermute(y_ND, sort_idx_N, topk_w_TK).to(x_TD.dtype)
+
+    def _waited(self, t: Tensor) -> Tensor:
+        return wait_tensor(t) if self.profile else t
 
 
 # ----------------------------------------------------------------------------- the experts' parameters

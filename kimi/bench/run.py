@@ -1,0 +1,114 @@
+"""Benchmarks (numbers for notes and docs/benchmarking.md; never asserted in tests).
+
+    python -m kimi.bench dist  [--config configs/debug.yaml] [--nproc 2] [--steps 10] [--section.key=value ...]
+    python -m kimi.bench train [--config configs/quickstart.yaml] [--steps 10] [--section.key=value ...]
+
+`dist` runs the real training loop on `nproc` gloo/NCCL processes for each of: EP=1 and EP=ep
+(the same global batch, so the same work), with Muon and with AdamW, and prints per step: tokens/s,
+step time, optimizer time and the expert-parallel all-to-all bytes and time (profiling on: the
+collectives are waited for, so the times are honest but the step is slightly slower than in training).
+`train` runs one process and prints the same numbers. Medians over the steps after the first two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from kimi.config import load_config
+
+
+def _rank_main(rank: int, world: int, store_dir: str, config: str | None, overrides: list[str]) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group(
+        "nccl" if use_cuda else "gloo",
+        init_method=f"file://{store_dir}/store",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=300),
+    )
+    from kimi.train import train
+
+    try:
+        train(load_config(config, overrides))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_variant(config: str | None, overrides: list[str], nproc: int) -> list[dict]:
+    out = Path(tempfile.mkdtemp(prefix="kimi-bench-"))
+    args = [
+        *overrides,
+        f"--train.out_dir={out}",
+        "--logging.mlflow=false",
+        "--train.profile=true",
+        "--train.eval_interval=0",
+        "--train.resume=false",
+        "--train.ckpt_interval=1000000",
+    ]
+    if nproc == 1:
+        from kimi.train import train
+
+        train(load_config(config, args))
+    else:
+        mp.spawn(_rank_main, args=(nproc, str(out), config, args), nprocs=nproc, join=True)
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def summarise(rows: list[dict]) -> dict:
+    rows = rows[2:] or rows  # the first steps pay for allocation and warm-up
+
+    def med(k):
+        vals = [r[k] for r in rows if k in r]
+        return statistics.median(vals) if vals else float("nan")
+
+    return {k: med(k) for k in ("tokens_per_s", "step_time_s", "optim_ms", "a2a_MB", "a2a_ms", "loss")}
+
+
+def _table(results: list[tuple[str, dict]]) -> str:
+    head = f"{'variant':<28}{'tokens/s':>10}{'step ms':>10}{'optim ms':>10}{'a2a MB':>9}{'a2a ms':>9}"
+    lines = [head, "-" * len(head)]
+    for name, s in results:
+        lines.append(
+            f"{name:<28}{s['tokens_per_s']:>10,.0f}{1000 * s['step_time_s']:>10.1f}{s['optim_ms']:>10.1f}"
+            f"{s['a2a_MB']:>9.2f}{s['a2a_ms']:>9.1f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m kimi.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("what", choices=["dist", "train"])
+    p.add_argument("--config", default="configs/debug.yaml")
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--ep", type=int, default=None, help="EP degree to compare with EP=1 (default: nproc)")
+    p.add_argument("--steps", type=int, default=10)
+    args, overrides = p.parse_known_args(argv)
+    overrides = [*overrides, f"--train.max_steps={args.steps}"]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{os.cpu_count()}"
+    results = []
+    if args.what == "train":
+        results.append(("1 process", summarise(run_variant(args.config, overrides, 1))))
+    else:
+        ep = args.ep or args.nproc
+        for optim in ("muon", "adamw"):
+            for e in (1, ep):
+                name = f"{args.nproc} ranks, ep={e}, {optim}"
+                rows = run_variant(args.config, [*overrides, f"--parallel.ep={e}", f"--optim.name={optim}"], args.nproc)
+                results.append((name, summarise(rows)))
+    print(f"\nkimi.bench {args.what}: {args.config} {' '.join(overrides)} on {device}, torch {torch.__version__}")
+    print(_table(results))
+
