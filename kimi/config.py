@@ -200,7 +200,8 @@ class DataConfig:
     num_workers: int = 2  # tokenisation processes in `kimi.prepare`
     shard_tokens: int = 50_000_000  # tokens per shard file
     cache_dir: str | None = None  # named-corpus downloads; None -> $NANOKIMI_CACHE or ~/.cache/nanokimi
-    verify_shards: bool = False  # recompute every shard's sha256 when opening (reads all data; sizes+headers are always checked)
+    # Recompute every shard's sha256 when opening (reads all data); sizes and headers are always checked.
+    verify_shards: bool = False
 
 
 @dataclass
@@ -441,7 +442,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
         tree = _merge(tree, _normalise(overrides))
     for section in tree:
         if section not in _fields(Config):
-            raise ConfigError(f"unknown config section '{section}'{_suggest(section, list(_fields(Config)) + list(_ALIASES))}")
+            raise ConfigError(
+                f"unknown config section '{section}'{_suggest(section, list(_fields(Config)) + list(_ALIASES))}"
+            )
     return from_dict(Config, tree).validate()
 
 

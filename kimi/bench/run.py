@@ -111,4 +111,3 @@ def main(argv: list[str] | None = None) -> None:
                 results.append((name, summarise(rows)))
     print(f"\nkimi.bench {args.what}: {args.config} {' '.join(overrides)} on {device}, torch {torch.__version__}")
     print(_table(results))
-
