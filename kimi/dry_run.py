@@ -75,7 +75,6 @@ def memory_plan(cfg: Config, world: int) -> dict[str, float]:
         "optim": (muon * 4 + adamw * 8) / shard,
         "activations": act + logits,
         "flops_per_step": flops_step,
-        "kv_bytes_per_token": None,
     }
 
 

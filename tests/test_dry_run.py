@@ -1,0 +1,39 @@
+"""--dry-run: sizes and per-GPU memory of a big layout without GPUs; layout errors as one line."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from kimi.config import load_config
+from kimi.dry_run import memory_plan
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "kimi.train", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+
+
+def test_medium_dry_run_prints_the_plan():
+    res = _run("--config", "configs/medium.yaml", "--dry-run", "--parallel.dp_shard=8", "--parallel.ep=8")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "world 8" in out and "experts per GPU: 2" in out
+    for word in ("params", "grads", "optim", "activations", "training FLOPs per step"):
+        assert word in out, word
+
+
+def test_memory_shrinks_with_more_shards():
+    p8 = memory_plan(load_config(ROOT / "configs" / "medium.yaml", ["--parallel.dp_shard=8", "--parallel.ep=8"]), 8)
+    p16 = memory_plan(load_config(ROOT / "configs" / "medium.yaml", ["--parallel.dp_shard=16", "--parallel.ep=8"]), 16)
+    assert p16["grads"] < p8["grads"] and p16["optim"] < p8["optim"]
+    assert p8["total"] == p16["total"]
+    # Grads are fp32 shards of every parameter: total * 4 bytes / dp_shard.
+    assert abs(p8["grads"] - p8["total"] * 4 / 8) < 1
+
+
+def test_layout_error_is_one_line():
+    res = _run("--config", "configs/medium.yaml", "--dry-run", "--parallel.dp_shard=8", "--parallel.ep=3")
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()] and "parallel.ep=3" in res.stderr
