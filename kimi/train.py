@@ -367,6 +367,7 @@ def config_from_args(args: argparse.Namespace, overrides: list[str]) -> Config:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # its INFO lines (database creation) are noise here
     args, overrides = parse_args(argv)
     try:
         cfg = config_from_args(args, overrides)
