@@ -188,6 +188,12 @@ class TrainConfig:
             raise ConfigError("train.global_batch_size and train.micro_batch_size must be >= 1")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device={self.device!r} is not one of 'auto', 'cpu', 'cuda'")
+        if self.log_interval < 1:
+            raise ConfigError(f"train.log_interval={self.log_interval} must be >= 1")
+        if min(self.eval_interval, self.ckpt_interval, self.max_steps) < 0:
+            raise ConfigError("train.eval_interval, train.ckpt_interval and train.max_steps must be >= 0")
+        if self.eval_interval > 0 and self.eval_batches < 1:
+            raise ConfigError(f"train.eval_batches={self.eval_batches} must be >= 1 when train.eval_interval > 0")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.dtype={self.dtype!r} is not one of 'auto', 'bf16', 'fp32'")
 

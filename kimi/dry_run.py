@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from kimi.config import Config
+from kimi.config import Config, ConfigError
 
 GiB = 1024**3
 
@@ -83,7 +83,13 @@ def dry_run(cfg: Config) -> dict[str, float]:
     world = int(os.environ.get("WORLD_SIZE", "0")) or max(1, p.dp_replicate) * max(1, p.dp_shard)
     plan = memory_plan(cfg, world)
     d = plan["dims"]
-    accum = cfg.train.global_batch_size // (cfg.train.micro_batch_size * plan["world"])
+    per_step = cfg.train.micro_batch_size * plan["world"]
+    if cfg.train.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by train.micro_batch_size="
+            f"{cfg.train.micro_batch_size} x world {plan['world']}; lower the micro-batch or raise the global batch"
+        )
+    accum = cfg.train.global_batch_size // per_step
     print(
         f"layout: world {plan['world']} = dp_replicate {d.dp_replicate} x dp_shard {d.dp_shard}; ep {d.ep} "
         f"(experts per GPU: {cfg.model.moe.num_experts // d.ep if cfg.model.moe.use_moe else 0})"

@@ -65,7 +65,7 @@ class Runtime:
         return t
 
     def all_reduce_mean_and_max(self, mean_of: torch.Tensor, max_of: float) -> tuple[float, float]:
-        """One collective for (mean over ranks, max over ranks): sum and max packed as [x, m, -m]."""
+        """(mean over ranks, max over ranks) of two scalars: two tiny all-reduces, one host sync."""
         if self.world == 1:
             return mean_of.item(), max_of
         t = torch.stack([mean_of.float() / self.world, torch.tensor(float(max_of), device=mean_of.device)])

@@ -105,6 +105,11 @@ def restore(run: Run) -> tuple[int, str | None]:
         )
     state, meta = run.ckpt.load(latest, run.model, run.optimizer)
     run.scheduler.load_state_dict(state["scheduler"])
+    # The optimizer came back with the old run's lr; re-derive it from this config's schedule (they
+    # agree unless e.g. max_steps changed, and then the new schedule is the one that holds).
+    sched = run.scheduler
+    for group, base, fn in zip(run.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["lr"] = base * fn(sched.last_epoch)
     run.batches.load_state_dict(state["data"])
     run.rt.print(f"resumed from {latest} (step {state['step']}, written at world size {meta.get('world_size')})")
     return state["step"], state.get("mlflow_run_id")
@@ -176,11 +181,15 @@ class Preemption:
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
 
     def _handle(self, signum, frame) -> None:
         self.signum = signum
+
+    def restore(self) -> None:
+        """Give the signals back (a process that goes on after train() must stay killable)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def train(cfg: Config, stop_after: int | None = None) -> dict:
@@ -228,7 +237,7 @@ def train(cfg: Config, stop_after: int | None = None) -> dict:
                 (out.loss / len(micro)).backward()
                 loss_sum += out.ce_loss.detach()
             grad_norm = rt.clip_grad_norm(run.model.parameters(), cfg.optim.grad_clip)
-            lr = run.scheduler.get_last_lr()[0]
+            lr = run.optimizer.param_groups[0]["lr"]  # what this step uses
             t_opt = rt.sync_time() if tcfg.profile else 0.0
             run.optimizer.step()
             t_opt = rt.sync_time() - t_opt if tcfg.profile else 0.0
@@ -236,7 +245,7 @@ def train(cfg: Config, stop_after: int | None = None) -> dict:
             run.optimizer.zero_grad(set_to_none=True)
             qk = run.qk_clip.step() if run.qk_clip else rt.max_logit_stats(run.raw_model)
             routing = routing_update(run)
-            # One collective for the logged loss and the preemption flag.
+            # The logged loss (mean over ranks) and the preemption flag (max over ranks), agreed by all ranks.
             flag = float(preempt.signum is not None or step == stop_after)
             loss, stop = rt.all_reduce_mean_and_max(loss_sum / len(micro), flag)
             if rt.device.type == "cuda":
@@ -281,7 +290,7 @@ def train(cfg: Config, stop_after: int | None = None) -> dict:
                 )
             if "val_loss" in row:
                 best_val = min(best_val, row["val_loss"])
-            if stop:
+            if stop and step < tcfg.max_steps:  # a signal during the last step: the run is complete anyway
                 rt.print(
                     f"preempted (signal received): checkpoint at step {step} written, exiting with {REQUEUE_EXIT_CODE}"
                 )
@@ -290,6 +299,8 @@ def train(cfg: Config, stop_after: int | None = None) -> dict:
     except BaseException:
         tracker.finish("FAILED", config_yaml_text=cfg.to_yaml())
         raise
+    finally:
+        preempt.restore()
     tracker.finish(status, config_yaml_text=cfg.to_yaml())
     if status == "FINISHED":
         wall = time.perf_counter() - t_start
@@ -310,8 +321,14 @@ def truncate_metrics(path: Path, last_step: int) -> None:
         return
     import json
 
+    def step_of(line: str) -> float:
+        try:
+            return json.loads(line).get("step", 0)
+        except ValueError:  # a line torn by the kill that interrupted the run
+            return float("inf")
+
     lines = path.read_text().splitlines()
-    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= last_step]
+    keep = [line for line in lines if line.strip() and step_of(line) <= last_step]
     if len(keep) != len(lines):
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in keep))

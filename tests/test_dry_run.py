@@ -37,3 +37,8 @@ def test_layout_error_is_one_line():
     res = _run("--config", "configs/medium.yaml", "--dry-run", "--parallel.dp_shard=8", "--parallel.ep=3")
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [res.stderr.strip()] and "parallel.ep=3" in res.stderr
+
+
+def test_batch_that_does_not_split_is_one_line():
+    res = _run("--config", "configs/small.yaml", "--dry-run", "--parallel.dp_shard=8", "--train.micro_batch_size=16")
+    assert res.returncode == 2 and "not divisible" in res.stderr and len(res.stderr.strip().splitlines()) == 1

@@ -112,3 +112,28 @@ def test_incompatible_checkpoint_is_one_line(tmp_path):
     )
     assert res.returncode == 2
     assert res.stderr.strip().startswith("error:") and "different config" in res.stderr
+
+
+def test_resume_with_torn_metrics_line_and_new_schedule(tmp_path):
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    out, fresh = tmp_path / "run", tmp_path / "fresh"
+    train(_cfg(out, "--train.max_steps=3"))
+    assert signal.getsignal(signal.SIGTERM) is before  # train() gives the signals back
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 5.1')  # a kill in the middle of a write
+    train(_cfg(out, "--train.max_steps=5"))  # resumes, and follows the 5-step schedule from here on
+    train(_cfg(fresh, "--train.max_steps=5"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(line) for line in (fresh / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert rows[3]["lr"] == ref[3]["lr"] and rows[4]["lr"] == ref[4]["lr"]
+
+
+def test_bad_train_knobs_are_config_errors():
+    from kimi.config import ConfigError
+
+    for bad in ("--train.log_interval=0", "--train.eval_batches=0"):
+        with pytest.raises(ConfigError):
+            load_config(DEBUG, [bad, "--train.eval_interval=5"])

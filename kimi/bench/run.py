@@ -1,7 +1,7 @@
 """Benchmarks (numbers for notes and docs/benchmarking.md; never asserted in tests).
 
     python -m kimi.bench dist  [--config configs/debug.yaml] [--nproc 2] [--steps 10] [--section.key=value ...]
-    python -m kimi.bench train [--config configs/quickstart.yaml] [--steps 10] [--section.key=value ...]
+    python -m kimi.bench train [--config configs/debug.yaml] [--steps 10] [--section.key=value ...]
 
 `dist` runs the real training loop on `nproc` gloo/NCCL processes for each of: EP=1 and EP=ep
 (the same global batch, so the same work), with Muon and with AdamW, and prints per step: tokens/s,
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import tempfile
 from datetime import timedelta
@@ -55,6 +56,7 @@ def run_variant(config: str | None, overrides: list[str], nproc: int) -> list[di
         f"--train.out_dir={out}",
         "--logging.mlflow=false",
         "--train.profile=true",
+        "--train.log_interval=1",
         "--train.eval_interval=0",
         "--train.resume=false",
         "--train.ckpt_interval=1000000",
@@ -65,7 +67,9 @@ def run_variant(config: str | None, overrides: list[str], nproc: int) -> list[di
         train(load_config(config, args))
     else:
         mp.spawn(_rank_main, args=(nproc, str(out), config, args), nprocs=nproc, join=True)
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    shutil.rmtree(out, ignore_errors=True)  # the final checkpoint is not wanted
+    return rows
 
 
 def summarise(rows: list[dict]) -> dict:
