@@ -24,7 +24,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -42,6 +41,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from kimi.tracking.system import git_state  # provenance (commit, dirty) lives with tracking
+
 STEP_PREFIX = "step_"
 
 
@@ -56,20 +57,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def rng_state() -> dict[str, Any]:
@@ -149,13 +136,15 @@ class Checkpointer:
         (tmp / "rng").mkdir(exist_ok=True)
         torch.save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
         if rank == 0:
+            commit, dirty = git_state(Path(__file__).resolve().parent)
             torch.save(train_state, tmp / "train_state.pt")
             (tmp / "config.yaml").write_text(config_yaml)
             meta = {
                 **meta,
                 "step": step,
                 "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                "git_commit": git_commit(),
+                "git_commit": commit or "unknown",
+                "git_dirty": dirty,
                 "torch": torch.__version__,
                 "time": time.strftime("%Y-%m-%d %H:%M:%S"),
             }

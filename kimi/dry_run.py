@@ -34,6 +34,7 @@ def _fmt(n_bytes: float) -> str:
 
 def memory_plan(cfg: Config, world: int) -> dict[str, float]:
     from kimi.model import KimiModel
+    from kimi.optim.muon import param_group_name
     from kimi.parallel import ParallelDims
 
     m = cfg.model
@@ -42,12 +43,7 @@ def memory_plan(cfg: Config, world: int) -> dict[str, float]:
         model = KimiModel(m)
     expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     total = model.num_params()
-    adamw = sum(
-        p.numel()
-        for n, p in model.named_parameters()
-        if p.ndim < 2 or any(k in n for k in ("embed_tokens", "lm_head", "router"))
-    )
-    muon = total - adamw if cfg.optim.name == "muon" else 0
+    muon = sum(p.numel() for n, p in model.named_parameters() if param_group_name(n, p, cfg.optim) == "muon")
     adamw = total - muon
     shard = dims.dp_shard
     params_per_gpu = total / shard  # experts: / (ep * dp_shard_mod_ep) == / dp_shard as well

@@ -64,14 +64,13 @@ class Runtime:
             t /= self.world
         return t
 
-    def all_reduce_mean_and_max(self, mean_of: torch.Tensor, max_of: float) -> tuple[float, float]:
-        """(mean over ranks, max over ranks) of two scalars: two tiny all-reduces, one host sync."""
-        if self.world == 1:
-            return mean_of.item(), max_of
-        t = torch.stack([mean_of.float() / self.world, torch.tensor(float(max_of), device=mean_of.device)])
-        dist.all_reduce(t[:1], op=dist.ReduceOp.SUM, group=self.dp_group)
-        dist.all_reduce(t[1:], op=dist.ReduceOp.MAX, group=self.dp_group)
-        return t[0].item(), t[1].item()
+    def all_reduce_loss_and_flag(self, loss: torch.Tensor, flag: bool) -> tuple[float, bool]:
+        """(mean of `loss` over ranks, whether any rank raised `flag`): one SUM all-reduce, one host sync."""
+        t = torch.stack([loss.float().detach(), torch.tensor(float(flag), device=loss.device)])
+        if self.world > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.dp_group)
+        mean, raised = (t / torch.tensor([self.world, 1.0], device=t.device)).tolist()
+        return mean, raised > 0
 
     def clip_grad_norm(self, params, max_norm: float) -> float:
         from kimi.optim.grad_clip import clip_grad_norm_

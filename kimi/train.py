@@ -246,8 +246,8 @@ def train(cfg: Config, stop_after: int | None = None) -> dict:
             qk = run.qk_clip.step() if run.qk_clip else rt.max_logit_stats(run.raw_model)
             routing = routing_update(run)
             # The logged loss (mean over ranks) and the preemption flag (max over ranks), agreed by all ranks.
-            flag = float(preempt.signum is not None or step == stop_after)
-            loss, stop = rt.all_reduce_mean_and_max(loss_sum / len(micro), flag)
+            flag = preempt.signum is not None or step == stop_after
+            loss, stop = rt.all_reduce_loss_and_flag(loss_sum / len(micro), flag)
             if rt.device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
@@ -278,7 +278,7 @@ def train(cfg: Config, stop_after: int | None = None) -> dict:
                 tracker.log(step, row)
                 eta = dt_ema * (tcfg.max_steps - step)
                 rt.print(format_row(row, tcfg.max_steps, eta))
-            save_now = step == tcfg.max_steps or bool(stop) or (tcfg.ckpt_interval and step % tcfg.ckpt_interval == 0)
+            save_now = step == tcfg.max_steps or stop or (tcfg.ckpt_interval and step % tcfg.ckpt_interval == 0)
             if save_now:
                 meta = {
                     "tokenizer": cfg.data.tokenizer_name,

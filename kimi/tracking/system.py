@@ -73,7 +73,7 @@ def provenance_tags() -> dict[str, str]:
             tags["cuda_version"] = torch.version.cuda
         if torch.cuda.is_available() and torch.cuda.is_initialized():  # asking for the name would initialise CUDA
             tags["gpu"] = f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-    commit, dirty = _git_state(Path(__file__).resolve().parent)
+    commit, dirty = git_state(Path(__file__).resolve().parent)
     if commit:
         tags["mlflow.source.git.commit"] = commit  # the tag MLflow's UI shows as the run's source version
         tags["git_commit"] = commit
@@ -81,7 +81,7 @@ def provenance_tags() -> dict[str, str]:
     return tags
 
 
-def _git_state(where: Path) -> tuple[str | None, bool]:
+def git_state(where: Path) -> tuple[str | None, bool]:
     """(HEAD commit, has uncommitted changes) of the repo holding `where`, or (None, False) outside git."""
     try:
         head = subprocess.run(
