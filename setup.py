@@ -6,7 +6,10 @@ setup(
     description="Train small Kimi-K2-style Mixture-of-Experts language models (MLA, aux-loss-free MoE, MuonClip)",
     license="MIT",
     python_requires=">=3.10",
-    packages=find_packages(include=["kimi", "kimi.*", "kernels", "kernels.*"]),
+    # The Triton kernels live in the top-level kernels/ folder but install as kimi.kernels: a top-level
+    # `kernels` package would clash with the unrelated PyPI package of that name (which transformers imports).
+    packages=[*find_packages(include=["kimi", "kimi.*"]), "kimi.kernels"],
+    package_dir={"kimi.kernels": "kernels"},
     # torch is pinned by the installer (README / .ci/run install the CPU build first); any 2.6+ works.
     install_requires=[
         "torch>=2.6",
