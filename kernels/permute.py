@@ -106,7 +106,9 @@ def _gather(src_TD, sort_idx_P, scale_N, N, top_k, dtype):
         bp, bd = _tile(P, D)
         scale = scale_N if scale_N is not None else sort_idx_P
         grid = (triton.cdiv(P, bp), triton.cdiv(D, bd))
-        _gather_kernel[grid](src_TD.contiguous(), sort_idx_P, scale, dst_PD, P, N, D, top_k, scale_N is not None, bp, bd)
+        _gather_kernel[grid](
+            src_TD.contiguous(), sort_idx_P, scale, dst_PD, P, N, D, top_k, scale_N is not None, bp, bd
+        )
     return dst_PD
 
 
@@ -149,7 +151,7 @@ class _Unpermute(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             g_y = _gather(g_TD, sort_idx_P, w_TK.reshape(-1).contiguous(), T * K, K, y_PD.dtype)
         if ctx.needs_input_grad[3]:
-            y_TKD = y_PD.index_select(0, pos_N).view(T, K, -1).float()
+            y_TKD = y_PD.index_select(0, pos_N).view(T, K, y_PD.shape[1]).float()
             g_w = (y_TKD * g_TD.float()[:, None, :]).sum(dim=-1).to(w_TK.dtype)
         return g_y, None, None, g_w
 
@@ -223,5 +225,5 @@ def gather_rows_reference(x_TD: torch.Tensor, plan: Plan, top_k: int) -> torch.T
 
 def unpermute_reference(y_PD: torch.Tensor, plan: Plan, topk_w_TK: torch.Tensor) -> torch.Tensor:
     T, K = topk_w_TK.shape
-    y_TKD = y_PD.index_select(0, plan.pos_N).view(T, K, -1).float()
+    y_TKD = y_PD.index_select(0, plan.pos_N).view(T, K, y_PD.shape[1]).float()
     return (y_TKD * topk_w_TK[..., None].float()).sum(dim=1)

@@ -123,7 +123,9 @@ def _launch(logits_TE, bias_E, top_k, score_func, n_group, topk_group, norm_topk
 class _FusedRoute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_TE, bias_E, top_k, score_func, n_group, topk_group, norm, scale, block_t):
-        w_TK, idx_TK, counts_E = _launch(logits_TE, bias_E, top_k, score_func, n_group, topk_group, norm, scale, block_t)
+        w_TK, idx_TK, counts_E = _launch(
+            logits_TE, bias_E, top_k, score_func, n_group, topk_group, norm, scale, block_t
+        )
         ctx.save_for_backward(logits_TE, idx_TK)
         ctx.score_func, ctx.norm, ctx.scale, ctx.dtype = score_func, norm, scale, logits_TE.dtype
         ctx.mark_non_differentiable(idx_TK, counts_E)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -77,6 +78,7 @@ class MoEConfig:
     seq_aux_loss_coef: float = 0.0  # DeepSeek-V3 sequence-level balance loss (0 = off)
     aux_loss_coef: float = 0.0  # classic switch-transformer balance loss (0 = off)
     capacity_factor: float | None = None  # None: dropless; else each expert keeps <= cf * T*K/E tokens
+    kernels: str = "torch"  # routing/permute path: "torch", "triton" (kimi.kernels) or "auto" (Triton on CUDA)
 
     def validate(self, n_layer: int) -> None:
         if not self.use_moe:
@@ -85,6 +87,10 @@ class MoEConfig:
             raise ConfigError(f"moe.top_k={self.top_k} must be in [1, moe.num_experts={self.num_experts}]")
         if self.score_func not in ("sigmoid", "softmax"):
             raise ConfigError(f"moe.score_func={self.score_func!r} is not one of 'sigmoid', 'softmax'")
+        if self.kernels not in ("torch", "triton", "auto"):
+            raise ConfigError(f"moe.kernels={self.kernels!r} is not one of 'torch', 'triton', 'auto'")
+        if self.kernels == "triton" and importlib.util.find_spec("triton") is None:
+            raise ConfigError("moe.kernels=triton needs Triton: pip install triton (or set moe.kernels=torch)")
         if self.num_experts % self.n_group != 0:
             raise ConfigError(f"moe.num_experts={self.num_experts} must be divisible by moe.n_group={self.n_group}")
         if not 1 <= self.topk_group <= self.n_group:

@@ -54,9 +54,11 @@ ROUTINGS = {
 }
 
 
-def check_routings(group, routings) -> None:
+def check_routings(group, routings, make_dispatcher=None) -> None:
+    """`make_dispatcher(group, E)` builds the dispatcher under test (default: AllToAllDispatcher)."""
     from kimi.parallel.expert_parallel import AllToAllDispatcher
 
+    make_dispatcher = make_dispatcher or AllToAllDispatcher
     rank, R, K = dist.get_rank(group), dist.get_world_size(group), 2
     E = 2 * R
     L = E // R
@@ -77,7 +79,7 @@ def check_routings(group, routings) -> None:
                 p.copy_(getattr(full, n)[rank * L : (rank + 1) * L])
         x = x_TD.detach()[lo:hi].clone().requires_grad_()
         w = w_TK.detach()[lo:hi].clone().requires_grad_()
-        y = AllToAllDispatcher(group, E)(x, idx_TK[lo:hi], w, local)
+        y = make_dispatcher(group, E)(x, idx_TK[lo:hi], w, local)
         (y * g_TD[lo:hi]).sum().backward()
 
         torch.testing.assert_close(y, y_ref[lo:hi], atol=TOL, rtol=TOL)

@@ -7,10 +7,15 @@ Each step is a small module-level function so a kernel (or an expert-parallel al
 it. The seam is `MoE.dispatcher`: any callable `dispatcher(x_TD, topk_idx_TK, topk_w_TK, experts) -> y_TD`
 returning the routed output already weighted by topk_w and summed over K. `LocalDispatcher` is the
 single-device one; kimi.parallel swaps in its all-to-all version from outside.
+
+`moe.kernels` picks the routing and permute path: the torch functions here, or the fused Triton kernels
+of kimi.kernels (same contracts; see `kernel_module`). The torch path is the reference the kernels are
+tested against; its numerics are what the golden losses pin.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -58,6 +63,46 @@ def unpermute(y_ND: torch.Tensor, sort_idx_N: torch.Tensor, topk_w_TK: torch.Ten
     return (y_TKD.float() * topk_w_TK[..., None].float()).sum(dim=1)
 
 
+@functools.cache
+def _import_kernels():
+    try:
+        import kimi.kernels as kernels
+    except ImportError:
+        return None
+    return kernels if kernels.HAS_TRITON else None
+
+
+def kernel_module(choice: str, device: torch.device):
+    """kimi.kernels when `choice` (moe.kernels) selects the Triton path for tensors on `device`, else None.
+
+    "auto": Triton on CUDA when it imports, else torch. "triton": always; on CPU that means Triton's
+    interpreter (TRITON_INTERPRET=1 before the first Triton forward, which imports kimi.kernels): slow,
+    for tests. Imported lazily so the torch path never needs Triton.
+    """
+    if choice == "torch" or (choice == "auto" and device.type != "cuda"):
+        return None
+    kernels = _import_kernels()
+    if kernels is None:
+        if choice == "auto":
+            return None
+        raise ValueError("moe.kernels=triton needs Triton: pip install triton (or set moe.kernels=torch)")
+    if device.type != "cuda" and not kernels.interpreting():
+        raise ValueError(
+            "moe.kernels=triton on CPU runs only in Triton's interpreter: set TRITON_INTERPRET=1 (slow) "
+            "or moe.kernels=torch"
+        )
+    return kernels
+
+
+def dispatch_steps(choice: str, device: torch.device):
+    """(permute, gather_rows, unpermute) for moe.kernels=`choice`; the Triton ones pass a `Plan` where the
+    torch ones pass sort_idx_N, and callers treat it as opaque."""
+    kernels = kernel_module(choice, device)
+    if kernels is None:
+        return permute, gather_rows, unpermute
+    return kernels.permute, kernels.gather_rows, kernels.unpermute
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     dev = x.device.type
     if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
@@ -65,9 +110,16 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _grouped_mm_op():
+    """torch's grouped GEMM: F.grouped_mm, or torch._grouped_mm on builds that predate it; None if neither.
+    On CUDA it multiplies bf16 with fp32 accumulation (one rounding, at the output)."""
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
 def grouped_mm_supported(x_ND: torch.Tensor, w_EFD: torch.Tensor) -> bool:
-    """torch's grouped GEMM wants 16-byte aligned rows, and on CUDA (and under torch.compile) bf16 (SM >= 80)."""
-    if not hasattr(F, "grouped_mm"):
+    """torch's grouped GEMM wants 16-byte aligned rows, and on CUDA (and under torch.compile) bf16 (SM >= 80).
+    Elsewhere (fp32 under compile, fp32 on CUDA, no grouped GEMM at all) the per-expert loop runs instead."""
+    if _grouped_mm_op() is None:
         return False
     dtype = _compute_dtype(x_ND)
     size = torch.empty((), dtype=dtype).element_size()
@@ -83,10 +135,10 @@ def grouped_swiglu(x_ND, w1_EFD, w3_EFD, w2_EDF, counts_E) -> torch.Tensor:
     """All experts in three grouped GEMMs; expert e owns rows offs[e-1]:offs[e] (some may own none)."""
     offs_E = counts_E.cumsum(0).to(torch.int32)
     dtype = _compute_dtype(x_ND)  # grouped_mm has no autocast rule: cast explicitly
-    x_ND = x_ND.to(dtype)
-    h_NF = F.silu(F.grouped_mm(x_ND, w1_EFD.to(dtype).transpose(-2, -1), offs=offs_E))
-    h_NF = h_NF * F.grouped_mm(x_ND, w3_EFD.to(dtype).transpose(-2, -1), offs=offs_E)
-    return F.grouped_mm(h_NF, w2_EDF.to(dtype).transpose(-2, -1), offs=offs_E)
+    x_ND, mm = x_ND.to(dtype), _grouped_mm_op()
+    h_NF = F.silu(mm(x_ND, w1_EFD.to(dtype).transpose(-2, -1), offs=offs_E))
+    h_NF = h_NF * mm(x_ND, w3_EFD.to(dtype).transpose(-2, -1), offs=offs_E)
+    return mm(h_NF, w2_EDF.to(dtype).transpose(-2, -1), offs=offs_E)
 
 
 def looped_swiglu(x_ND, w1_EFD, w3_EFD, w2_EDF, counts_E) -> torch.Tensor:
@@ -132,13 +184,17 @@ class LocalDispatcher:
     """Single-device dispatch: permute, gather, run the experts, un-permute/weight/sum. A plain callable
     (not a Module) so an expert-parallel replacement of any kind can be assigned over it."""
 
+    def __init__(self, kernels: str = "torch"):
+        self.kernels = kernels  # moe.kernels
+
     def __call__(self, x_TD, topk_idx_TK, topk_w_TK, experts: GroupedExperts) -> torch.Tensor:
-        sort_idx_N, counts_E = permute(topk_idx_TK, experts.num_experts)
-        y_ND = experts(gather_rows(x_TD, sort_idx_N, topk_idx_TK.shape[1]), counts_E)
-        return unpermute(y_ND, sort_idx_N, topk_w_TK).to(x_TD.dtype)
+        permute_, gather_rows_, unpermute_ = dispatch_steps(self.kernels, x_TD.device)
+        sort_idx_N, counts_E = permute_(topk_idx_TK, experts.num_experts)
+        y_ND = experts(gather_rows_(x_TD, sort_idx_N, topk_idx_TK.shape[1]), counts_E)
+        return unpermute_(y_ND, sort_idx_N, topk_w_TK).to(x_TD.dtype)
 
     def __repr__(self) -> str:
-        return "LocalDispatcher()"
+        return f"LocalDispatcher(kernels={self.kernels!r})"
 
 
 def _in_backward() -> bool:
@@ -162,7 +218,7 @@ class MoE(nn.Module):
         self.experts = GroupedExperts(cfg.num_experts, dim, cfg.expert_hidden)
         n_shared = cfg.n_shared_experts
         self.shared_experts = MLP(dim, n_shared * cfg.expert_hidden) if n_shared > 0 else None
-        self.dispatcher = LocalDispatcher()
+        self.dispatcher = LocalDispatcher(cfg.kernels)
         self.register_buffer("tokens_per_expert", torch.zeros(cfg.num_experts), persistent=False)
         self.register_buffer("_entropy_sum", torch.zeros(2), persistent=False)  # [sum, count] since update
         self.aux_loss = torch.zeros(())
@@ -173,18 +229,28 @@ class MoE(nn.Module):
         B, L, D = x_BLD.shape
         cfg = self.cfg
         x_TD = x_BLD.reshape(B * L, D)
-        scores_TE = self.router(x_TD)
-        topk_idx_TK, topk_w_TK = route(
-            scores_TE, self.router.expert_bias, self.top_k, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob
-        )
+        kernels = kernel_module(cfg.kernels, x_TD.device)
+        y_scale = cfg.routed_scaling_factor  # the fused router folds it into the weights instead
+        if kernels is None:
+            scores_TE = self.router(x_TD)
+            topk_idx_TK, topk_w_TK = route(
+                scores_TE, self.router.expert_bias, self.top_k, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob
+            )
+        else:
+            logits_TE = self.router.logits(x_TD)
+            topk_w_TK, topk_idx_TK, _ = kernels.fused_route(
+                logits_TE, self.router.expert_bias, self.top_k, cfg.score_func, cfg.n_group, cfg.topk_group,
+                cfg.norm_topk_prob, y_scale,
+            )  # fmt: skip
+            scores_TE, y_scale = self.router.scores(logits_TE), 1.0  # scores: aux losses and entropy only
         if cfg.capacity_factor is not None:
             # Overflow assignments get weight 0: the output is exactly that of dropping them, while
             # the dispatcher seam keeps its fixed (T, K) shapes.
             capacity = math.ceil(cfg.capacity_factor * topk_idx_TK.numel() / self.num_experts)
             topk_w_TK = topk_w_TK * capacity_keep(topk_idx_TK, self.num_experts, capacity)
         y_TD = self.dispatcher(x_TD, topk_idx_TK, topk_w_TK, self.experts)
-        if cfg.routed_scaling_factor != 1.0:
-            y_TD = y_TD * cfg.routed_scaling_factor
+        if y_scale != 1.0:
+            y_TD = y_TD * y_scale
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         self.aux_loss = self._aux_loss(scores_TE, topk_idx_TK, B)

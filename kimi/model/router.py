@@ -27,7 +27,13 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         """Unbiased scores_TE in fp32: sigmoid (K2 / V3) or softmax of the router logits."""
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        return self.scores(self.logits(x_TD))
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """Router logits_TE in fp32 (what the fused Triton router takes)."""
+        return F.linear(x_TD.float(), self.weight.float())
+
+    def scores(self, logits_TE: torch.Tensor) -> torch.Tensor:
         return logits_TE.sigmoid() if self.score_func == "sigmoid" else logits_TE.softmax(dim=-1)
 
 

@@ -28,7 +28,7 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from kimi.model.moe import gather_rows, permute, unpermute
+from kimi.model.moe import dispatch_steps
 
 
 def _as_group(group: dist.ProcessGroup | DeviceMesh) -> dist.ProcessGroup:
@@ -48,8 +48,9 @@ class AllToAllDispatcher:
     (it is a collective), with any T including 0. A plain callable, like the model's LocalDispatcher.
     """
 
-    def __init__(self, group: dist.ProcessGroup | DeviceMesh, num_experts: int):
+    def __init__(self, group: dist.ProcessGroup | DeviceMesh, num_experts: int, kernels: str = "torch"):
         self.group = _as_group(group)
+        self.kernels = kernels  # moe.kernels: the permute / un-permute steps are the model's, torch or Triton
         self.ep_size = dist.get_world_size(self.group)
         if num_experts % self.ep_size != 0:
             raise ValueError(f"moe.num_experts={num_experts} must be divisible by parallel.ep={self.ep_size}")
@@ -61,7 +62,7 @@ class AllToAllDispatcher:
         self.stats = {"a2a_bytes": 0, "a2a_s": 0.0}
 
     def __repr__(self) -> str:
-        return f"AllToAllDispatcher(num_experts={self.num_experts}, ep={self.ep_size})"
+        return f"AllToAllDispatcher(num_experts={self.num_experts}, ep={self.ep_size}, kernels={self.kernels!r})"
 
     def __call__(self, x_TD: Tensor, topk_idx_TK: Tensor, topk_w_TK: Tensor, experts: nn.Module) -> Tensor:
         K = topk_idx_TK.shape[1]
@@ -69,6 +70,7 @@ class AllToAllDispatcher:
 
         # 1. Permute locally to expert order with the model's own steps (stable sort; counts without a
         #    host sync). Rows for rank r's experts are now contiguous, in rank order.
+        permute, gather_rows, unpermute = dispatch_steps(self.kernels, x_TD.device)
         sort_idx_N, counts_E = permute(topk_idx_TK, E)
         x_ND = gather_rows(x_TD, sort_idx_N, K)
 
@@ -101,6 +103,8 @@ class AllToAllDispatcher:
         #    combine step, so EP and single-device outputs round identically.
         t1 = time.perf_counter()
         y_ND = self._waited(all_to_all_single_autograd(y_MD, send_splits, recv_splits, self.group))
+        if self.kernels != "torch":
+            y_ND = wait_tensor(y_ND)  # Triton launchers need the plain tensor, not the collective's async wrapper
         self.stats["a2a_bytes"] += (sum(send_splits) + M) * x_TD.shape[1] * x_ND.element_size()
         if self.profile:
             self.stats["a2a_s"] += a2a_s + time.perf_counter() - t1
@@ -175,4 +179,4 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> None:
         if num_experts % ep != 0:
             raise ValueError(f"moe.num_experts={num_experts} must be divisible by parallel.ep={ep}")
         shard_experts(moe.experts, ep_mesh, num_experts)
-        moe.dispatcher = AllToAllDispatcher(ep_mesh, num_experts)
+        moe.dispatcher = AllToAllDispatcher(ep_mesh, num_experts, moe.cfg.kernels)
