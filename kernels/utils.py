@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import triton
 
 # Triton decides at @triton.jit time whether a kernel is compiled or interpreted, so the answer is the one
 # in force when this package was imported (the kernels are defined right after), not today's environment.
-_INTERPRET = bool(triton.knobs.runtime.interpret)
+try:
+    _INTERPRET = bool(triton.knobs.runtime.interpret)
+except AttributeError:  # Triton < 3.4 has no knobs; it read the same variable
+    _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def interpreting() -> bool:

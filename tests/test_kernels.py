@@ -197,6 +197,15 @@ def test_grouped_mm_fallbacks_match_the_loop(monkeypatch):
         torch.testing.assert_close(ex(x, counts).float(), ref, rtol=3e-2, atol=3e-2)
 
 
+def test_bench_kernels_says_it_needs_a_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU `python -m kimi.bench kernels` measures; run it by hand")
+    from kimi.bench.run import main
+
+    main(["kernels"])  # returns normally: `python -m kimi.bench kernels` exits 0
+    assert capsys.readouterr().out.strip() == "kimi.bench kernels: needs a GPU (CUDA); nothing measured"
+
+
 def _train_losses(out) -> list[float]:
     return [json.loads(line)["loss"] for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 

@@ -2,6 +2,7 @@
 
     python -m kimi.bench dist  [--config configs/debug.yaml] [--nproc 2] [--steps 10] [--section.key=value ...]
     python -m kimi.bench train [--config configs/debug.yaml] [--steps 10] [--section.key=value ...]
+    python -m kimi.bench kernels   (Triton routing kernels vs torch on one GPU: see kimi/bench/kernels.py)
 
 `dist` runs the real training loop on `nproc` gloo/NCCL processes for each of: EP=1 and EP=ep
 (the same global batch, so the same work), with Muon and with AdamW, and prints per step: tokens/s,
@@ -95,12 +96,16 @@ def _table(results: list[tuple[str, dict]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m kimi.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["dist", "train"])
+    p.add_argument("what", choices=["dist", "train", "kernels"])
     p.add_argument("--config", default="configs/debug.yaml")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--ep", type=int, default=None, help="EP degree to compare with EP=1 (default: nproc)")
     p.add_argument("--steps", type=int, default=10)
     args, overrides = p.parse_known_args(argv)
+    if args.what == "kernels":
+        from kimi.bench.kernels import run
+
+        return run()
     overrides = [*overrides, f"--train.max_steps={args.steps}"]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{os.cpu_count()}"
     results = []
