@@ -2,9 +2,9 @@
 folder; setup.py maps it with package_dir, so it never shadows the unrelated PyPI package `kernels`).
 
     fused_route        logits -> scores + bias -> group-limited top-k -> weights, counts   (router.py)
-    permute            expert ids -> expert-major order (+ optional padding per expert)     (permute.py)
-    gather_rows        token rows -> expert-major rows, padding rows zero                   (permute.py)
-    unpermute          expert rows -> per-token weighted sum over K, fp32                   (permute.py)
+    permute            expert ids -> expert-major order (+ optional padding per expert)     (dispatch.py)
+    gather_rows        token rows -> expert-major rows, padding rows zero                   (dispatch.py)
+    unpermute          expert rows -> per-token weighted sum over K, fp32                   (dispatch.py)
 
 Each comes with a plain PyTorch reference (`*_reference`) and is tested against it under the Triton
 interpreter (tests/test_kernels.py); `python -m kimi.bench kernels` times them on a GPU. Depends on torch
@@ -20,7 +20,7 @@ else:
     HAS_TRITON = True
 
 if HAS_TRITON:
-    from .permute import (
+    from .dispatch import (
         Plan,
         gather_rows,
         gather_rows_reference,
