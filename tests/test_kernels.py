@@ -21,7 +21,7 @@ kernels = pytest.importorskip("kimi.kernels")
 if not kernels.HAS_TRITON:
     pytest.skip("triton is not installed (pip install -e '.[dev]')", allow_module_level=True)
 
-from kimi.config import MoEConfig  # noqa: E402
+from kimi.config import ConfigError, MoEConfig  # noqa: E402
 from kimi.model.moe import GroupedExperts, MoE, grouped_swiglu, kernel_module, looped_swiglu, permute  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,12 +172,16 @@ def test_selection_auto_and_errors(monkeypatch):
     cpu = torch.device("cpu")
     assert kernel_module("auto", cpu) is None and kernel_module("torch", cpu) is None
     assert kernel_module("triton", cpu) is kernels  # under the interpreter
-    with pytest.raises(ValueError, match="is not one of"):
+    with pytest.raises(ConfigError, match="is not one of"):
         MoEConfig(kernels="cuda").validate(2)
-    # Triton missing: config error, one line through the CLI; kimi.kernels still imports (HAS_TRITON False)
+    monkeypatch.setitem(sys.modules, "triton", None)  # what `import triton` sees where it is not installed
+    with pytest.raises(ConfigError, match="pip install triton"):
+        MoEConfig(kernels="triton").validate(2)
+    MoEConfig(kernels="auto").validate(2)  # auto falls back to torch
+    # ... and through the CLI, as one line; kimi.kernels itself still imports (HAS_TRITON False)
     code = (
         "import sys, runpy; sys.modules['triton'] = None; import kimi.kernels; print('HAS_TRITON', kimi.kernels.HAS_TRITON);"
-        "sys.argv = ['kimi.train', '--config', 'configs/debug.yaml', '--moe.kernels=triton'];"
+        "sys.argv = ['kimi.train', '--config', 'configs/debug.yaml', '--moe.kernels=triton', '--dry-run'];"
         "runpy.run_module('kimi.train', run_name='__main__')"
     )
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
