@@ -22,7 +22,8 @@ if not kernels.HAS_TRITON:
     pytest.skip("triton is not installed (pip install -e '.[dev]')", allow_module_level=True)
 
 from kimi.config import ConfigError, MoEConfig  # noqa: E402
-from kimi.model.moe import GroupedExperts, MoE, grouped_swiglu, kernel_module, looped_swiglu, permute  # noqa: E402
+from kimi.model.kernel_choice import kernel_module  # noqa: E402
+from kimi.model.moe import GroupedExperts, MoE, grouped_swiglu, looped_swiglu, permute  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

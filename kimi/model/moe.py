@@ -9,13 +9,12 @@ returning the routed output already weighted by topk_w and summed over K. `Local
 single-device one; kimi.parallel swaps in its all-to-all version from outside.
 
 `moe.kernels` picks the routing and permute path: the torch functions here, or the fused Triton kernels
-of kimi.kernels (same contracts; see `kernel_module`). The torch path is the reference the kernels are
+of kimi.kernels (same contracts; see kimi/model/kernel_choice.py). The torch path is the reference the kernels are
 tested against; its numerics are what the golden losses pin.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimi.config import MoEConfig
+from kimi.model.kernel_choice import kernel_module
 from kimi.model.layers import MLP
 from kimi.model.router import (
     Router,
@@ -61,37 +61,6 @@ def unpermute(y_ND: torch.Tensor, sort_idx_N: torch.Tensor, topk_w_TK: torch.Ten
     T, K = topk_w_TK.shape
     y_TKD = y_ND.new_empty(y_ND.shape).index_copy(0, sort_idx_N, y_ND).view(T, K, -1)
     return (y_TKD.float() * topk_w_TK[..., None].float()).sum(dim=1)
-
-
-@functools.cache
-def _import_kernels():
-    try:
-        import kimi.kernels as kernels
-    except ImportError:
-        return None
-    return kernels if kernels.HAS_TRITON else None
-
-
-def kernel_module(choice: str, device: torch.device):
-    """kimi.kernels when `choice` (moe.kernels) selects the Triton path for tensors on `device`, else None.
-
-    "auto": Triton on CUDA when it imports, else torch. "triton": always; on CPU that means Triton's
-    interpreter (TRITON_INTERPRET=1 before the first Triton forward, which imports kimi.kernels): slow,
-    for tests. Imported lazily so the torch path never needs Triton.
-    """
-    if choice == "torch" or (choice == "auto" and device.type != "cuda"):
-        return None
-    kernels = _import_kernels()
-    if kernels is None:
-        if choice == "auto":
-            return None
-        raise ValueError("moe.kernels=triton needs Triton: pip install triton (or set moe.kernels=torch)")
-    if device.type != "cuda" and not kernels.interpreting():
-        raise ValueError(
-            "moe.kernels=triton on CPU runs only in Triton's interpreter: set TRITON_INTERPRET=1 (slow) "
-            "or moe.kernels=torch"
-        )
-    return kernels
 
 
 def dispatch_steps(choice: str, device: torch.device):
@@ -229,20 +198,7 @@ class MoE(nn.Module):
         B, L, D = x_BLD.shape
         cfg = self.cfg
         x_TD = x_BLD.reshape(B * L, D)
-        kernels = kernel_module(cfg.kernels, x_TD.device)
-        y_scale = cfg.routed_scaling_factor  # the fused router folds it into the weights instead
-        if kernels is None:
-            scores_TE = self.router(x_TD)
-            topk_idx_TK, topk_w_TK = route(
-                scores_TE, self.router.expert_bias, self.top_k, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob
-            )
-        else:
-            logits_TE = self.router.logits(x_TD)
-            topk_w_TK, topk_idx_TK, _ = kernels.fused_route(
-                logits_TE, self.router.expert_bias, self.top_k, cfg.score_func, cfg.n_group, cfg.topk_group,
-                cfg.norm_topk_prob, y_scale,
-            )  # fmt: skip
-            scores_TE, y_scale = self.router.scores(logits_TE), 1.0  # scores: aux losses and entropy only
+        scores_TE, topk_idx_TK, topk_w_TK, y_scale = self._route(x_TD)
         if cfg.capacity_factor is not None:
             # Overflow assignments get weight 0: the output is exactly that of dropping them, while
             # the dispatcher seam keeps its fixed (T, K) shapes.
@@ -257,6 +213,30 @@ class MoE(nn.Module):
         if self.training and not _in_backward():
             self._accumulate(scores_TE, topk_idx_TK)
         return y_TD.view(B, L, D)
+
+    def _route(self, x_TD):
+        """(scores_TE, topk_idx_TK, topk_w_TK, y_scale): the torch steps, or the fused Triton router (which
+        folds routed_scaling_factor into the weights, so y_scale is 1 there)."""
+        cfg, bias_E = self.cfg, self.router.expert_bias
+        kernels = kernel_module(cfg.kernels, x_TD.device)
+        if kernels is None:
+            scores_TE = self.router(x_TD)
+            topk_idx_TK, topk_w_TK = route(
+                scores_TE, bias_E, self.top_k, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob
+            )
+            return scores_TE, topk_idx_TK, topk_w_TK, cfg.routed_scaling_factor
+        logits_TE = self.router.logits(x_TD)
+        topk_w_TK, topk_idx_TK, _ = kernels.fused_route(
+            logits_TE,
+            bias_E,
+            self.top_k,
+            cfg.score_func,
+            cfg.n_group,
+            cfg.topk_group,
+            cfg.norm_topk_prob,
+            cfg.routed_scaling_factor,
+        )
+        return self.router.scores(logits_TE), topk_idx_TK, topk_w_TK, 1.0  # scores: aux losses, entropy
 
     def _aux_loss(self, scores_TE, topk_idx_TK, batch_size: int) -> torch.Tensor:
         loss = scores_TE.new_zeros(())
