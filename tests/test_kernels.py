@@ -26,6 +26,8 @@ from kimi.model.kernel_choice import kernel_module  # noqa: E402
 from kimi.model.moe import GroupedExperts, MoE, grouped_swiglu, looped_swiglu, permute  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# On a GPU machine the same tests run the compiled kernels on CUDA tensors (inputs are drawn on the CPU, then moved).
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (T, E, K, score_func, n_group, topk_group, norm, scale, block_t): T = 0, T not a multiple of the block
 # (block_t 16 -> several programs), E not a power of 2 (padded columns), groups of 1 expert, softmax.
@@ -49,10 +51,10 @@ def _grads(fn, logits, g):
 def test_fused_route_matches_reference(case):
     T, E, K, score_func, n_group, topk_group, norm, scale, block_t = case
     gen = torch.Generator().manual_seed(T + E)
-    logits = torch.randn(T, E, generator=gen)
-    bias = torch.randn(E, generator=gen) * 0.1
+    logits = torch.randn(T, E, generator=gen).to(DEV)
+    bias = torch.randn(E, generator=gen).to(DEV) * 0.1
     bias[-1] = -10.0  # an expert that gets no tokens
-    g = torch.randn(T, K, generator=gen)
+    g = torch.randn(T, K, generator=gen).to(DEV)
     args = (K, score_func, n_group, topk_group, norm, scale)
     w, idx, counts, grad = _grads(lambda x: kernels.fused_route(x, bias, *args, block_t=block_t), logits, g)
     w_ref, idx_ref, counts_ref, grad_ref = _grads(lambda x: kernels.route_reference(x, bias, *args), logits, g)
@@ -65,21 +67,21 @@ def test_fused_route_matches_reference(case):
 def test_fused_route_ties_and_low_precision_logits():
     """Ties: lowest expert (and group) index wins, in kernel and reference alike. bf16 logits route in fp32."""
     E, K = 8, 3
-    logits = torch.zeros(4, E)
+    logits = torch.zeros(4, E, device=DEV)
     w, idx, counts = kernels.fused_route(logits, None, K, n_group=4, topk_group=2)
     assert idx.tolist() == [[0, 1, 2]] * 4 and counts.tolist() == [4, 4, 4, 0, 0, 0, 0, 0]
-    torch.testing.assert_close(w, torch.full((4, K), 1 / 3))
+    torch.testing.assert_close(w, torch.full((4, K), 1 / 3, device=DEV))
     # many exact ties: logits and bias on a coarse grid
     gen = torch.Generator().manual_seed(0)
-    logits = torch.randint(0, 4, (33, 16), generator=gen).float() / 2
-    bias = torch.randint(0, 2, (16,), generator=gen).float() / 4
+    logits = torch.randint(0, 4, (33, 16), generator=gen).to(DEV).float() / 2
+    bias = torch.randint(0, 2, (16,), generator=gen).to(DEV).float() / 4
     for group in ((1, 1), (4, 2)):
         out, ref = (
             kernels.fused_route(logits, bias, 4, "sigmoid", *group),
             kernels.route_reference(logits, bias, 4, "sigmoid", *group),
         )
         assert torch.equal(out[1], ref[1]) and torch.equal(out[2], ref[2])
-    x16 = torch.randn(9, 16, generator=gen).bfloat16()
+    x16 = torch.randn(9, 16, generator=gen).to(DEV).bfloat16()
     w, idx, _ = kernels.fused_route(x16, bias, 2)
     w_ref, idx_ref, _ = kernels.route_reference(x16.float(), bias, 2)
     assert w.dtype == torch.float32 and torch.equal(idx, idx_ref)
@@ -97,13 +99,13 @@ def small_blocks(monkeypatch):
 @pytest.mark.parametrize("T, E, K, align", [(0, 4, 2, 1), (37, 8, 2, 1), (37, 16, 3, 4), (300, 5, 2, 8)])
 def test_permute_matches_reference(T, E, K, align, small_blocks):
     gen = torch.Generator().manual_seed(T)
-    idx = torch.randint(0, E // 2 + 1, (T, K), generator=gen)  # upper experts get no tokens
+    idx = torch.randint(0, E // 2 + 1, (T, K), generator=gen).to(DEV)  # upper experts get no tokens
     plan, counts = kernels.permute(idx, E, align)
     plan_ref, counts_ref = kernels.permute_reference(idx, E, align)
     assert torch.equal(plan.sort_idx_P, plan_ref.sort_idx_P) and torch.equal(plan.pos_N, plan_ref.pos_N)
     assert torch.equal(counts, counts_ref) and (counts % align == 0).all()
     N = T * K
-    assert torch.equal(plan.sort_idx_P[plan.pos_N], torch.arange(N))  # pos is the inverse of the sort
+    assert torch.equal(plan.sort_idx_P[plan.pos_N], torch.arange(N, device=DEV))  # pos is the inverse of the sort
     if align == 1:  # exactly the model's torch permutation (a stable argsort)
         sort_ref, counts_model = permute(idx, E)
         assert torch.equal(plan.sort_idx_P, sort_ref) and torch.equal(counts, counts_model)
@@ -116,10 +118,10 @@ def test_gather_and_unpermute_match_reference_padding_never_reaches_output(T, K,
     E = 6
     gen = torch.Generator().manual_seed(T + K)
     idx = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)]) if T else torch.zeros(0, K).long()
-    plan, _ = kernels.permute(idx, E, align)
-    x = torch.randn(T, D, generator=gen, requires_grad=True)
-    w = torch.rand(T, K, generator=gen, requires_grad=True)
-    g = torch.randn(T, D, generator=gen)
+    plan, _ = kernels.permute(idx.to(DEV), E, align)
+    x = torch.randn(T, D, generator=gen).to(DEV).requires_grad_()
+    w = torch.rand(T, K, generator=gen).to(DEV).requires_grad_()
+    g = torch.randn(T, D, generator=gen).to(DEV)
     padding = plan.sort_idx_P == T * K
     results = []
     for gather, unpermute in (
@@ -145,7 +147,7 @@ def _moe_pair(**kw):
     ref.router.expert_bias.copy_(torch.randn(8) * 0.1)
     tri = MoE(16, MoEConfig(**{**vars(cfg), "kernels": "triton"}))
     tri.load_state_dict(ref.state_dict())
-    return ref, tri
+    return ref.to(DEV), tri.to(DEV)
 
 
 @pytest.mark.parametrize(
@@ -156,8 +158,8 @@ def _moe_pair(**kw):
 def test_moe_triton_path_matches_torch_path(kw):
     ref, tri = _moe_pair(**kw)
     assert "triton" in repr(tri.dispatcher)
-    x = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
-    g = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(1)).to(DEV).requires_grad_()
+    g = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(2)).to(DEV)
     outs = []
     for m in (ref, tri):
         m.train()
@@ -170,9 +172,10 @@ def test_moe_triton_path_matches_torch_path(kw):
 
 
 def test_selection_auto_and_errors(monkeypatch):
-    cpu = torch.device("cpu")
-    assert kernel_module("auto", cpu) is None and kernel_module("torch", cpu) is None
-    assert kernel_module("triton", cpu) is kernels  # under the interpreter
+    dev = torch.device(DEV)
+    assert kernel_module("torch", dev) is None
+    assert kernel_module("auto", dev) is (kernels if DEV == "cuda" else None)
+    assert kernel_module("triton", dev) is kernels  # on CPU: under the interpreter
     with pytest.raises(ConfigError, match="is not one of"):
         MoEConfig(kernels="cuda").validate(2)
     monkeypatch.setitem(sys.modules, "triton", None)  # what `import triton` sees where it is not installed
@@ -236,6 +239,7 @@ def _train_rank(rank, world, out):
     train(load_config(ROOT / "configs" / "debug.yaml", [*overrides, "--moe.kernels=triton", "--parallel.ep=2"]))
 
 
+@pytest.mark.skipif(DEV == "cuda", reason="the golden losses are CPU fp32, and EP here is gloo on CPU")
 def test_debug_training_with_triton_kernels_matches_golden(tmp_path):
     """20 debug steps with moe.kernels=triton, one process and EP=2 on 2 ranks, against the torch path's
     golden losses (rtol 1e-4, as test_train_dist; measured ~1e-7). The EP ranks first run the all-to-all
