@@ -207,7 +207,7 @@ class TrainConfig:
 @dataclass
 class DataConfig:
     dataset: str = "toy"  # "toy" (random tokens, zero setup) or a directory written by `kimi.prepare`
-    tokenizer_name: str = "gpt2"
+    tokenizer_name: str = "gpt2"  # "gpt2" or "byte" (257 ids); must match what `kimi.prepare --tokenizer` used
     block_size: int | None = None  # training window; None -> model.block_size
     num_workers: int = 2  # tokenisation processes in `kimi.prepare`
     shard_tokens: int = 50_000_000  # tokens per shard file

@@ -29,7 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-files", nargs="+", help="validation inputs (default: the last 5%% of --files)")
     p.add_argument("--out", help="output directory (default: data/<corpus or name>)")
     p.add_argument("--name", default="custom", help="label of --files data in the manifest")
-    p.add_argument("--tokenizer", default="gpt2")
+    p.add_argument(
+        "--tokenizer",
+        default="gpt2",
+        choices=["gpt2", "byte"],
+        help="gpt2 (50257 BPE tokens) or byte (257: one token per UTF-8 byte, like nanoGPT's shakespeare_char; "
+        "train it with --data.tokenizer_name=byte --model.vocab_size=257)",
+    )
     p.add_argument("--num-workers", type=int, default=DataConfig.num_workers)
     p.add_argument("--shard-tokens", type=int, default=DataConfig.shard_tokens)
     p.add_argument("--cache-dir", help="download cache (default: $NANOKIMI_CACHE or ~/.cache/nanokimi)")

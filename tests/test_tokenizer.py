@@ -63,7 +63,7 @@ def test_missing_package_says_how_to_install(monkeypatch):
 
 
 def test_unknown_name_lists_valid_ones():
-    with pytest.raises(tk.TokenizerError, match="unknown tokenizer 'gpt4'; valid names: gpt2"):
+    with pytest.raises(tk.TokenizerError, match="unknown tokenizer 'gpt4'; valid names: byte, gpt2"):
         tk.get_tokenizer("gpt4")
 
 
@@ -82,3 +82,13 @@ def test_works_offline_with_empty_tiktoken_cache(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[15496, 995] False"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_byte_tokenizer_is_utf8_bytes():
+    enc = tk.get_tokenizer("byte")
+    text = "ROMEO: 'tis ÄÖ 日本語\n\n  end"
+    ids = enc.encode_ordinary(text)
+    assert ids == list(text.encode("utf-8"))
+    assert enc.decode(ids) == text
+    assert (enc.eot_token, enc.n_vocab) == (256, 257)
+    assert enc.encode("a<|endoftext|>", allowed_special="all") == [97, 256]

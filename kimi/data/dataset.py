@@ -241,6 +241,12 @@ def build_dataset(
         ds = ShardDataset(split_dir, block_size, seed, verify=data_cfg.verify_shards)
     except ShardError as e:
         raise DataError(str(e)) from None
+    made_with = ds.manifest.get("tokenizer")
+    if made_with and made_with != data_cfg.tokenizer_name:  # else checkpoints would name the wrong decoder
+        raise DataError(
+            f"'{split_dir}' was tokenised with '{made_with}' but data.tokenizer_name='{data_cfg.tokenizer_name}'; "
+            f"set --data.tokenizer_name={made_with}"
+        )
     if ds.vocab_size > vocab_size:
         raise DataError(
             f"'{split_dir}' was tokenised with {ds.manifest.get('tokenizer')} (vocabulary {ds.vocab_size}) but "

@@ -8,6 +8,9 @@ ships the very same two files (same sha256 as the ones tiktoken pins), so we bui
     enc = get_tokenizer("gpt2")         # cached per process
     enc.encode_ordinary("Hello world")  # [15496, 995]; special-token text is treated as plain text
     enc.eot_token                       # 50256, <|endoftext|>
+
+    get_tokenizer("byte")               # one token per UTF-8 byte (0..255), <|endoftext|> = 256: the
+                                        # cheap setting nanoGPT users know from shakespeare_char
 """
 
 from __future__ import annotations
@@ -107,7 +110,23 @@ def build_gpt2(data_dir: Path | None = None) -> tiktoken.Encoding:
     return enc
 
 
-TOKENIZERS = {"gpt2": build_gpt2}
+def build_byte() -> tiktoken.Encoding:
+    """One token per UTF-8 byte: ids 0..255 are the bytes themselves, 256 is <|endoftext|> (257 in all).
+
+    With no merges BPE leaves every byte alone, so this is byte-level tokenisation through the same
+    `tiktoken.Encoding` interface the rest of the code uses. On ASCII text such as Shakespeare it is
+    nanoGPT's `shakespeare_char` (one token per character) with a fixed vocabulary, so no vocabulary
+    file has to travel with the data or the checkpoint."""
+    return tiktoken.Encoding(
+        name="byte",
+        pat_str=GPT2_PATTERN,  # only bounds the pieces BPE looks at; with no merges the split is irrelevant
+        mergeable_ranks={bytes([b]): b for b in range(256)},
+        special_tokens={ENDOFTEXT: 256},
+        explicit_n_vocab=257,
+    )
+
+
+TOKENIZERS = {"gpt2": build_gpt2, "byte": build_byte}
 
 
 def get_tokenizer(name: str = "gpt2") -> tiktoken.Encoding:
