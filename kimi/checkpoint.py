@@ -143,6 +143,8 @@ def verify(step_dir: Path, collective: bool = False) -> None:
     """Check the files of a step directory against the checksums in its meta.json; raise CheckpointError
     naming the first missing or corrupt file. `collective=True` (every rank calls it) splits the files
     between ranks, so the checkpoint is read once in all, not once per rank."""
+    if not (step_dir / META).is_file():
+        raise CheckpointError(f"'{step_dir}' has no {META} (an interrupted save?); {_older_advice(step_dir)}")
     sums = json.loads((step_dir / META).read_text()).get("checksums")
     required = ["train_state.pt", ".metadata"] if sums is None else sorted(sums)  # before checksums: presence
     rank, world = (_rank(), dist.get_world_size()) if collective and dist.is_initialized() else (0, 1)
@@ -324,7 +326,8 @@ class Checkpointer:
         best = self.dir / "best"
         if not best.exists():
             return float("inf")
-        return json.loads((best / META).read_text()).get("val_loss", float("inf"))
+        val = json.loads((best / META).read_text()).get("val_loss")
+        return float("inf") if val is None else val
 
     def _rotate(self) -> None:
         keep = {p.resolve() for p in (self.dir / "latest", self.dir / "best") if p.exists()}
