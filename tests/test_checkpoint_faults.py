@@ -54,35 +54,44 @@ def _train(out: Path, *extra: str) -> dict:
 PHASES = ["tmp", "shards", "meta", "renamed", "linked"]
 
 
+def _kill_during_save(out: Path, args: list[str], phase: str, step: int, log: Path) -> None:
+    """Start a run that holds still at `phase` of its save of `step`, and SIGKILL it there."""
+    env = {**ENV, "KIMI_TEST_PAUSE_IN_SAVE": f"{phase}@{step}"}
+    with open(log, "w") as f:
+        proc = subprocess.Popen(_cmd(out, *args), cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        marker, deadline = out / "paused_in_save", time.monotonic() + 240
+        while not marker.exists():
+            assert proc.poll() is None, f"exited {proc.returncode} before {phase}@{step}: {log.read_text()}"
+            assert time.monotonic() < deadline, f"never reached {phase}@{step}"
+            time.sleep(0.05)
+        marker.unlink()
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # no handler runs, nothing is cleaned up
+        proc.wait()
+
+
 def test_sigkill_at_every_point_of_a_save_loses_nothing(tmp_path):
     """One run killed (real SIGKILL) during five saves in a row, each at a different point, then resumed to
     the end: the losses equal an uninterrupted run's bit for bit, and metrics.jsonl has each step once."""
     args = ["--train.max_steps=12", "--train.ckpt_interval=2"]
-    ref_out, out = tmp_path / "ref", tmp_path / "run"
-    ref = subprocess.Popen(_cmd(ref_out, *args), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ckpts = out / "checkpoints"
-    for i, phase in enumerate(PHASES):
-        step = 2 * (i + 1)  # a run resumes from the step before the one it is killed in (or from 0)
-        log = open(tmp_path / f"kill_{phase}.log", "w")
-        env = {**ENV, "KIMI_TEST_PAUSE_IN_SAVE": f"{phase}@{step}"}
-        proc = subprocess.Popen(_cmd(out, *args), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        marker, deadline = out / "paused_in_save", time.monotonic() + 240
-        while not marker.exists():
-            assert proc.poll() is None, (
-                f"exited {proc.returncode} before {phase}@{step}: " + (tmp_path / f"kill_{phase}.log").read_text()
-            )
-            assert time.monotonic() < deadline, f"never reached {phase}@{step}"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)  # no handler runs, nothing is cleaned up
-        proc.wait()
-        log.close()
-        marker.unlink()
-        latest = Checkpointer(ckpts).latest()
-        if latest is not None:  # whatever the kill left, the checkpoint `latest` names is whole
-            verify(latest)
-    res = _cli(out, *args)
-    assert res.returncode == 0, res.stderr
-    assert ref.wait(timeout=300) == 0, ref.stderr.read()
+    ref_out, out, ckpts = tmp_path / "ref", tmp_path / "run", tmp_path / "run" / "checkpoints"
+    with open(tmp_path / "ref.log", "w") as f:  # the uninterrupted run, alongside
+        ref = subprocess.Popen(_cmd(ref_out, *args), cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        for i, phase in enumerate(PHASES):
+            step = 2 * (i + 1)  # each run resumes from an earlier step (or 0) and dies saving this one
+            _kill_during_save(out, args, phase, step, tmp_path / f"kill_{phase}.log")
+            latest = Checkpointer(ckpts).latest()
+            if latest is not None:  # whatever the kill left, the checkpoint `latest` names is whole
+                verify(latest)
+        res = _cli(out, *args)
+        assert res.returncode == 0, res.stderr
+        assert ref.wait(timeout=300) == 0, (tmp_path / "ref.log").read_text()
+    finally:
+        if ref.poll() is None:
+            ref.kill()
+            ref.wait()
     rows, ref_rows = _rows(out), _rows(ref_out)
     assert [r["step"] for r in rows] == list(range(1, 13))  # none lost, none doubled
     assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]  # bit for bit
