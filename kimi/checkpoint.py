@@ -64,11 +64,6 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def _agree(problem: str | None) -> str | None:
     """Collective: the first rank's problem (None if every rank is fine), known to every rank, so all
     of them raise together instead of some waiting forever at the next barrier."""
