@@ -8,10 +8,16 @@ Layout, one directory per step:
     OUT/checkpoints/latest         symlink -> step_000400, replaced only once the step directory is complete
     OUT/checkpoints/best           symlink -> the step with the lowest validation loss (kept from rotation)
 
-Atomicity: every rank writes into `step_000400.tmp/`; after a barrier rank 0 renames it to
-`step_000400/` (a POSIX rename of a directory is atomic) and then swaps the `latest` symlink with
-`os.replace`. A kill at any moment leaves either the old `latest` or the new one, never a half
-checkpoint behind a pointer. Leftover `*.tmp` directories are removed at the next save.
+Atomicity: every rank writes into `step_000400.tmp/`; after a barrier rank 0 hashes every file into
+meta.json, renames the directory to `step_000400/` (a POSIX rename of a directory is atomic) and then
+swaps the `latest` symlink with `os.replace`. A kill at any moment leaves either the old `latest` or the
+new one, never a half checkpoint behind a pointer (tests/test_checkpoint_faults.py kills a real run at
+each of these points). Leftover `*.tmp` directories are removed at the next save. A save that fails
+(e.g. a full disk) removes its `.tmp` directory and raises CheckpointError; `latest` is untouched.
+
+Integrity: meta.json lists the sha256 of every other file of the step; loading checks them (older
+checkpoints without the list still load). The step directories, not the link, are the truth: a
+missing or dangling `latest` means the newest complete step (one with meta.json).
 
 DCP stores tensors by fully-qualified name with their global shapes, so a checkpoint written with
 FSDP2 at world size 2 and EP 2 loads at world size 1, 4 or EP 1: each loader asks for the slices its
@@ -20,12 +26,14 @@ own layout needs.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
 import shutil
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +49,11 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from kimi.data.shards import sha256_file
 from kimi.tracking.system import git_state  # provenance (commit, dirty) lives with tracking
 
 STEP_PREFIX = "step_"
+META = "meta.json"
 
 
 class CheckpointError(ValueError):
@@ -54,9 +64,97 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+def _agree(problem: str | None) -> str | None:
+    """Collective: the first rank's problem (None if every rank is fine), known to every rank, so all
+    of them raise together instead of some waiting forever at the next barrier."""
+    if not dist.is_initialized():
+        return problem
+    problems: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    return next((p for p in problems if p), None)
+
+
+def _reason(e: BaseException) -> str:
+    """The root cause of a failed write in a few words ('No space left on device'), found through
+    DCP's per-rank failure wrappers and exception chains."""
+    todo, seen = [e], set()
+    while todo:
+        x = todo.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.strerror:
+            return x.strerror
+        for f in getattr(x, "failures", {}).values():  # CheckpointException: {rank: exception or (exc, tb)}
+            todo.extend(v for v in (f if isinstance(f, tuple) else (f,)) if isinstance(v, BaseException))
+        todo.extend(v for v in (x.__cause__, x.__context__) if v is not None)
+    text = str(e).strip()
+    return text.splitlines()[-1][:200] if text else type(e).__name__
+
+
+def _save_file(obj: Any, path: Path) -> None:
+    """torch.save through Python's file API, so a full disk surfaces as OSError(ENOSPC), not as
+    torch's 'file write failed' from inline_container.cc."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    path.write_bytes(buf.getbuffer())
+
+
+def _pause_for_test(phase: str, step: int, out_dir: Path) -> None:
+    """Test hook for tests/test_checkpoint_faults.py: with KIMI_TEST_PAUSE_IN_SAVE=<phase>@<step>, the
+    save of that step writes OUT/paused_in_save and sleeps at <phase>, so the test can send a real
+    SIGKILL exactly there. The kill is real; the hook only holds the window open. Unset: a no-op."""
+    if os.environ.get("KIMI_TEST_PAUSE_IN_SAVE") == f"{phase}@{step}":
+        (out_dir / "paused_in_save").write_text(phase)
+        time.sleep(3600)
+
+
+def checksums(step_dir: Path) -> dict[str, str]:
+    """sha256 of every file in a step directory but meta.json (which holds them), by relative path.
+    Threads: hashlib releases the GIL, so several shards hash at once."""
+    files = sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != META)
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(files)))) as pool:
+        sums = list(pool.map(sha256_file, files))
+    return {str(p.relative_to(step_dir)): h for p, h in zip(files, sums)}
+
+
+def complete_steps(ckpt_dir: Path) -> list[Path]:
+    """Finished step directories (renamed from .tmp, with meta.json), oldest first."""
+    steps = (p for p in ckpt_dir.glob(f"{STEP_PREFIX}*") if p.is_dir() and not p.name.endswith(".tmp"))
+    return sorted(p for p in steps if (p / META).is_file())
+
+
+def _older_advice(step_dir: Path) -> str:
+    older = [p for p in complete_steps(step_dir.parent) if p.name < step_dir.name]
+    if not older:
+        return "there is no older checkpoint next to it; start a new --out-dir"
+    return (
+        f"use the older checkpoint '{older[-1]}' (to resume a run from it, move '{step_dir.name}' out of "
+        f"'{step_dir.parent}') or start a new --out-dir"
+    )
+
+
+def verify(step_dir: Path, collective: bool = False) -> None:
+    """Check the files of a step directory against the checksums in its meta.json; raise CheckpointError
+    naming the first missing or corrupt file. `collective=True` (every rank calls it) splits the files
+    between ranks, so the checkpoint is read once in all, not once per rank."""
+    if not (step_dir / META).is_file():
+        raise CheckpointError(f"'{step_dir}' has no {META} (an interrupted save?); {_older_advice(step_dir)}")
+    sums = json.loads((step_dir / META).read_text()).get("checksums")
+    required = ["train_state.pt", ".metadata"] if sums is None else sorted(sums)  # before checksums: presence
+    rank, world = (_rank(), dist.get_world_size()) if collective and dist.is_initialized() else (0, 1)
+    problem = None
+    for name in required[rank::world]:
+        f = step_dir / name
+        if not f.is_file():
+            problem = f"checkpoint file '{f}' is missing"
+        elif sums is not None and sha256_file(f) != sums[name]:
+            problem = f"checkpoint file '{f}' is corrupt (its sha256 differs from the one in {META})"
+        if problem:
+            break
+    problem = _agree(problem) if collective else problem
+    if problem:
+        raise CheckpointError(f"{problem}; {_older_advice(step_dir)}")
 
 
 def rng_state() -> dict[str, Any]:
@@ -78,18 +176,21 @@ def resolve(path: str | Path) -> Path:
     """A checkpoint path given by a user: a step directory, a `latest`/`best` link, an `OUT/checkpoints`
     directory or a run's `OUT` directory (both meaning its latest step)."""
     p = Path(path)
+    if p.name == "latest" and p.is_symlink() and not p.exists():  # dangling: its step was deleted
+        p = p.parent
     if not p.exists():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
-    if p.is_dir() and not (p / "meta.json").exists():
-        for cand in (p / "latest", p / "checkpoints" / "latest"):
-            if cand.exists():
-                return cand.resolve()
+    if p.is_dir() and not (p / META).exists():
+        for d in (p, p / "checkpoints"):
+            found = Checkpointer(d).latest()
+            if found is not None:
+                return found
         raise CheckpointError(f"'{path}' holds no checkpoint (no meta.json, no latest link)")
     return p.resolve()
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
-    return json.loads((resolve(path) / "meta.json").read_text())
+    return json.loads((resolve(path) / META).read_text())
 
 
 class Checkpointer:
@@ -102,8 +203,21 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ queries
     def latest(self) -> Path | None:
+        """The step to resume from: the `latest` link's target or, when the link is missing or points to a
+        deleted directory, the newest complete step directory (`link_ok()` tells which)."""
         link = self.dir / "latest"
-        return link.resolve() if link.exists() else None
+        if link.exists():
+            return link.resolve()
+        steps = complete_steps(self.dir)
+        return steps[-1] if steps else None
+
+    def link_ok(self) -> bool:
+        return (self.dir / "latest").exists()
+
+    def incomplete_steps(self) -> list[Path]:
+        """Step directories without meta.json: not ours to resume from, nor to overwrite."""
+        done = set(complete_steps(self.dir))
+        return [p for p in self._steps() if p not in done]
 
     def _steps(self) -> list[Path]:
         return sorted(p for p in self.dir.glob(f"{STEP_PREFIX}*") if p.is_dir() and not p.name.endswith(".tmp"))
@@ -119,48 +233,82 @@ class Checkpointer:
         meta: dict[str, Any],
     ) -> Path:
         """Collective: every rank calls it. `train_state` (scheduler, data position, ...) must be the
-        same on all ranks; rank 0 writes it. Returns the final step directory."""
+        same on all ranks; rank 0 writes it. Returns the final step directory. A failed write (e.g. a
+        full disk) removes the partial directory and raises CheckpointError on every rank."""
         name = f"{STEP_PREFIX}{step:06d}"
         final, tmp = self.dir / name, self.dir / f"{name}.tmp"
         rank = _rank()
+        problem = None
         if rank == 0:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            for stale in self.dir.glob("*.tmp"):
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir()
-        _barrier()
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                for stale in self.dir.glob("*.tmp"):
+                    shutil.rmtree(stale, ignore_errors=True)
+                tmp.mkdir()
+            except OSError as e:
+                problem = _reason(e)
+        if _agree(problem) is None:
+            _pause_for_test("tmp", step, self.dir.parent)
+            try:
+                self._write_parts(tmp, rank, model, optimizer, train_state, config_yaml)
+            except (Exception, CheckpointException) as e:  # CheckpointException derives from BaseException
+                problem = _reason(e)
+        if _agree(problem) is None:
+            _pause_for_test("shards", step, self.dir.parent)
+            if rank == 0:
+                try:
+                    self._publish(step, tmp, final, meta)
+                except OSError as e:
+                    problem = _reason(e)
+        problem = _agree(problem)
+        if problem is not None:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            last = self.latest()
+            kept = (
+                f"'latest' still points to the last good one, {last.name}" if last else "no earlier checkpoint exists"
+            )
+            raise CheckpointError(f"the checkpoint at step {step} could not be written ({problem}); {kept}")
+        return final
+
+    def _write_parts(self, tmp, rank, model, optimizer, train_state, config_yaml) -> None:
+        """Every rank: its DCP shards and RNG state; rank 0 also the training state and the config."""
         model_sd, optim_sd = get_state_dict(model, optimizer)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
         (tmp / "rng").mkdir(exist_ok=True)
-        torch.save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+        _save_file(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
         if rank == 0:
-            commit, dirty = git_state(Path(__file__).resolve().parent)
-            torch.save(train_state, tmp / "train_state.pt")
+            _save_file(train_state, tmp / "train_state.pt")
             (tmp / "config.yaml").write_text(config_yaml)
-            meta = {
-                **meta,
-                "step": step,
-                "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                "git_commit": commit or "unknown",
-                "git_dirty": dirty,
-                "torch": torch.__version__,
-                "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-            }
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        _barrier()
-        if rank == 0:
-            if final.exists():  # re-saving a step (e.g. preempted right after a periodic save)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            self._point("latest", final)
-            val = meta.get("val_loss")
-            if self.keep_best and val is not None and val < self._best_val():
-                self._point("best", final)
-            self._rotate()
-        _barrier()
-        return final
+
+    def _publish(self, step: int, tmp: Path, final: Path, meta: dict[str, Any]) -> None:
+        """Rank 0, once every rank has written its part: meta.json (with the checksums of all files; the
+        filesystem is shared, as the rename already assumes), rename, `latest`, `best`, rotation."""
+        commit, dirty = git_state(Path(__file__).resolve().parent)
+        meta = {
+            **meta,
+            "step": step,
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "git_commit": commit or "unknown",
+            "git_dirty": dirty,
+            "torch": torch.__version__,
+            "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "checksums": checksums(tmp),
+        }
+        (tmp / META).write_text(json.dumps(meta, indent=2))
+        _pause_for_test("meta", step, self.dir.parent)
+        if final.exists():  # re-saving a step (e.g. preempted right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _pause_for_test("renamed", step, self.dir.parent)
+        self._point("latest", final)
+        _pause_for_test("linked", step, self.dir.parent)
+        val = meta.get("val_loss")
+        if self.keep_best and val is not None and val < self._best_val():
+            self._point("best", final)
+        self._rotate()
 
     def _point(self, link_name: str, target: Path) -> None:
         tmp_link = self.dir / f".{link_name}.new"
@@ -173,7 +321,8 @@ class Checkpointer:
         best = self.dir / "best"
         if not best.exists():
             return float("inf")
-        return json.loads((best / "meta.json").read_text()).get("val_loss", float("inf"))
+        val = json.loads((best / META).read_text()).get("val_loss")
+        return float("inf") if val is None else val
 
     def _rotate(self) -> None:
         keep = {p.resolve() for p in (self.dir / "latest", self.dir / "best") if p.exists()}
@@ -192,6 +341,7 @@ class Checkpointer:
         """Restores model and optimizer in place (any world size / layout); returns (train_state, meta).
         RNG is restored only when this rank has a saved stream (same world size)."""
         path = resolve(path)
+        verify(path, collective=True)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         check_shapes(path, {"model": model_sd})
@@ -201,7 +351,7 @@ class Checkpointer:
         rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
         if rng_file.exists():
             set_rng_state(torch.load(rng_file, weights_only=False))
-        return train_state, json.loads((path / "meta.json").read_text())
+        return train_state, json.loads((path / META).read_text())
 
 
 def load_model_state(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -216,6 +366,8 @@ def load_model_state(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.
     cfg_file = path / "config.yaml"
     if not cfg_file.exists():
         raise CheckpointError(f"checkpoint '{path}' has no config.yaml; is it a nanoKimi checkpoint?")
+    if (path / META).is_file():
+        verify(path)
     cfg_dict = yaml.safe_load(cfg_file.read_text())
     cfg = config_from_dict(cfg_dict)
     with torch.device("meta"):
@@ -256,3 +408,47 @@ def _dcp_load(state: dict[str, Any], path: Path) -> None:
         raise CheckpointError(
             f"cannot load checkpoint '{path}': {first}; was it written with a different config?"
         ) from None
+
+
+# Fields a resumed run cannot change: the parameters' shapes and meaning, and the data stream's windows.
+# (data.dataset is checked by the data stream's own identity, so a moved data directory still resumes.)
+FROZEN_ON_RESUME = ("model.", "data.block_size", "data.tokenizer_name", "train.seed", "optim.name")
+_NOT_COMPARED = ("train.out_dir", "train.resume")  # where and how this invocation runs, not the run
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(step_dir: Path, cfg: Any) -> list[str]:
+    """`field old -> new` for each config field where `cfg` (a kimi.config.Config) differs from the one
+    stored in `step_dir`; CheckpointError (one line) when a field in FROZEN_ON_RESUME differs. Fields the
+    stored config lacks (added to the code since) count as unchanged."""
+    import yaml
+
+    from kimi.config import ConfigError, config_from_dict
+
+    cfg_file = step_dir / "config.yaml"
+    if not cfg_file.is_file():
+        return []
+    old = yaml.safe_load(cfg_file.read_text()) or {}
+    try:
+        old = config_from_dict(old).to_dict()  # defaults filled in, as this code reads it
+    except ConfigError:
+        pass  # a field since removed: compare what both know
+    old_flat, new_flat = _flat(old), _flat(cfg.to_dict())
+    changed = [k for k in new_flat if k in old_flat and old_flat[k] != new_flat[k] and k not in _NOT_COMPARED]
+    frozen = [k for k in changed if k.startswith(FROZEN_ON_RESUME)]
+    if frozen:
+        what = ", ".join(f"{k} {old_flat[k]} -> {new_flat[k]}" for k in frozen)
+        raise CheckpointError(
+            f"cannot resume '{step_dir}' with a different config: {what} (the model or its data stream "
+            f"would change); drop the override, or start a new --out-dir"
+        )
+    return [f"{k} {old_flat[k]} -> {new_flat[k]}" for k in changed]

@@ -212,8 +212,10 @@ class DataConfig:
     num_workers: int = 2  # tokenisation processes in `kimi.prepare`
     shard_tokens: int = 50_000_000  # tokens per shard file
     cache_dir: str | None = None  # named-corpus downloads; None -> $NANOKIMI_CACHE or ~/.cache/nanokimi
-    # Recompute every shard's sha256 when opening (reads all data); sizes and headers are always checked.
-    verify_shards: bool = False
+    # Check each shard's sha256 against the manifest: the first open of a file reads it all (seconds per GB),
+    # later opens reuse the cached verdict while its size and mtime are unchanged. Sizes and headers are
+    # always checked.
+    verify_shards: bool = True
 
 
 @dataclass

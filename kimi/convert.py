@@ -306,10 +306,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from kimi.model.loading import load_checkpoint
 
+            if Path(args.out).exists() and not Path(args.out).is_dir():
+                raise ConvertError(f"OUT_DIR '{args.out}' is an existing file; give a directory (new or existing)")
             cfg, sd = load_checkpoint(args.to_hf)
             to_hf(cfg, sd, args.out)
     except ValueError as e:  # ConvertError, ConfigError and checkpoint errors are all one-liners
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a path under a file, no permission: the path and the reason
+        print(f"error: '{e.filename or args.out}': {e.strerror or e}", file=sys.stderr)
         return 2
     n = sum(t.numel() for k, t in sd.items() if k != "lm_head.weight" or not cfg.tie_embeddings)
     print(f"wrote {args.out}: {cfg.n_layer} layers x {cfg.n_embd}, {n} parameters")

@@ -64,6 +64,7 @@ def build(cfg: Config, rt: Runtime) -> Run:
     from kimi.optim import QKClip, build_optimizer, build_scheduler
     from kimi.parallel import parallelize
 
+    check_out_dir(cfg.train.out_dir)  # before minutes of building: a bad path is one line, not a traceback
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     raw = KimiModel(cfg.model).to(rt.device)
     model = parallelize(raw, rt.mesh, cfg.parallel, cfg.train)
@@ -90,28 +91,62 @@ def train_state(run: Run, step: int, mlflow_run_id: str | None) -> dict:
     }
 
 
+def check_out_dir(out_dir: str) -> None:
+    """Create the out_dir (every rank may: the filesystem is shared) and prove it takes files."""
+    p = Path(out_dir)
+    if p.exists() and not p.is_dir():
+        raise UserError(f"--out-dir '{p}' is an existing file, not a directory; choose another --out-dir")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"--out-dir '{p}' cannot be written ({e.strerror}); choose another --out-dir") from None
+
+
 def restore(run: Run) -> tuple[int, str | None]:
-    """Resume from the run's latest checkpoint when there is one (or when --resume demands it)."""
+    """Resume from the run's latest checkpoint when there is one (or when --resume demands it). This
+    run's config holds from here on; what differs from the checkpoint's is printed in one line."""
+    from kimi.checkpoint import config_changes
+
     want = run.cfg.train.resume
     latest = run.ckpt.latest()
     if latest is None:
         if want:
             raise UserError(f"--resume: no checkpoint under '{run.ckpt.dir}'; drop --resume to start fresh")
+        if run.ckpt.incomplete_steps():  # never train from step 0 on top of checkpoints we cannot read
+            raise UserError(
+                f"'{run.ckpt.dir}' holds step directories but none is complete (no meta.json): "
+                f"{', '.join(p.name for p in run.ckpt.incomplete_steps())}; move them away or use another --out-dir"
+            )
         return 0, None
     if want is False:
         raise UserError(
             f"'{run.cfg.train.out_dir}' already holds a checkpoint ({latest.name}); "
             "use another --out-dir, or drop --train.resume=false to continue it"
         )
+    if not run.ckpt.link_ok():
+        run.rt.print(
+            f"'{run.ckpt.dir / 'latest'}' is missing or points to a deleted step; "
+            f"resuming from the newest complete checkpoint, {latest.name}"
+        )
+    changes = config_changes(latest, run.cfg)  # raises CheckpointError where a change cannot work
+    # Optimizer and scheduler state come back with the old run's hyperparameters (lr, weight decay,
+    # betas, base lrs): put this config's back, keeping only the position (step count, moments).
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
+    base_lrs = list(run.scheduler.base_lrs)
     state, meta = run.ckpt.load(latest, run.model, run.optimizer)
     run.scheduler.load_state_dict(state["scheduler"])
-    # The optimizer came back with the old run's lr; re-derive it from this config's schedule (they
-    # agree unless e.g. max_steps changed, and then the new schedule is the one that holds).
     sched = run.scheduler
-    for group, base, fn in zip(run.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-        group["lr"] = base * fn(sched.last_epoch)
+    sched.base_lrs = base_lrs
+    for group, h, base, fn in zip(run.optimizer.param_groups, hyper, base_lrs, sched.lr_lambdas):
+        group.update(h)
+        group["lr"] = base * fn(sched.last_epoch)  # the schedule also follows a new max_steps
     run.batches.load_state_dict(state["data"])
     run.rt.print(f"resumed from {latest} (step {state['step']}, written at world size {meta.get('world_size')})")
+    if changes:
+        run.rt.print("config differs from the checkpoint: " + ", ".join(changes))
     return state["step"], state.get("mlflow_run_id")
 
 

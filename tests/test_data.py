@@ -1,6 +1,9 @@
 """Shard format and datasets: round trips, refusal of damaged shards, the (seed, step) window stream,
 rank slicing at several world sizes, resume, validation windows and build_dataset's errors."""
 
+import json
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -81,16 +84,46 @@ def test_bad_magic_refused(ds, tmp_path):
         ShardDataset(tmp_path / "train", 32)
 
 
-def test_corrupt_data_refused_when_verifying(ds, tmp_path):
-    path = tmp_path / "train" / "shard_00003.bin"
+def _flip_bytes(path, n=1000, keep_mtime=False):
+    st = path.stat()
     raw = bytearray(path.read_bytes())
-    raw[-1] ^= 0xFF  # same size, same header: only the hash can tell
+    for i in np.linspace(shards.HEADER_BYTES, len(raw) - 1, n).astype(int):
+        raw[i] ^= 0xFF  # same size, same header: only the hash can tell
     path.write_bytes(bytes(raw))
-    ShardDataset(tmp_path / "train", 32)  # the cheap checks pass ...
-    with pytest.raises(shards.ShardError, match=r"shard_00003\.bin' is corrupt.*re-run python -m kimi\.prepare"):
-        ShardDataset(tmp_path / "train", 32, verify=True)  # ... the full one does not
-    with pytest.raises(DataError, match=r"shard_00003\.bin' is corrupt"):
-        build_dataset(DataConfig(dataset=str(tmp_path), verify_shards=True), 32, 50304, seed=0)
+    if keep_mtime:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_corrupt_shard_refused_by_default(ds, tmp_path):
+    _flip_bytes(tmp_path / "train" / "shard_00003.bin")
+    ShardDataset(tmp_path / "train", 32, verify=False)  # the cheap checks pass ...
+    with pytest.raises(DataError, match=r"shard_00003\.bin' is corrupt.*re-run python -m kimi\.prepare"):
+        build_dataset(DataConfig(dataset=str(tmp_path)), 32, 50304, seed=0)  # ... the default one does not
+
+
+def test_shard_verdicts_are_cached_per_file_version(ds, tmp_path, monkeypatch):
+    split = tmp_path / "train"
+    verdicts = json.loads((split / shards.VERIFIED).read_text())  # the fixture's open hashed each shard once
+    assert sorted(verdicts) == [f"shard_{i:05d}.bin" for i in range(8)]
+    # The cache is what is consulted: bytes changed behind an unchanged (size, mtime) pass unseen (the
+    # documented limit), and the same damage with a new mtime is hashed again and refused.
+    _flip_bytes(split / "shard_00005.bin", keep_mtime=True)
+    ShardDataset(split, 32)
+    (split / "shard_00005.bin").touch()
+    with pytest.raises(shards.ShardError, match=r"shard_00005\.bin' is corrupt"):
+        ShardDataset(split, 32)
+    # A data directory that refuses our file (here .verified.json is a directory: writes fail with an
+    # OSError, as in a read-only directory): verdicts go to the nanoKimi cache dir instead ...
+    other = make_split(tmp_path / "other" / "train", np.arange(3000) % 50257, shard_tokens=700)
+    (other / shards.VERIFIED).mkdir()
+    monkeypatch.setenv("NANOKIMI_CACHE", str(tmp_path / "cache"))
+    ShardDataset(other, 32)
+    assert len(json.loads(next((tmp_path / "cache" / "verified").glob("*.json")).read_text())) == 5
+    # ... and where nothing can be cached, every open still verifies.
+    monkeypatch.setenv("NANOKIMI_CACHE", str(other / "shard_00000.bin" / "below-a-file"))
+    _flip_bytes(other / "shard_00001.bin")
+    with pytest.raises(shards.ShardError, match=r"shard_00001\.bin' is corrupt"):
+        ShardDataset(other, 32)
 
 
 def test_manifest_count_mismatch_and_missing_manifest(ds, tmp_path):

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from kimi.config import DataConfig
-from kimi.data.shards import ShardError, open_split
+from kimi.data.shards import ShardError, open_split, verify_split
 
 
 class DataError(ValueError):
@@ -99,11 +99,14 @@ class TokenDataset(ABC):
 
 
 class ShardDataset(TokenDataset):
-    """A split directory written by `python -m kimi.prepare`, memory-mapped (pages load on demand)."""
+    """A split directory written by `python -m kimi.prepare`, memory-mapped (pages load on demand).
+    `verify`: check each shard's sha256 against the manifest (once per file version, see `verify_split`)."""
 
-    def __init__(self, path_dir: str | Path, block_size: int, seed: int = 0, verify: bool = False):
+    def __init__(self, path_dir: str | Path, block_size: int, seed: int = 0, verify: bool = True):
         self.path = Path(path_dir)
-        self.manifest, self._maps = open_split(self.path, verify=verify)
+        self.manifest, self._maps = open_split(self.path)
+        if verify:
+            verify_split(self.path, self.manifest)
         self.vocab_size = int(self.manifest["vocab_size"])
         self.block_size, self.seed = block_size, seed
         sizes = np.array([m.size for m in self._maps], dtype=np.int64)

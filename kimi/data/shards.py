@@ -10,6 +10,11 @@ offset without copying.
 
 Every file is written to a temp name in the same directory and renamed into place, so a crash never leaves a
 half-written file under the final name; the manifest is written last and names only complete shards.
+
+Readers check every shard's sha256 against the manifest once (`verify_split`): the verdict is cached per
+file version, keyed by (name, size, mtime_ns, expected sha256), in OUT/<split>/.verified.json, or, where
+the data directory is read-only, under the nanoKimi cache dir. Any rewrite of a shard changes its mtime
+and is hashed again; only an edit that also restores the old mtime would slip past the cache.
 """
 
 from __future__ import annotations
@@ -137,7 +142,7 @@ def read_manifest(split_dir: str | Path) -> dict[str, Any]:
 
 def open_split(split_dir: str | Path, verify: bool = False) -> tuple[dict[str, Any], list[np.memmap]]:
     """The manifest and one memmap per shard. Sizes and headers are always checked; `verify=True`
-    also recomputes every sha256 (reads all the data: seconds per GB)."""
+    also recomputes every sha256 (reads all the data: seconds per GB; `verify_split` caches it)."""
     split_dir = Path(split_dir)
     manifest = read_manifest(split_dir)
     maps = []
@@ -145,3 +150,56 @@ def open_split(split_dir: str | Path, verify: bool = False) -> tuple[dict[str, A
         sha = entry["sha256"] if verify else None
         maps.append(open_shard(split_dir / entry["file"], entry["num_tokens"], sha))
     return manifest, maps
+
+
+VERIFIED = ".verified.json"
+
+
+def _verdict_files(split_dir: Path) -> list[Path]:
+    """Where verdicts are cached, in order of preference: next to the shards, else the user's cache dir."""
+    from kimi.data.corpora import cache_dir
+
+    key = hashlib.sha256(str(split_dir.resolve()).encode()).hexdigest()[:16]
+    return [split_dir / VERIFIED, cache_dir() / "verified" / f"{key}.json"]
+
+
+def _read_verdicts(split_dir: Path) -> dict[str, list]:
+    for path in _verdict_files(split_dir):
+        try:
+            verdicts = json.loads(path.read_text())
+            if isinstance(verdicts, dict):
+                return verdicts
+        except (OSError, ValueError):
+            continue
+    return {}
+
+
+def _write_verdicts(split_dir: Path, verdicts: dict[str, list]) -> None:
+    """Best effort: a directory nobody can write to means hashing again next time, never an error."""
+    text = json.dumps(verdicts, indent=1, sort_keys=True) + "\n"
+    for path in _verdict_files(split_dir):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, [text.encode()])
+            return
+        except OSError:
+            continue
+
+
+def verify_split(split_dir: str | Path, manifest: dict[str, Any]) -> None:
+    """Check each shard's sha256 against the manifest, hashing each version of a file only once (the
+    verdict is cached by name, size, mtime_ns and expected hash; see the module docstring)."""
+    split_dir = Path(split_dir)
+    verdicts = _read_verdicts(split_dir)
+    fresh = False
+    for entry in manifest["shards"]:
+        path = split_dir / entry["file"]
+        st = path.stat()
+        key = [st.st_size, st.st_mtime_ns, entry["sha256"]]
+        if verdicts.get(entry["file"]) == key:
+            continue
+        if sha256_file(path) != entry["sha256"]:
+            raise ShardError(f"shard '{path}' is corrupt (sha256 differs from the manifest); {RERUN}")
+        verdicts[entry["file"]], fresh = key, True
+    if fresh:
+        _write_verdicts(split_dir, verdicts)

@@ -1,0 +1,236 @@
+"""Faults around checkpoints, driven through the real `python -m kimi.train` process: SIGKILL at every
+point of a save, a missing `latest`, corrupt or missing checkpoint files, a full disk, changed config on
+resume, unusable output paths. Each test says what the user sees and what state is left."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kimi.checkpoint import Checkpointer, CheckpointError, load_model_state, verify
+from kimi.config import load_config
+from kimi.train import UserError, train
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG = ROOT / "configs" / "debug.yaml"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _cmd(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "kimi.train", "--config", str(DEBUG), f"--train.out_dir={out}",
+            "--logging.mlflow=false", *extra]  # fmt: skip
+
+
+def _cli(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(_cmd(out, *extra), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def _one_error_line(res: subprocess.CompletedProcess, *needles: str) -> str:
+    lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), res.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train(out: Path, *extra: str) -> dict:
+    return train(load_config(DEBUG, [f"--train.out_dir={out}", "--logging.mlflow=false", *extra]))
+
+
+# ----------------------------------------------------------------------------- kill during save
+
+# The points of Checkpointer.save where the hook KIMI_TEST_PAUSE_IN_SAVE=<phase>@<step> holds the process:
+# tmp dir made | every rank's files written | meta.json written | renamed to step_N | `latest` swapped.
+PHASES = ["tmp", "shards", "meta", "renamed", "linked"]
+
+
+def _kill_during_save(out: Path, args: list[str], phase: str, step: int, log: Path) -> None:
+    """Start a run that holds still at `phase` of its save of `step`, and SIGKILL it there."""
+    env = {**ENV, "KIMI_TEST_PAUSE_IN_SAVE": f"{phase}@{step}"}
+    with open(log, "w") as f:
+        proc = subprocess.Popen(_cmd(out, *args), cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        marker, deadline = out / "paused_in_save", time.monotonic() + 240
+        while not marker.exists():
+            assert proc.poll() is None, f"exited {proc.returncode} before {phase}@{step}: {log.read_text()}"
+            assert time.monotonic() < deadline, f"never reached {phase}@{step}"
+            time.sleep(0.05)
+        marker.unlink()
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # no handler runs, nothing is cleaned up
+        proc.wait()
+
+
+def test_sigkill_at_every_point_of_a_save_loses_nothing(tmp_path):
+    """One run killed (real SIGKILL) during five saves in a row, each at a different point, then resumed to
+    the end: the losses equal an uninterrupted run's bit for bit, and metrics.jsonl has each step once."""
+    args = ["--train.max_steps=12", "--train.ckpt_interval=2"]
+    ref_out, out, ckpts = tmp_path / "ref", tmp_path / "run", tmp_path / "run" / "checkpoints"
+    with open(tmp_path / "ref.log", "w") as f:  # the uninterrupted run, alongside
+        ref = subprocess.Popen(_cmd(ref_out, *args), cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        for i, phase in enumerate(PHASES):
+            step = 2 * (i + 1)  # each run resumes from an earlier step (or 0) and dies saving this one
+            _kill_during_save(out, args, phase, step, tmp_path / f"kill_{phase}.log")
+            latest = Checkpointer(ckpts).latest()
+            if latest is not None:  # whatever the kill left, the checkpoint `latest` names is whole
+                verify(latest)
+        res = _cli(out, *args)
+        assert res.returncode == 0, res.stderr
+        assert ref.wait(timeout=300) == 0, (tmp_path / "ref.log").read_text()
+    finally:
+        if ref.poll() is None:
+            ref.kill()
+            ref.wait()
+    rows, ref_rows = _rows(out), _rows(ref_out)
+    assert [r["step"] for r in rows] == list(range(1, 13))  # none lost, none doubled
+    assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]  # bit for bit
+    assert [r.get("val_loss") for r in rows] == [r.get("val_loss") for r in ref_rows]
+    assert not list(ckpts.glob("*.tmp"))
+
+
+# ----------------------------------------------------------------------------- missing latest
+
+
+def test_missing_or_dangling_latest_resumes_from_the_newest_step(tmp_path):
+    out = tmp_path / "run"
+    _train(out, "--train.max_steps=4", "--train.ckpt_interval=2", "--train.keep_last=3")
+    ckpts = out / "checkpoints"
+    before = (out / "metrics.jsonl").read_text()
+    (ckpts / "latest").unlink()
+    (ckpts / "step_000006.tmp").mkdir()  # a save killed half-way is not a step to resume from
+    res = _cli(out, "--train.max_steps=6", "--train.ckpt_interval=2", "--train.keep_last=3")
+    assert res.returncode == 0, res.stderr
+    assert "is missing or points to a deleted step; resuming from the newest complete checkpoint, step_000004" in (
+        res.stdout
+    )
+    assert (out / "metrics.jsonl").read_text().startswith(before)  # steps 1-4 kept, not rewritten
+    assert [r["step"] for r in _rows(out)] == [1, 2, 3, 4, 5, 6]
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_000002", "step_000004", "step_000006"]
+    # `latest` pointing to a deleted directory: the same (library-level, no process needed).
+    shutil.rmtree(ckpts / "step_000006")
+    assert not (ckpts / "latest").exists() and Checkpointer(ckpts).latest().name == "step_000004"
+    assert load_model_state(ckpts / "latest")[0]["train"]["max_steps"] == 4  # step_000004 was written by then
+    # Step directories that cannot be read are never trained over from step 0 (a UserError: one line).
+    for p in ckpts.glob("step_*"):
+        (p / "meta.json").unlink()
+    with pytest.raises(UserError, match="none is complete .*step_000002"):
+        _train(out, "--train.max_steps=6")
+
+
+# ----------------------------------------------------------------------------- corrupt checkpoints
+
+
+def test_corrupt_or_missing_checkpoint_files_are_refused(tmp_path):
+    out = tmp_path / "run"
+    _train(out, "--train.max_steps=4", "--train.ckpt_interval=2")
+    ckpts = out / "checkpoints"
+    step4 = ckpts / "step_000004"
+    sums = json.loads((step4 / "meta.json").read_text())["checksums"]
+    assert {".metadata", "__0_0.distcp", "train_state.pt", "rng/rank_00000.pt", "config.yaml"} <= set(sums)
+    shard = step4 / "__0_0.distcp"
+    raw = bytearray(shard.read_bytes())
+    for i in range(0, len(raw), len(raw) // 1000):  # 1000 flipped bytes in the tensor data
+        raw[i] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    corrupt = r"__0_0\.distcp' is corrupt.*older checkpoint '.*step_000002'"
+    with pytest.raises(CheckpointError, match=corrupt):
+        load_model_state(ckpts / "latest")  # generate, evaluate and convert read through this
+    with pytest.raises(CheckpointError, match=corrupt):  # resuming (the CLI prints it as one line)
+        _train(out, "--train.max_steps=6")
+    # The advice works: with the bad step moved away, the run resumes from the older one.
+    shutil.move(step4, tmp_path / "bad_step")
+    assert Checkpointer(ckpts).latest().name == "step_000002"
+    # Old checkpoints (no checksums) still load; a missing file is named with what to do.
+    meta = json.loads((ckpts / "step_000002" / "meta.json").read_text())
+    del meta["checksums"]
+    (ckpts / "step_000002" / "meta.json").write_text(json.dumps(meta))
+    load_model_state(ckpts / "step_000002")
+    (ckpts / "step_000002" / "train_state.pt").unlink()
+    res = _cli(out, "--train.max_steps=6")
+    _one_error_line(res, "train_state.pt' is missing", "start a new --out-dir")
+
+
+# ----------------------------------------------------------------------------- changed config
+
+
+def test_changed_config_on_resume_applies_and_is_listed(tmp_path, capsys):
+    out, fresh = tmp_path / "run", tmp_path / "fresh"
+    _train(out, "--train.max_steps=3")
+    capsys.readouterr()
+    _train(out, "--train.max_steps=5", "--optim.lr=1e6", "--optim.weight_decay=0.5")
+    printed = capsys.readouterr().out
+    assert (
+        "config differs from the checkpoint: optim.lr 0.003 -> 1000000.0, optim.weight_decay 0.1 -> 0.5, "
+        "train.max_steps 3 -> 5"
+    ) in printed
+    _train(fresh, "--train.max_steps=5", "--optim.lr=1e6")
+    lrs, ref = [r["lr"] for r in _rows(out)], [r["lr"] for r in _rows(fresh)]
+    assert lrs[3:] == ref[3:] and lrs[3] > 1e5  # this run's lr and schedule from step 4 on
+    with pytest.raises(CheckpointError, match=r"different config: train\.seed 1337 -> 7 .*new --out-dir"):
+        _train(out, "--train.max_steps=6", "--train.seed=7")
+
+
+# ----------------------------------------------------------------------------- disk full, bad paths
+
+
+def _mount_tmpfs(path: Path, *opts: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(opts), "tmpfs", str(path)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({res.stderr.decode().strip() or 'mount failed'}; needs root)")
+
+
+def test_disk_full_during_a_checkpoint(tmp_path):
+    """A real full disk (a 12 MB tmpfs filled up after the first checkpoint): one line, `latest` intact."""
+    fs = tmp_path / "fs"
+    _mount_tmpfs(fs, "size=12m")
+    try:
+        out = fs / "run"
+        _train(out, "--train.max_steps=2")
+        free = shutil.disk_usage(fs).free
+        (fs / "ballast").write_bytes(b"\0" * (free - (1 << 20)))  # leave 1 MB: less than a checkpoint
+        res = _cli(out, "--train.max_steps=4")
+        _one_error_line(res, "checkpoint at step 4 could not be written (No space left on device)", "step_000002")
+        ckpts = out / "checkpoints"
+        assert not list(ckpts.glob("*.tmp")) and Checkpointer(ckpts).latest().name == "step_000002"
+        (fs / "ballast").unlink()
+        _train(out, "--train.max_steps=4")  # the run goes on from the last good step
+        assert [r["step"] for r in _rows(out)] == [1, 2, 3, 4]
+    finally:
+        subprocess.run(["umount", str(fs)], check=False)
+
+
+def test_unusable_out_dir_is_one_line(tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    _one_error_line(_cli(a_file), "is an existing file")
+    # Not writable: a path below a regular file cannot be created, even by root (ENOTDIR; portable and
+    # real, where chmod would not stop root). The same check reports EROFS or EACCES in their words.
+    _one_error_line(_cli(a_file / "out"), "cannot be written (Not a directory)")
+
+
+def test_convert_to_an_existing_file_is_one_line(tmp_path):
+    out = tmp_path / "run"
+    _train(out, "--train.max_steps=1", "--train.eval_interval=0")
+    target = tmp_path / "taken"
+    target.write_text("")
+    res = subprocess.run(
+        [sys.executable, "-m", "kimi.convert", "--to-hf", str(out), str(target)],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    _one_error_line(res, "is an existing file")
