@@ -1,13 +1,26 @@
-"""Small building blocks shared by attention, MoE and the transformer: RMSNorm, SwiGLU MLP, RoPE.
+"""Small building blocks shared by attention, MoE and the transformer: RMSNorm, SwiGLU MLP, RoPE, fp32 regions.
 
 Legend: B batch, T tokens of this forward, H heads, R rotary dims, D model dim, F hidden dim.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def fp32_region(device: torch.device):
+    """Context in which autocast is off, so code that upcasts with .float() really runs in fp32.
+
+    Under bf16 autocast an explicit `.float()` is not enough: autocast casts the inputs of F.linear,
+    matmul and friends back to bf16. Routing and max-logit tracking need fp32 (see router.py and
+    attention.py), so they run inside this. A no-op outside autocast (fp32 results are bit-identical)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()  # e.g. the meta device, which has no autocast
 
 
 class RMSNorm(nn.Module):

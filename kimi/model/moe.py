@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimi.config import MoEConfig
-from kimi.model.layers import MLP
+from kimi.model.layers import MLP, fp32_region
 from kimi.model.router import (
     Router,
     capacity_keep,
@@ -173,21 +173,25 @@ class MoE(nn.Module):
         B, L, D = x_BLD.shape
         cfg = self.cfg
         x_TD = x_BLD.reshape(B * L, D)
-        scores_TE = self.router(x_TD)
-        topk_idx_TK, topk_w_TK = route(
-            scores_TE, self.router.expert_bias, self.top_k, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob
-        )
-        if cfg.capacity_factor is not None:
-            # Overflow assignments get weight 0: the output is exactly that of dropping them, while
-            # the dispatcher seam keeps its fixed (T, K) shapes.
-            capacity = math.ceil(cfg.capacity_factor * topk_idx_TK.numel() / self.num_experts)
-            topk_w_TK = topk_w_TK * capacity_keep(topk_idx_TK, self.num_experts, capacity)
+        # Routing (scores, choices, weights, aux losses) in fp32 with autocast off. The cast boundary is
+        # the dispatcher: experts run in the activation / autocast dtype, and their outputs come back
+        # weighted by the fp32 topk_w and summed in fp32 (unpermute), then cast to x's dtype.
+        with fp32_region(x_TD.device):
+            scores_TE = self.router(x_TD)
+            topk_idx_TK, topk_w_TK = route(
+                scores_TE, self.router.expert_bias, self.top_k, cfg.n_group, cfg.topk_group, cfg.norm_topk_prob
+            )
+            if cfg.capacity_factor is not None:
+                # Overflow assignments get weight 0: the output is exactly that of dropping them, while
+                # the dispatcher seam keeps its fixed (T, K) shapes.
+                capacity = math.ceil(cfg.capacity_factor * topk_idx_TK.numel() / self.num_experts)
+                topk_w_TK = topk_w_TK * capacity_keep(topk_idx_TK, self.num_experts, capacity)
+            self.aux_loss = self._aux_loss(scores_TE, topk_idx_TK, B)
         y_TD = self.dispatcher(x_TD, topk_idx_TK, topk_w_TK, self.experts)
         if cfg.routed_scaling_factor != 1.0:
             y_TD = y_TD * cfg.routed_scaling_factor
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
-        self.aux_loss = self._aux_loss(scores_TE, topk_idx_TK, B)
         if self.training and not _in_backward():
             self._accumulate(scores_TE, topk_idx_TK)
         return y_TD.view(B, L, D)

@@ -4,7 +4,11 @@ Legend: B batch, T tokens (flattened B*L in the MoE), L sequence length, D model
 K experts per token (top_k), G expert groups.
 
 All routing math runs in fp32 (as HF DeepSeek-V3 does), whatever the activation dtype: top-k choices
-flip on tiny differences, and the weights multiply every routed output.
+flip on tiny differences, the weights multiply every routed output, and the aux-loss-free bias moves in
+steps (1e-3) finer than bf16's spacing near a sigmoid score of 0.5 (~4e-3). Under bf16 autocast a
+`.float()` alone is not enough (autocast re-casts F.linear to bf16: scores measured on 64 tokens x 4
+experts took 82 distinct values instead of 256, and 1 token in 64 changed its top-2), so the router and
+MoE.forward's routing block run with autocast off (`fp32_region`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kimi.model.layers import fp32_region
 
 
 class Router(nn.Module):
@@ -27,8 +33,9 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
         """Unbiased scores_TE in fp32: sigmoid (K2 / V3) or softmax of the router logits."""
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
-        return logits_TE.sigmoid() if self.score_func == "sigmoid" else logits_TE.softmax(dim=-1)
+        with fp32_region(x_TD.device):
+            logits_TE = F.linear(x_TD.float(), self.weight.float())
+            return logits_TE.sigmoid() if self.score_func == "sigmoid" else logits_TE.softmax(dim=-1)
 
 
 def route(
