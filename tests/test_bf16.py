@@ -3,16 +3,21 @@ autocast included, runs here, so dtype faults show before a GPU sees the code.
 
 - Routing and max-logit tracking stay fp32 under bf16 autocast (eager, and compiled + checkpointed):
   exactly equal to an fp32 reference computed from the same inputs.
+- A model cast to bf16 keeps its routing and QK-clip state (bias, counts, max logits) in fp32.
 """
+
+from pathlib import Path
 
 import torch
 
-from kimi.config import AttentionConfig, KimiConfig, MoEConfig, ParallelConfig, TrainConfig
+from kimi.config import AttentionConfig, KimiConfig, MoEConfig, ParallelConfig, TrainConfig, load_config
 from kimi.model import KimiModel
 from kimi.model.attention import MLA, causal_max_logits
 from kimi.model.layers import rope_cos_sin
 from kimi.model.moe import MoE
 from kimi.model.router import Router, route
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def bf16_autocast():
@@ -134,3 +139,28 @@ def test_max_logits_fp32_under_autocast():
     assert seen["q"].dtype == torch.bfloat16  # the attention itself ran in bf16
     ref_H = causal_max_logits(seen["q"].float(), seen["k"].float(), mla.softmax_scale)
     assert torch.equal(mla.max_logits_H, ref_H)
+
+
+def test_routing_state_stays_fp32_when_the_model_is_cast_to_bf16():
+    """`model.bfloat16()` (bf16 inference; DeepSpeed's bf16 engine before 0.19.2 calls it) must not cast
+    the routing and QK-clip state: bf16 counts are exact only up to 256, a bf16 bias above 0.25 moves
+    in steps of 2e-3 (the update is 1e-3), and a bf16 max logit is off by up to 0.4%."""
+    cfg = load_config(ROOT / "configs" / "debug.yaml", []).model
+    torch.manual_seed(0)
+    model = KimiModel(cfg)
+    moe = model.moe_layers()[0]
+    bias_E = 0.3 + torch.arange(cfg.moe.num_experts) * 1e-3  # a bias after a few hundred updates
+    with torch.no_grad():
+        moe.router.expert_bias.copy_(bias_E)
+    model.bfloat16()
+    assert model.lm_head.weight.dtype == torch.bfloat16  # the cast did happen ...
+    assert moe.router.expert_bias.dtype == torch.float32 and torch.equal(moe.router.expert_bias, bias_E)  # ... not here
+    seen = _capture_routing(model)
+    model.train()(torch.randint(0, cfg.vocab_size, (16, cfg.block_size)))  # 1024 tokens: ~512 per expert
+    counts_E = torch.bincount(seen[0][2].reshape(-1), minlength=cfg.moe.num_experts).float()
+    assert counts_E.max() > 256 and torch.equal(moe.tokens_per_expert, counts_E)
+    for attn in model.attention_layers():
+        assert attn.max_logits_H.dtype == torch.float32 and attn.max_logits_H.max() > 0
+    moe.update_bias()
+    assert moe.router.expert_bias.dtype == torch.float32
+    assert torch.equal(moe.router.expert_bias, bias_E + 1e-3 * torch.sign(counts_E.mean() - counts_E))

@@ -21,7 +21,7 @@ from torch import nn
 
 from kimi.config import AttentionConfig
 from kimi.model.cache import MHALayerCache, MLALayerCache
-from kimi.model.layers import RMSNorm, apply_rope, fp32_region
+from kimi.model.layers import FP32Buffers, RMSNorm, apply_rope, fp32_region
 
 # DeepSeek-V3 builds its q/kv latent norms with the default eps, whatever config.rms_norm_eps says;
 # matching that keeps converted checkpoints exact.
@@ -69,7 +69,9 @@ def attend(q_BHTd, k_BHSd, v_BHSv, scale: float, start_pos: int) -> torch.Tensor
     return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSv, attn_mask=mask_TS, scale=scale)
 
 
-class _MaxLogitMixin:
+class _MaxLogitMixin(FP32Buffers):
+    fp32_buffers = ("max_logits_H",)  # fp32 even when the module is cast to bf16
+
     def _init_max_logits(self, n_head: int, track: bool) -> None:
         self.track_max_logits = track
         self.register_buffer("max_logits_H", torch.zeros(n_head, dtype=torch.float32), persistent=False)

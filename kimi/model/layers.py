@@ -23,6 +23,26 @@ def fp32_region(device: torch.device):
     return contextlib.nullcontext()  # e.g. the meta device, which has no autocast
 
 
+class FP32Buffers:
+    """Mixin for an nn.Module whose buffers named in `fp32_buffers` stay fp32 through dtype casts.
+
+    `model.bfloat16()` / `.to(torch.bfloat16)` cast every floating buffer (bf16 inference does it, and
+    DeepSpeed's bf16 engine before 0.19.2). Routing and QK-clip state would lose what it is for: bf16
+    counts are exact only up to 256, a bias above 0.25 moves in 2e-3 steps (the update is 1e-3), a max
+    logit rounds by up to 0.4%. Device moves (and `to_empty`) still apply; only the dtype is kept."""
+
+    fp32_buffers: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: self._buffers[name] for name in self.fp32_buffers}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:  # cast from the original, not from the rounded copy
+                self._buffers[name] = old.to(new.device)
+        return self
+
+
 class RMSNorm(nn.Module):
     """y = w * x / rms(x), computed in fp32 and cast back (the HF DeepSeek-V3 order, for exact parity)."""
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimi.config import MoEConfig
-from kimi.model.layers import MLP, fp32_region
+from kimi.model.layers import MLP, FP32Buffers, fp32_region
 from kimi.model.router import (
     Router,
     capacity_keep,
@@ -146,13 +146,16 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-class MoE(nn.Module):
+class MoE(FP32Buffers, nn.Module):
     """Routed experts + fused shared experts, with aux-loss-free load balancing.
 
     forward(x_BLD) -> y_BLD and sets `self.aux_loss` (0-dim; zero unless a balance-loss coef is set).
-    Training forwards add their selected-token counts to `tokens_per_expert` (fp32, not saved), so
-    gradient-accumulation micro-batches add up until `update_bias()` consumes and zeros them.
+    Training forwards add their selected-token counts to `tokens_per_expert` (fp32 even in a model cast
+    to bf16, not saved), so gradient-accumulation micro-batches add up until `update_bias()` consumes
+    and zeros them.
     """
+
+    fp32_buffers = ("tokens_per_expert", "_entropy_sum")
 
     def __init__(self, dim: int, cfg: MoEConfig):
         super().__init__()

@@ -17,13 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kimi.model.layers import fp32_region
+from kimi.model.layers import FP32Buffers, fp32_region
 
 
-class Router(nn.Module):
+class Router(FP32Buffers, nn.Module):
     """Scores tokens against experts. `weight` (E, D) is trained (by AdamW: its name contains 'router');
     `expert_bias` (E,) fp32 is the aux-loss-free balancing bias, a persistent buffer updated outside
-    autograd by `MoE.update_bias` and used for expert SELECTION only (HF: e_score_correction_bias)."""
+    autograd by `MoE.update_bias` and used for expert SELECTION only (HF: e_score_correction_bias).
+    It stays fp32 when the module is cast to bf16 (FP32Buffers)."""
+
+    fp32_buffers = ("expert_bias",)
 
     def __init__(self, dim: int, num_experts: int, score_func: str = "sigmoid"):
         super().__init__()
