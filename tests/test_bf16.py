@@ -3,21 +3,50 @@ autocast included, runs here, so dtype faults show before a GPU sees the code.
 
 - Routing and max-logit tracking stay fp32 under bf16 autocast (eager, and compiled + checkpointed):
   exactly equal to an fp32 reference computed from the same inputs.
+- A 10-step debug training in bf16 (one process; and EP=2 over 2 gloo ranks, FSDP2 bf16 parameters)
+  has finite losses that track the fp32 run, with evaluation, checkpointing, and QK-clip clipping on
+  most steps (low tau), so their bf16 paths run too.
 - A model cast to bf16 keeps its routing and QK-clip state (bias, counts, max logits) in fp32.
+- Generation from the bf16 run's checkpoint, under autocast and with the model cast to bf16: the
+  latent cache's decode path gives the logits of a full recompute.
+
+Tolerances. Measured on a shared 2-core CPU (torch 2.13, 10 steps of configs/debug.yaml, QK-clip tau
+0.15); each bound is about 6x the measured value, since bf16 rounding differs between CPUs (emulated or
+native bf16) and the gaps grow with every update:
+- one process, bf16 vs fp32, max over steps of |dL| / L: 9.9e-5 (val loss 6.6e-5)      -> BF16_RTOL 2e-3
+- EP=2 bf16 vs one-process fp32: 3.1e-4                                                -> BF16_RTOL
+- EP=2 bf16 vs one-process bf16: 2.6e-4, no tighter than vs fp32: on 2 ranks FSDP2 computes with
+  bf16 parameters (param_dtype) and a bf16 residual stream, one process with fp32 parameters under
+  autocast, so the two are different precision regimes                                 -> BF16_RTOL
+- EP=2 bf16 vs EP=1 bf16 on the same 2 ranks (same regime, only the dispatcher differs): step 1 bit
+  for bit (the all-to-all moves bf16 rows exactly); 5.1e-5 after 10 steps              -> EP_RTOL 3e-4
+- generation, relative L2 error of the logits of a 40-token sequence: autocast vs fp32 3.0e-3, bf16
+  weights vs fp32 4.8e-3, latent-cache decode vs full recompute in the same precision <= 3.5e-3
+                                                                                        -> GEN_RTOL 2e-2
 """
 
+import json
+import math
 from pathlib import Path
 
+import pytest
 import torch
 
 from kimi.config import AttentionConfig, KimiConfig, MoEConfig, ParallelConfig, TrainConfig, load_config
+from kimi.generate import Generator
 from kimi.model import KimiModel
 from kimi.model.attention import MLA, causal_max_logits
 from kimi.model.layers import rope_cos_sin
 from kimi.model.moe import MoE
 from kimi.model.router import Router, route
+from kimi.train import train
+from tests.dist_utils import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
+STEPS = 10
+BF16_RTOL, EP_RTOL, GEN_RTOL = 2e-3, 3e-4, 2e-2
+# Low enough (debug max logits are ~0.15-0.2) that QK-clip rescales heads on most steps, in bf16 too.
+QK_TAU = "--optim.qk_clip_tau=0.15"
 
 
 def bf16_autocast():
@@ -164,3 +193,135 @@ def test_routing_state_stays_fp32_when_the_model_is_cast_to_bf16():
     moe.update_bias()
     assert moe.router.expert_bias.dtype == torch.float32
     assert torch.equal(moe.router.expert_bias, bias_E + 1e-3 * torch.sign(counts_E.mean() - counts_E))
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _overrides(out, dtype, *extra):
+    return [
+        f"--train.out_dir={out}",
+        "--logging.mlflow=false",
+        f"--train.max_steps={STEPS}",
+        "--train.eval_interval=5",  # evaluation under autocast too
+        f"--train.dtype={dtype}",
+        QK_TAU,
+        *extra,
+    ]
+
+
+def _cfg(out, dtype, *extra):
+    return load_config(ROOT / "configs" / "debug.yaml", _overrides(out, dtype, *extra))
+
+
+def _rows(out) -> list[dict]:
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    return rows
+
+
+def _losses(out) -> list[float]:
+    losses = [r["loss"] for r in _rows(out)]
+    assert all(math.isfinite(x) for x in losses), losses
+    return losses
+
+
+def _max_rel_gap(a, b) -> float:
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True))
+
+
+def _val_losses(out) -> list[float]:
+    return [r["val_loss"] for r in _rows(out) if "val_loss" in r]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The one-process debug runs, fp32 and bf16: {dtype: run dir}."""
+    runs = {}
+    for dtype in ("fp32", "bf16"):
+        runs[dtype] = tmp_path_factory.mktemp(dtype) / "run"
+        train(_cfg(runs[dtype], dtype))
+    return runs
+
+
+def test_bf16_training_tracks_fp32(single):
+    fp32, bf16 = _losses(single["fp32"]), _losses(single["bf16"])
+    gap = _max_rel_gap(bf16, fp32)
+    val_gap = _max_rel_gap(_val_losses(single["bf16"]), _val_losses(single["fp32"]))
+    print(f"one process, bf16 vs fp32 over {STEPS} steps: max rel loss gap {gap:.2e}, val {val_gap:.2e}")
+    assert gap < BF16_RTOL and val_gap < BF16_RTOL
+    assert bf16[-1] < bf16[0] - 1.0  # it trains
+    rows = _rows(single["bf16"])
+    assert sum(r["qk_clipped_heads"] > 0 for r in rows) >= STEPS // 2  # QK-clip acted in bf16
+    assert all(math.isfinite(r["grad_norm"]) and math.isfinite(r["max_attn_logit"]) for r in rows)
+
+
+def _ep_rank(rank, world, out_ep2, out_ep1):
+    """EP=2 then FSDP-only (EP=1), both bf16, in the same two processes (one spawn, one process group)."""
+    train(_cfg(out_ep2, "bf16", "--parallel.ep=2"))
+    train(_cfg(out_ep1, "bf16", "--parallel.ep=1"))
+
+
+def test_ep2_bf16_matches_single_process(single, tmp_path):
+    ep2, ep1 = tmp_path / "ep2", tmp_path / "ep1"
+    run_distributed(_ep_rank, 2, args=(str(ep2), str(ep1)), timeout=600)
+    ep2_losses, ep1_losses = _losses(ep2), _losses(ep1)
+    fp32, bf16 = _losses(single["fp32"]), _losses(single["bf16"])
+    gaps = {
+        "vs one-process fp32": _max_rel_gap(ep2_losses, fp32),
+        "vs one-process bf16": _max_rel_gap(ep2_losses, bf16),
+        "vs EP=1 (2 ranks, bf16)": _max_rel_gap(ep2_losses, ep1_losses),
+    }
+    print("EP=2 bf16, max rel loss gap over", STEPS, "steps:", {k: f"{v:.2e}" for k, v in gaps.items()})
+    assert gaps["vs one-process fp32"] < BF16_RTOL and gaps["vs one-process bf16"] < BF16_RTOL
+    assert gaps["vs EP=1 (2 ranks, bf16)"] < EP_RTOL
+    assert ep2_losses[0] == ep1_losses[0]  # before any update the all-to-all path is exact in bf16
+    assert sum(r["qk_clipped_heads"] > 0 for r in _rows(ep2)) >= STEPS // 2
+    assert all(r["a2a_MB"] > 0 for r in _rows(ep2))
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def _teacher_forced_logits(model, ids_T: list[int], prefill: int):
+    """Logits at every position: prefill the cache with the first `prefill` tokens, then decode one at a
+    time (the absorbed MLA path), as Generator does. Returns (cached, full recompute), each (T, V)."""
+    ids = torch.tensor([ids_T])
+    cache = model.new_cache(1, len(ids_T))
+    parts = [model(ids[:, :prefill], cache=cache, start_pos=0).logits[0]]
+    for p in range(prefill, len(ids_T)):
+        parts.append(model(ids[:, p : p + 1], cache=cache, start_pos=p).logits[0])
+    return torch.cat(parts), model(ids).logits[0]
+
+
+@torch.no_grad()
+def test_generation_from_bf16_checkpoint(single):
+    model = KimiModel.from_checkpoint(str(single["bf16"] / "checkpoints" / "latest")).eval()
+    ids_T = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    ref_cached, ref_full = _teacher_forced_logits(model, ids_T, prefill=8)
+    assert rel(ref_cached, ref_full) < 1e-5  # fp32: the absorbed decode path is the same function
+
+    with bf16_autocast():
+        ac_cached, ac_full = _teacher_forced_logits(model, ids_T, prefill=8)
+    bf16_model = KimiModel.from_checkpoint(str(single["bf16"] / "checkpoints" / "latest")).eval().bfloat16()
+    bf_cached, bf_full = _teacher_forced_logits(bf16_model, ids_T, prefill=8)
+    assert bf16_model.new_cache(1, 4).layers[0].c_kv_BSC.dtype == torch.bfloat16  # a bf16 latent cache
+    errs = {
+        "autocast full vs fp32": rel(ac_full, ref_full),
+        "autocast cached vs full": rel(ac_cached, ac_full),
+        "bf16 weights full vs fp32": rel(bf_full, ref_full),
+        "bf16 weights cached vs full": rel(bf_cached, bf_full),
+    }
+    print("generation, relative L2 logit errors:", {k: f"{v:.1e}" for k, v in errs.items()})
+    for k, v in errs.items():
+        assert v < GEN_RTOL, k
+    for out in (ac_cached, ac_full, bf_cached, bf_full):
+        assert out.isfinite().all()
+
+    # And through Generator itself, sampling with the cache in both precisions.
+    prompt = ids_T[:5]
+    with bf16_autocast():
+        a = Generator(model).generate(prompt, 20, temperature=1.0, seed=3)
+    b = Generator(bf16_model).generate(prompt, 20, temperature=1.0, seed=3)
+    for toks in (a, b):
+        assert len(toks) == 20 and all(0 <= t < model.config.vocab_size for t in toks)
