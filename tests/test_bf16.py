@@ -3,23 +3,23 @@ autocast included, runs here, so dtype faults show before a GPU sees the code.
 
 - Routing and max-logit tracking stay fp32 under bf16 autocast (eager, and compiled + checkpointed):
   exactly equal to an fp32 reference computed from the same inputs.
+- A model cast to bf16 keeps its routing and QK-clip state (bias, counts, max logits) in fp32.
 - A 10-step debug training in bf16 (one process; and EP=2 over 2 gloo ranks, FSDP2 bf16 parameters)
   has finite losses that track the fp32 run, with evaluation, checkpointing, and QK-clip clipping on
   most steps (low tau), so their bf16 paths run too.
-- A model cast to bf16 keeps its routing and QK-clip state (bias, counts, max logits) in fp32.
 - Generation from the bf16 run's checkpoint, under autocast and with the model cast to bf16: the
   latent cache's decode path gives the logits of a full recompute.
 
 Tolerances. Measured on a shared 2-core CPU (torch 2.13, 10 steps of configs/debug.yaml, QK-clip tau
-0.15); each bound is about 6x the measured value, since bf16 rounding differs between CPUs (emulated or
-native bf16) and the gaps grow with every update:
+0.15); each bound is 4-6x the largest value it covers, since bf16 rounding differs between CPUs
+(emulated or native bf16) and the gaps grow with every update:
 - one process, bf16 vs fp32, max over steps of |dL| / L: 9.9e-5 (val loss 6.6e-5)      -> BF16_RTOL 2e-3
 - EP=2 bf16 vs one-process fp32: 3.1e-4                                                -> BF16_RTOL
 - EP=2 bf16 vs one-process bf16: 2.6e-4, no tighter than vs fp32: on 2 ranks FSDP2 computes with
   bf16 parameters (param_dtype) and a bf16 residual stream, one process with fp32 parameters under
   autocast, so the two are different precision regimes                                 -> BF16_RTOL
 - EP=2 bf16 vs EP=1 bf16 on the same 2 ranks (same regime, only the dispatcher differs): step 1 bit
-  for bit (the all-to-all moves bf16 rows exactly); 5.1e-5 after 10 steps              -> EP_RTOL 3e-4
+  for bit (bound 1e-6); 5.1e-5 after 10 steps                                          -> EP_RTOL 3e-4
 - generation, relative L2 error of the logits of a 40-token sequence: autocast vs fp32 3.0e-3, bf16
   weights vs fp32 4.8e-3, latent-cache decode vs full recompute in the same precision <= 3.5e-3
                                                                                         -> GEN_RTOL 2e-2
@@ -275,7 +275,9 @@ def test_ep2_bf16_matches_single_process(single, tmp_path):
     print("EP=2 bf16, max rel loss gap over", STEPS, "steps:", {k: f"{v:.2e}" for k, v in gaps.items()})
     assert gaps["vs one-process fp32"] < BF16_RTOL and gaps["vs one-process bf16"] < BF16_RTOL
     assert gaps["vs EP=1 (2 ranks, bf16)"] < EP_RTOL
-    assert ep2_losses[0] == ep1_losses[0]  # before any update the all-to-all path is exact in bf16
+    # Before any update only the dispatcher differs. Measured: bit for bit; the bound allows for a GEMM
+    # whose rounding depends on the rows per expert, and fails a dispatcher that returns fp32 (7e-6).
+    assert abs(ep2_losses[0] - ep1_losses[0]) <= 1e-6 * ep1_losses[0]
     assert sum(r["qk_clipped_heads"] > 0 for r in _rows(ep2)) >= STEPS // 2
     assert all(r["a2a_MB"] > 0 for r in _rows(ep2))
 
