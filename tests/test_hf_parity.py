@@ -3,6 +3,9 @@
 Tolerance: relative error ||ours - HF|| / ||HF|| <= 1e-5 on fp32 CPU logits (differences are op order only).
 Every parameter is perturbed (norm weights too) and the routing bias is random and nonzero, so a wrong
 mapping, a swapped norm or a bias used in the weights instead of only the selection would show up.
+The `grouped` cases route away from every default (8 experts in 4 groups, 2 groups kept,
+norm_topk_prob=false, routed_scaling_factor 1.7) and check that each of those fields moves the logits
+by far more than the tolerance, so a converter that dropped or hard-coded one would fail.
 """
 
 import dataclasses
@@ -72,11 +75,37 @@ def tokens(seed=3):
     return torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(seed))
 
 
+# Group-limited routing with none of the routing fields at its default (HF: n_group/topk_group 1,
+# norm_topk_prob true, routed_scaling_factor 1).
+GROUPED = dict(n_routed_experts=8, n_group=4, topk_group=2, norm_topk_prob=False, routed_scaling_factor=1.7)
+
+
+def assert_routing_fields_matter(ours: KimiModel, idx, ref_logits) -> None:
+    """Each routing field, set to what a converter that ignored it would write, moves the logits far
+    beyond TOL: the parity above can only hold if the converter carried all of them."""
+    moe = ours.config.moe
+    wrong = {
+        "norm_topk_prob": not moe.norm_topk_prob,
+        "topk_group": 1 if moe.topk_group != 1 else moe.n_group,
+        "n_group": 1,
+        "routed_scaling_factor": 1.0,
+    }
+    for field, value in wrong.items():
+        for m in ours.moe_layers():
+            m.cfg = dataclasses.replace(moe, **{field: value})
+        with torch.no_grad():
+            assert rel_err(ours(idx).logits, ref_logits) > 100 * TOL, field
+    for m in ours.moe_layers():
+        m.cfg = moe
+
+
 @pytest.mark.parametrize(
-    "q_lora_rank,interleave", [(None, True), (24, True), (24, False)], ids=["q-plain", "q-lora", "no-interleave"]
+    "q_lora_rank,interleave,routing",
+    [(None, True, {}), (24, True, {}), (24, False, {}), (None, True, GROUPED)],
+    ids=["q-plain", "q-lora", "no-interleave", "grouped"],
 )
-def test_from_hf_then_back_to_hf(tmp_path, q_lora_rank, interleave):
-    hf = random_hf_model(hf_config(q_lora_rank, interleave))
+def test_from_hf_then_back_to_hf(tmp_path, q_lora_rank, interleave, routing):
+    hf = random_hf_model(hf_config(q_lora_rank, interleave, **routing))
     hf.save_pretrained(tmp_path / "hf")
     assert convert_main(["--from-hf", str(tmp_path / "hf"), str(tmp_path / "kimi.pt")]) == 0
     ours = KimiModel.from_checkpoint(tmp_path / "kimi.pt").eval()
@@ -86,8 +115,10 @@ def test_from_hf_then_back_to_hf(tmp_path, q_lora_rank, interleave):
         ref = hf(idx).logits
         got = ours(idx).logits
     err = rel_err(got, ref)
-    print(f"from-hf {q_lora_rank=} {interleave=}: rel err {err:.2e}")
+    print(f"from-hf {q_lora_rank=} {interleave=} {routing=}: rel err {err:.2e}")
     assert err <= TOL
+    if routing:
+        assert_routing_fields_matter(ours, idx, ref)
 
     # the routing bias matters (selection only): zeroing it must change the logits
     with torch.no_grad():
@@ -99,12 +130,20 @@ def test_from_hf_then_back_to_hf(tmp_path, q_lora_rank, interleave):
     hf2 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").float().eval()
     with torch.no_grad():
         err2 = rel_err(hf2(idx).logits, ref)
-    print(f"to-hf {q_lora_rank=} {interleave=}: rel err {err2:.2e}")
+    print(f"to-hf {q_lora_rank=} {interleave=} {routing=}: rel err {err2:.2e}")
     assert err2 <= TOL
 
 
-def test_kimi_model_to_hf(tmp_path):
+NATIVE_ROUTING = {
+    "default": dict(num_experts=4, n_group=2, topk_group=2, routed_scaling_factor=1.5),
+    "grouped": dict(num_experts=8, n_group=4, topk_group=2, norm_topk_prob=False, routed_scaling_factor=1.7),
+}
+
+
+@pytest.mark.parametrize("routing", list(NATIVE_ROUTING))
+def test_kimi_model_to_hf(tmp_path, routing):
     """A natively built nanoKimi model (random routing bias, tied embeddings) exported and run by HF."""
+    moe = {"top_k": 2, "expert_hidden": 16, **NATIVE_ROUTING[routing]}
     torch.manual_seed(5)
     cfg = KimiConfig(
         n_layer=2,
@@ -120,20 +159,13 @@ def test_kimi_model_to_hf(tmp_path):
             "qk_rope_head_dim": 4,
             "v_head_dim": 8,
         },
-        moe={
-            "num_experts": 4,
-            "top_k": 2,
-            "expert_hidden": 16,
-            "n_group": 2,
-            "topk_group": 2,
-            "routed_scaling_factor": 1.5,
-        },
+        moe=moe,
         init_std=0.1,
     )
     ours = KimiModel(cfg).eval()
     with torch.no_grad():
         for m in ours.moe_layers():
-            m.router.expert_bias.copy_(torch.randn(4) * 0.3)
+            m.router.expert_bias.copy_(torch.randn(m.num_experts) * 0.3)
         for n, p in ours.named_parameters():
             if "norm" in n:
                 p.add_(torch.randn(p.shape) * 0.1)
@@ -143,9 +175,12 @@ def test_kimi_model_to_hf(tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").float().eval()
     idx = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
-        err = rel_err(ours(idx).logits, hf(idx).logits)
-    print(f"kimi->hf: rel err {err:.2e}")
+        ref = hf(idx).logits
+        err = rel_err(ours(idx).logits, ref)
+    print(f"kimi->hf {routing}: rel err {err:.2e}")
     assert err <= TOL
+    if routing == "grouped":  # ("default" keeps 2 of 2 groups: there n_group and topk_group are moot)
+        assert_routing_fields_matter(ours, idx, ref)
 
 
 def test_fused_in_memory_expert_layout_converts(tmp_path):

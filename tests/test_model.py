@@ -205,3 +205,13 @@ def test_model_package_imports_no_training_or_parallel_code():
                 mods = [node.module or ""]
             for mod in mods:
                 assert not mod.startswith(forbidden), f"{path} imports {mod}"
+
+
+def test_tests_never_skip_on_the_projects_own_imports():
+    """pytest.importorskip("kimi...") would turn a broken import of our own code into a skip, not a failure."""
+    for path in Path(__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "importorskip" and node.args:
+                arg = node.args[0]
+                mod = arg.value if isinstance(arg, ast.Constant) else ""
+                assert not str(mod).startswith("kimi"), f"{path.name}:{node.lineno} importorskip({mod!r})"

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from kimi.model import attention
 from kimi.optim.qk_clip import QKClip, scale_rows_
 
 
@@ -112,7 +113,6 @@ def test_bad_inputs():
 
 @pytest.mark.parametrize("kind,q_lora", [("mla", None), ("mla", 16), ("mha", None)])
 def test_real_attention_module(kind, q_lora):
-    attention = pytest.importorskip("kimi.model.attention")
     from kimi.config import AttentionConfig
     from kimi.model.layers import rope_cos_sin
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from kimi.config import AttentionConfig
 from kimi.model.cache import MHALayerCache, MLALayerCache
-from kimi.model.layers import RMSNorm, apply_rope
+from kimi.model.layers import FP32Buffers, RMSNorm, apply_rope, fp32_region
 
 # DeepSeek-V3 builds its q/kv latent norms with the default eps, whatever config.rms_norm_eps says;
 # matching that keeps converted checkpoints exact.
@@ -37,22 +37,25 @@ def causal_max_logits(q_BHTd: torch.Tensor, k_BHSd: torch.Tensor, scale: float) 
 
     Chunked over queries so the extra memory is O(B * H * chunk * S), not O(B * H * T * S). This costs
     one more QK^T product (about a third of attention's forward FLOPs): the price of QK-clip.
+    The product runs in fp32 with autocast off (autocast would re-cast the .float() inputs to bf16 and
+    round the max logit to bf16, ~0.4%, which QK-clip's gamma = tau / max would inherit).
     """
-    B, H, T, _ = q_BHTd.shape
-    S = k_BHSd.shape[2]
-    offset = S - T  # query t sits at absolute position offset + t
-    k = k_BHSd.float()
-    chunk = max(1, min(T, _MAX_LOGIT_CHUNK_ELEMS // max(1, B * H * S)))
-    out_H = torch.full((H,), float("-inf"), device=q_BHTd.device)
-    for t0 in range(0, T, chunk):
-        t1 = min(T, t0 + chunk)
-        kv_end = offset + t1  # keys past the chunk's last query are masked anyway
-        s_BHcs = (q_BHTd[:, :, t0:t1].float() @ k[:, :, :kv_end].transpose(-1, -2)) * scale
-        q_pos = torch.arange(offset + t0, offset + t1, device=q_BHTd.device)
-        k_pos = torch.arange(kv_end, device=q_BHTd.device)
-        s_BHcs = s_BHcs.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
-        out_H = torch.maximum(out_H, s_BHcs.amax(dim=(0, 2, 3)))
-    return out_H
+    with fp32_region(q_BHTd.device):
+        B, H, T, _ = q_BHTd.shape
+        S = k_BHSd.shape[2]
+        offset = S - T  # query t sits at absolute position offset + t
+        k = k_BHSd.float()
+        chunk = max(1, min(T, _MAX_LOGIT_CHUNK_ELEMS // max(1, B * H * S)))
+        out_H = torch.full((H,), float("-inf"), device=q_BHTd.device)
+        for t0 in range(0, T, chunk):
+            t1 = min(T, t0 + chunk)
+            kv_end = offset + t1  # keys past the chunk's last query are masked anyway
+            s_BHcs = (q_BHTd[:, :, t0:t1].float() @ k[:, :, :kv_end].transpose(-1, -2)) * scale
+            q_pos = torch.arange(offset + t0, offset + t1, device=q_BHTd.device)
+            k_pos = torch.arange(kv_end, device=q_BHTd.device)
+            s_BHcs = s_BHcs.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
+            out_H = torch.maximum(out_H, s_BHcs.amax(dim=(0, 2, 3)))
+        return out_H
 
 
 def attend(q_BHTd, k_BHSd, v_BHSv, scale: float, start_pos: int) -> torch.Tensor:
@@ -66,7 +69,9 @@ def attend(q_BHTd, k_BHSd, v_BHSv, scale: float, start_pos: int) -> torch.Tensor
     return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSv, attn_mask=mask_TS, scale=scale)
 
 
-class _MaxLogitMixin:
+class _MaxLogitMixin(FP32Buffers):
+    fp32_buffers = ("max_logits_H",)  # fp32 even when the module is cast to bf16
+
     def _init_max_logits(self, n_head: int, track: bool) -> None:
         self.track_max_logits = track
         self.register_buffer("max_logits_H", torch.zeros(n_head, dtype=torch.float32), persistent=False)

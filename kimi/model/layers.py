@@ -1,13 +1,46 @@
-"""Small building blocks shared by attention, MoE and the transformer: RMSNorm, SwiGLU MLP, RoPE.
+"""Small building blocks shared by attention, MoE and the transformer: RMSNorm, SwiGLU MLP, RoPE, fp32 regions.
 
 Legend: B batch, T tokens of this forward, H heads, R rotary dims, D model dim, F hidden dim.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def fp32_region(device: torch.device):
+    """Context in which autocast is off, so code that upcasts with .float() really runs in fp32.
+
+    Under bf16 autocast an explicit `.float()` is not enough: autocast casts the inputs of F.linear,
+    matmul and friends back to bf16. Routing and max-logit tracking need fp32 (see router.py and
+    attention.py), so they run inside this. A no-op outside autocast (fp32 results are bit-identical)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()  # e.g. the meta device, which has no autocast
+
+
+class FP32Buffers:
+    """Mixin for an nn.Module whose buffers named in `fp32_buffers` stay fp32 through dtype casts.
+
+    `model.bfloat16()` / `.to(torch.bfloat16)` cast every floating buffer (bf16 inference does it, and
+    DeepSpeed's bf16 engine before 0.19.2). Routing and QK-clip state would lose what it is for: bf16
+    counts are exact only up to 256, a bias above 0.25 moves in 2e-3 steps (the update is 1e-3), a max
+    logit rounds by up to 0.4%. Device moves (and `to_empty`) still apply; only the dtype is kept."""
+
+    fp32_buffers: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: self._buffers[name] for name in self.fp32_buffers}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:  # cast from the original, not from the rounded copy
+                self._buffers[name] = old.to(new.device)
+        return self
 
 
 class RMSNorm(nn.Module):

@@ -23,7 +23,7 @@ from torch import nn
 
 from kimi.config import MoEConfig
 from kimi.model.kernel_choice import kernel_module
-from kimi.model.layers import MLP
+from kimi.model.layers import MLP, FP32Buffers, fp32_region
 from kimi.model.router import (
     Router,
     capacity_keep,
@@ -171,13 +171,16 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-class MoE(nn.Module):
+class MoE(FP32Buffers, nn.Module):
     """Routed experts + fused shared experts, with aux-loss-free load balancing.
 
     forward(x_BLD) -> y_BLD and sets `self.aux_loss` (0-dim; zero unless a balance-loss coef is set).
-    Training forwards add their selected-token counts to `tokens_per_expert` (fp32, not saved), so
-    gradient-accumulation micro-batches add up until `update_bias()` consumes and zeros them.
+    Training forwards add their selected-token counts to `tokens_per_expert` (fp32 even in a model cast
+    to bf16, not saved), so gradient-accumulation micro-batches add up until `update_bias()` consumes
+    and zeros them.
     """
+
+    fp32_buffers = ("tokens_per_expert", "_entropy_sum")
 
     def __init__(self, dim: int, cfg: MoEConfig):
         super().__init__()
@@ -198,18 +201,22 @@ class MoE(nn.Module):
         B, L, D = x_BLD.shape
         cfg = self.cfg
         x_TD = x_BLD.reshape(B * L, D)
-        scores_TE, topk_idx_TK, topk_w_TK, y_scale = self._route(x_TD)
-        if cfg.capacity_factor is not None:
-            # Overflow assignments get weight 0: the output is exactly that of dropping them, while
-            # the dispatcher seam keeps its fixed (T, K) shapes.
-            capacity = math.ceil(cfg.capacity_factor * topk_idx_TK.numel() / self.num_experts)
-            topk_w_TK = topk_w_TK * capacity_keep(topk_idx_TK, self.num_experts, capacity)
+        # Routing (scores, choices, weights, aux losses) in fp32 with autocast off. The cast boundary is
+        # the dispatcher: experts run in the activation / autocast dtype, and their outputs come back
+        # weighted by the fp32 topk_w and summed in fp32 (unpermute), then cast to x's dtype.
+        with fp32_region(x_TD.device):
+            scores_TE, topk_idx_TK, topk_w_TK, y_scale = self._route(x_TD)
+            if cfg.capacity_factor is not None:
+                # Overflow assignments get weight 0: the output is exactly that of dropping them, while
+                # the dispatcher seam keeps its fixed (T, K) shapes.
+                capacity = math.ceil(cfg.capacity_factor * topk_idx_TK.numel() / self.num_experts)
+                topk_w_TK = topk_w_TK * capacity_keep(topk_idx_TK, self.num_experts, capacity)
+            self.aux_loss = self._aux_loss(scores_TE, topk_idx_TK, B)
         y_TD = self.dispatcher(x_TD, topk_idx_TK, topk_w_TK, self.experts)
         if y_scale != 1.0:
             y_TD = y_TD * y_scale
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
-        self.aux_loss = self._aux_loss(scores_TE, topk_idx_TK, B)
         if self.training and not _in_backward():
             self._accumulate(scores_TE, topk_idx_TK)
         return y_TD.view(B, L, D)

@@ -4,7 +4,11 @@ Legend: B batch, T tokens (flattened B*L in the MoE), L sequence length, D model
 K experts per token (top_k), G expert groups.
 
 All routing math runs in fp32 (as HF DeepSeek-V3 does), whatever the activation dtype: top-k choices
-flip on tiny differences, and the weights multiply every routed output.
+flip on tiny differences, the weights multiply every routed output, and the aux-loss-free bias moves in
+steps (1e-3) finer than bf16's spacing near a sigmoid score of 0.5 (~4e-3). Under bf16 autocast a
+`.float()` alone is not enough (autocast re-casts F.linear to bf16: scores measured on 64 tokens x 4
+experts took 82 distinct values instead of 256, and 1 token in 64 changed its top-2), so the router and
+MoE.forward's routing block run with autocast off (`fp32_region`).
 """
 
 from __future__ import annotations
@@ -13,11 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kimi.model.layers import FP32Buffers, fp32_region
 
-class Router(nn.Module):
+
+class Router(FP32Buffers, nn.Module):
     """Scores tokens against experts. `weight` (E, D) is trained (by AdamW: its name contains 'router');
     `expert_bias` (E,) fp32 is the aux-loss-free balancing bias, a persistent buffer updated outside
-    autograd by `MoE.update_bias` and used for expert SELECTION only (HF: e_score_correction_bias)."""
+    autograd by `MoE.update_bias` and used for expert SELECTION only (HF: e_score_correction_bias).
+    It stays fp32 when the module is cast to bf16 (FP32Buffers)."""
+
+    fp32_buffers = ("expert_bias",)
 
     def __init__(self, dim: int, num_experts: int, score_func: str = "sigmoid"):
         super().__init__()
@@ -30,11 +39,13 @@ class Router(nn.Module):
         return self.scores(self.logits(x_TD))
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """Router logits_TE in fp32 (what the fused Triton router takes)."""
-        return F.linear(x_TD.float(), self.weight.float())
+        """Router logits_TE in fp32 with autocast off (what the fused Triton router takes)."""
+        with fp32_region(x_TD.device):
+            return F.linear(x_TD.float(), self.weight.float())
 
     def scores(self, logits_TE: torch.Tensor) -> torch.Tensor:
-        return logits_TE.sigmoid() if self.score_func == "sigmoid" else logits_TE.softmax(dim=-1)
+        with fp32_region(logits_TE.device):
+            return logits_TE.sigmoid() if self.score_func == "sigmoid" else logits_TE.softmax(dim=-1)
 
 
 def route(
