@@ -22,7 +22,8 @@ setup(
         "safetensors",  # Hugging Face export in kimi.convert
     ],
     extras_require={
-        "dev": ["pytest", "ruff", "transformers", "triton; platform_system == 'Linux'"],
+        # deepspeed: tests/test_engine.py checks the DeepSpeed engine against FSDP2 (pure Python, no CUDA needed)
+        "dev": ["pytest", "ruff", "transformers", "triton; platform_system == 'Linux'", "deepspeed"],
         "deepspeed": ["deepspeed"],
     },
 )

@@ -64,6 +64,13 @@ class Engine(ABC):
     def latest(self) -> Path | None:
         """The checkpoint `latest` points to under ckpt_dir, or None."""
 
+    def scale_rows_(self, p: Tensor, scale: Tensor) -> None:
+        """p[i] *= scale[i] (QK-clip's edit of q/k weights after a step, `QKClip(scale_fn=...)`), applied
+        wherever the engine keeps the weights it steps."""
+        from kimi.optim.qk_clip import scale_rows_
+
+        scale_rows_(p, scale)
+
     @property
     def lr(self) -> float:
         """The lr the next step() uses (of the first param group)."""

@@ -239,26 +239,44 @@ class DeepSpeedEngine(Engine):
         self.ckpt_dir = self.ckpt.dir
 
     def _attach_flat_shards(self) -> None:
-        """Tell Muon where its matrices sit in each ZeRO partition (kimi/optim/zero_muon.py)."""
+        """Record where each parameter sits in ZeRO's flat buffers, and tell Muon where its matrices sit in
+        each partition (kimi/optim/zero_muon.py)."""
         from kimi.optim.muon import muon_lr_scale
         from kimi.optim.zero_muon import FlatShard
 
         zero = self.ds.optimizer
+        self._where: dict[int, tuple[int, int]] = {}  # id(param) -> (group, offset in its flat buffer)
         for i, group in enumerate(self.optimizer.param_groups):
-            if not group["use_muon"]:
-                continue
             flat, params, pg = (
                 zero.bit16_groups_flat[i],
                 zero.round_robin_bit16_groups[i],
                 zero.real_dp_process_group[i],
             )
-            (part,) = group["params"]
             offsets = [(p.data_ptr() - flat.data_ptr()) // flat.element_size() for p in params]
-            shard = FlatShard([p.shape for p in params], offsets, [muon_lr_scale(p.shape) for p in params],
-                              flat.numel(), dist.get_rank(pg), dist.get_world_size(pg), pg)  # fmt: skip
-            if part is not zero.single_partition_of_fp32_groups[i] or part.numel() != shard.size:
+            self._where.update({id(p): (i, o) for p, o in zip(params, offsets)})
+            (part,) = group["params"]
+            if (
+                part is not zero.single_partition_of_fp32_groups[i]
+                or part.numel() * dist.get_world_size(pg) != flat.numel()
+            ):
                 raise RuntimeError("deepspeed engine: ZeRO's partition layout is not the one this code knows")
-            part.flat_shard = shard
+            if group["use_muon"]:
+                part.flat_shard = FlatShard([p.shape for p in params], offsets, [muon_lr_scale(p.shape) for p in params],
+                                            flat.numel(), dist.get_rank(pg), dist.get_world_size(pg), pg)  # fmt: skip
+
+    def scale_rows_(self, p: Tensor, scale: Tensor) -> None:
+        """QK-clip under ZeRO: scale the rows of the model's copy and of this rank's slice of the fp32 master
+        weights, which ZeRO would otherwise copy back over the clipped model weights at the next step."""
+        from kimi.optim.qk_clip import scale_rows_
+
+        scale_rows_(p, scale)
+        zero, (i, off) = self.ds.optimizer, self._where[id(p)]
+        master = zero.single_partition_of_fp32_groups[i]
+        start = dist.get_rank(zero.real_dp_process_group[i]) * master.numel()
+        a, b = max(start, off), min(start + master.numel(), off + p.numel())
+        if a < b:
+            per_element = scale.to(master).repeat_interleave(p.numel() // p.shape[0])
+            master[a - start : b - start].mul_(per_element[a - off : b - off])
 
     # ------------------------------------------------------------------ the step
 
