@@ -231,8 +231,29 @@ def test_user_json_cannot_bring_zero3_or_its_own_optimizer(tmp_path):
     for bad, msg in (
         ({"zero_optimization": {"stage": 3}}, "ZeRO stage 3"),
         ({"optimizer": {"type": "Adam"}}, "sets optimizer"),
+        ({"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}, "offload_optimizer"),
     ):
         (tmp_path / "ds.json").write_text(json.dumps(bad))
         cfg = _cfg(tmp_path, "deepspeed", f"--parallel.deepspeed_config={tmp_path / 'ds.json'}")
         with pytest.raises(ConfigError, match=msg):
             ds_config(cfg, world=2, bf16=False)
+
+
+def _one_process(rank, world, tmp):
+    from kimi.runtime import setup_runtime
+
+    res = {}
+    for engine in ("fsdp2", "deepspeed"):  # deepspeed makes its own one-rank process group
+        cfg = _cfg(tmp, engine, "--parallel.ep=1")
+        rt = setup_runtime(cfg)
+        eng, batches = _build(cfg, rt)
+        res[engine] = _train(eng, batches, rt, STEPS), _params(eng, 0, 1)
+    return res
+
+
+def test_deepspeed_one_process_matches_fsdp2(tmp_path):
+    (res,) = run_distributed(_one_process, 1, args=(str(tmp_path),), init_pg=False, timeout=300)
+    (ref_losses, ref_norms), ref_params = res["fsdp2"]
+    (losses, norms), params = res["deepspeed"]
+    assert losses == pytest.approx(ref_losses, rel=LOSS_RTOL) and norms == pytest.approx(ref_norms, rel=NORM_RTOL)
+    _assert_params_close(params, ref_params)

@@ -24,7 +24,7 @@ What is ours and what is DeepSpeed's:
   Resuming needs the same world size and EP degree (ZeRO's partitions are per rank).
 
 Refused: ZeRO-3 (parallel.zero_stage=3: DeepSpeed's native MoE refuses it, AutoEP rejects aux-loss-free
-bias), HSDP (dp_replicate > 1), a user JSON that sets its own optimizer or scheduler. DeepSpeed's
+bias), HSDP (dp_replicate > 1), a user JSON that sets its own optimizer or scheduler, or ZeRO offload. DeepSpeed's
 MuonWithAuxAdam is not offered: it has no QK-clip and had silent-correctness bugs; ours runs instead.
 """
 
@@ -91,9 +91,15 @@ def ds_config(cfg: Config, world: int, bf16: bool) -> dict[str, Any]:
         if bad:
             raise ConfigError(f"parallel.deepspeed_config sets {', '.join(bad)}; these come from optim.* (remove them)")
         gen = _merge(gen, user)
-    stage = gen.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (1, 2):
-        raise ConfigError(f"ZeRO stage {stage} from parallel.deepspeed_config is not supported; use 1 or 2")
+    zero = gen.get("zero_optimization", {})
+    if zero.get("stage", 0) not in (1, 2):
+        raise ConfigError(
+            f"ZeRO stage {zero.get('stage', 0)} from parallel.deepspeed_config is not supported; use 1 or 2"
+        )
+    for k in ("offload_optimizer", "offload_param"):
+        if (zero.get(k) or {}).get("device", "none") != "none":
+            # Our Muon all-gathers its partitions on the accelerator; offloaded (CPU) partitions are untested.
+            raise ConfigError(f"zero_optimization.{k} in parallel.deepspeed_config is not supported by this engine")
     return gen
 
 
@@ -200,6 +206,8 @@ class DeepSpeedEngine(Engine):
         if not dist.is_initialized():  # one process: DeepSpeed still wants a process group (in-memory store)
             backend = "nccl" if rt.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", str(rt.local_rank))):
+                os.environ.setdefault(k, v)  # DeepSpeed reads the launcher's variables even then
         _quiet_deepspeed()
         self.raw_model, self.rt, self.cfg = model, rt, cfg
         self.ep = dims.ep if model.moe_layers() else 1
