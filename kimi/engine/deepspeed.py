@@ -68,6 +68,8 @@ def ds_config(cfg: Config, world: int, bf16: bool) -> dict[str, Any]:
         "gradient_accumulation_steps": max(1, accum),
         "gradient_clipping": cfg.optim.grad_clip,
         "bf16": {"enabled": bf16},
+        # bf16 parameters, but gradients reduced in fp32, as the FSDP2 engine does
+        "communication_data_type": "fp32" if bf16 else None,
         "zero_optimization": {
             "stage": cfg.parallel.zero_stage,
             "reduce_scatter": True,  # DeepSpeed's MoE path needs it (expert grads reduced over their group)
@@ -249,10 +251,17 @@ class DeepSpeedEngine(Engine):
     def _attach_flat_shards(self) -> None:
         """Record where each parameter sits in ZeRO's flat buffers, and tell Muon where its matrices sit in
         each partition (kimi/optim/zero_muon.py)."""
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
         from kimi.optim.muon import muon_lr_scale
         from kimi.optim.zero_muon import FlatShard
 
         zero = self.ds.optimizer
+        if not isinstance(zero, DeepSpeedZeroOptimizer):  # e.g. BF16_Optimizer: bf16 ZeRO-1 + fp32 grad accumulation
+            raise ConfigError(
+                f"DeepSpeed chose {type(zero).__name__}, whose layout this engine does not know; drop "
+                "data_types.grad_accum_dtype from parallel.deepspeed_config or use parallel.zero_stage=2"
+            )
         self._where: dict[int, tuple[int, int]] = {}  # id(param) -> (group, offset in its flat buffer)
         for i, group in enumerate(self.optimizer.param_groups):
             flat, params, pg = (
@@ -318,6 +327,8 @@ class DeepSpeedEngine(Engine):
             for stale in ck.dir.glob("*.tmp"):
                 shutil.rmtree(stale, ignore_errors=True)
         _barrier()
+        # The sequence below (tmp dir, files, rename, links, rotation) is Checkpointer.save's around a different
+        # writer; phase 2 splits Checkpointer.save into begin / publish so that these lines go.
         self.ds.save_checkpoint(str(ck.dir), tag=tmp.name, save_latest=False)  # DeepSpeed's `latest` is a file
         if self.experts:
             ep_rank, replica = self._expert_ranks()
