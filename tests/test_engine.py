@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kimi.checkpoint import CheckpointError
 from kimi.config import ConfigError, load_config
 from tests.dist_utils import run_distributed
 
@@ -124,6 +125,12 @@ def _all(rank, world, tmp):
     batches2.load_state_dict(train_state["data"])
     resumed = _train(eng2, batches2, rt, 1), _params(eng2, rank, 2)
     res["ckpt"] = (after, resumed, meta, sorted(p.name for p in saved.iterdir()), eng2.latest() == saved)
+    other, _ = _build(_cfg(f"{tmp}/ckpt", "fsdp2"), rt)
+    try:
+        other.load(other.latest())
+        res["wrong_engine"] = None
+    except CheckpointError as e:
+        res["wrong_engine"] = str(e)
 
     # A user JSON merged over the generated one: a field we can read back from DeepSpeed.
     user = Path(tmp) / "ds.json"
@@ -210,6 +217,12 @@ def test_engines_follow_the_golden_curve(runs):
     golden = json.loads((ROOT / "tests" / "golden" / "debug_losses.json").read_text())["losses"][:STEPS]
     for engine, stage in ENGINES:
         assert runs[0]["muon", engine, stage][0] == pytest.approx(golden, rel=2e-5)
+
+
+def test_fsdp2_engine_refuses_a_deepspeed_checkpoint_in_one_line(runs):
+    for msg in (r["wrong_engine"] for r in runs):
+        assert msg and "written by the deepspeed engine; resume it with --parallel.engine=deepspeed" in msg
+        assert "\n" not in msg
 
 
 def test_user_json_overrides_generated_config(runs):
