@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kimi.config import Config
+from kimi.config import Config, ConfigError
 
 
 class Engine(ABC):
@@ -81,6 +81,10 @@ def build_engine(cfg: Config, model: nn.Module, rt) -> Engine:
     """The engine `cfg.parallel.engine` names, wrapping `model` (a KimiModel on rt.device, the same weights on
     every rank) on the runtime `rt` (kimi.runtime.Runtime: device, mesh, process group)."""
     if cfg.parallel.engine == "deepspeed":
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise ConfigError("parallel.engine=deepspeed needs DeepSpeed: pip install -e '.[deepspeed]'") from None
         from kimi.engine.deepspeed import DeepSpeedEngine
 
         return DeepSpeedEngine(cfg, model, rt)
