@@ -214,7 +214,6 @@ class DeepSpeedEngine(Engine):
         self.raw_model, self.rt, self.cfg = model, rt, cfg
         self.ep = dims.ep if model.moe_layers() else 1
         self.experts: list[nn.Parameter] = []
-        group_name = None
         if self.ep > 1:
             apply_expert_parallel(model, submesh(rt.mesh, "ep"))
             group_name = register_expert_groups(rt.mesh, self.ep)
