@@ -91,3 +91,14 @@ def build_engine(cfg: Config, model: nn.Module, rt) -> Engine:
     from kimi.engine.fsdp2 import FSDP2Engine
 
     return FSDP2Engine(cfg, model, rt)
+
+
+def check_engine(path: str | Path, engine: str) -> None:
+    """One clear line when a checkpoint was written by the other engine (their layouts differ)."""
+    from kimi.checkpoint import CheckpointError, read_meta
+
+    wrote = read_meta(path).get("engine", "fsdp2")  # checkpoints from before engines existed are FSDP2's
+    if wrote != engine:
+        raise CheckpointError(
+            f"checkpoint '{path}' was written by the {wrote} engine; resume it with --parallel.engine={wrote}"
+        )

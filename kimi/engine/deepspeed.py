@@ -53,8 +53,7 @@ from kimi.checkpoint import (
     set_rng_state,
 )
 from kimi.config import Config, ConfigError
-from kimi.engine.base import Engine
-from kimi.engine.fsdp2 import check_engine
+from kimi.engine.base import Engine, check_engine
 
 _FORBIDDEN_KEYS = ("optimizer", "scheduler")  # ours come from optim.*; DeepSpeed's would replace them
 

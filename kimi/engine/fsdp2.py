@@ -12,9 +12,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from kimi.checkpoint import Checkpointer, CheckpointError
+from kimi.checkpoint import Checkpointer
 from kimi.config import Config
-from kimi.engine.base import Engine
+from kimi.engine.base import Engine, check_engine
 
 
 class FSDP2Engine(Engine):
@@ -52,14 +52,3 @@ class FSDP2Engine(Engine):
 
     def latest(self) -> Path | None:
         return self.ckpt.latest()
-
-
-def check_engine(path: str | Path, engine: str) -> None:
-    """One clear line when a checkpoint was written by the other engine (their layouts differ)."""
-    from kimi.checkpoint import read_meta
-
-    wrote = read_meta(path).get("engine", "fsdp2")  # checkpoints from before engines existed are FSDP2's
-    if wrote != engine:
-        raise CheckpointError(
-            f"checkpoint '{path}' was written by the {wrote} engine; resume it with --parallel.engine={wrote}"
-        )
