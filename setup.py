@@ -25,7 +25,9 @@ setup(
         "safetensors",  # Hugging Face export in kimi.convert
     ],
     extras_require={
-        "dev": ["pytest", "ruff", "transformers", "triton; platform_system == 'Linux'"],
+        # deepspeed: tests/test_engine.py checks the DeepSpeed engine against FSDP2 (pure Python, no CUDA needed);
+        # kimi/engine/deepspeed.py reads ZeRO-1/2's flat layout, checked against the 0.19 series
+        "dev": ["pytest", "ruff", "transformers", "triton; platform_system == 'Linux'", "deepspeed>=0.19,<0.20"],
         "deepspeed": ["deepspeed"],
     },
 )

@@ -224,6 +224,20 @@ class ParallelConfig:
     dp_shard: int = -1  # FSDP degree; -1: the rest of the world
     ep: int = 1  # expert-parallel degree (divides num_experts)
     backend: str = "auto"  # "auto" (nccl on CUDA, gloo on CPU), "nccl", "gloo"
+    engine: str = "fsdp2"  # what wraps the model and steps it: "fsdp2" or "deepspeed" (kimi/engine/)
+    zero_stage: int = 1  # deepspeed: ZeRO stage 1 (optimizer state) or 2 (+ gradients) partitioned over ranks
+    deepspeed_config: str | None = None  # deepspeed: a JSON file merged over the config generated from ours
+
+    def __post_init__(self) -> None:
+        if self.engine not in ("fsdp2", "deepspeed"):
+            raise ConfigError(f"parallel.engine={self.engine!r} is not one of 'fsdp2', 'deepspeed'")
+        if self.zero_stage == 3:
+            # DeepSpeed's MoE refuses ZeRO-3 (it points to AutoEP), and AutoEP's presets reject aux-loss-free bias.
+            raise ConfigError(
+                "parallel.zero_stage=3 is not supported (DeepSpeed ZeRO-3 does not take our expert-parallel MoE); use 1 or 2"
+            )
+        if self.zero_stage not in (1, 2):
+            raise ConfigError(f"parallel.zero_stage={self.zero_stage} must be 1 or 2")
 
 
 @dataclass

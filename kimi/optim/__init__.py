@@ -1,7 +1,8 @@
 """Optimizers: Muon + AdamW in one class, QK-clip (MuonClip), learning-rate schedules, global grad clipping."""
 
 from kimi.optim.grad_clip import clip_grad_norm_
-from kimi.optim.muon import Muon, build_optimizer, newton_schulz
+from kimi.optim.muon import Muon, build_optimizer
+from kimi.optim.newton_schulz import newton_schulz
 from kimi.optim.qk_clip import QKClip, all_reduce_max
 from kimi.optim.schedules import build_scheduler, lr_lambda
 

@@ -34,7 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from kimi.optim.muon import default_ns_dtype, newton_schulz
+from kimi.optim.newton_schulz import default_ns_dtype, newton_schulz
+from kimi.optim.zero_muon import orthogonalize_flat
 
 
 def _is_dtensor(t: Tensor) -> bool:
@@ -89,6 +90,8 @@ def orthogonalize(
     params: list[Tensor], updates: list[Tensor], steps: int, dtype: torch.dtype | None = None
 ) -> list[Tensor]:
     """NS(update) for each Muon parameter, returned as rank-local tensors shaped like each update.
+    A ZeRO flat partition (a tensor with a `flat_shard`, see zero_muon.py) gets its update with each
+    matrix's Muon lr scale already applied, since one partition holds matrices of different shapes.
 
     `updates[i]` is the local data of params[i]'s momentum update (same layout as the local shard).
     Must be called by every rank of every mesh involved with the same parameter list.
@@ -97,6 +100,9 @@ def orthogonalize(
     local: list[int] = []
     buckets: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (id(mesh), mesh dim) -> [(i, tensor dim)]
     for i, p in enumerate(params):
+        if hasattr(p, "flat_shard"):  # a ZeRO flat partition (DeepSpeed engine): returned already lr-scaled
+            out[i] = orthogonalize_flat(p.flat_shard, updates[i], steps, dtype)
+            continue
         kind, k, d = _classify(p)
         if kind == "local":
             local.append(i)

@@ -24,41 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from kimi.config import ConfigError, OptimConfig
-
-NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic: maximal slope at 0, singular values land in ~[0.7, 1.2]
-
-
-def default_ns_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where matmuls are fast in bf16 (CUDA); fp32 elsewhere (CPU bf16 matmul is slow, emulated)."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def newton_schulz(G: Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = None) -> Tensor:
-    """Approximately orthogonalise each matrix in G (..., A, B): U S V^T -> U S' V^T with S' in ~[0.7, 1.2].
-
-    Normalises each matrix by its Frobenius norm (so the spectral norm is <= 1), then runs `steps` quintic
-    iterations X <- aX + (bXX^T + c(XX^T)^2)X on the wide orientation (transposed when A > B, so the Gram
-    matrix is the small one). Leading dims are a batch. Computes and returns in `dtype`
-    (default: `default_ns_dtype(G.device)`).
-    """
-    if G.ndim < 2:
-        raise ValueError(f"newton_schulz needs a (..., A, B) tensor, got shape {tuple(G.shape)}")
-    a, b, c = NS_COEFFS
-    X = G.to(dtype or default_ns_dtype(G.device))
-    transposed = G.size(-2) > G.size(-1)
-    if transposed:
-        X = X.mT
-    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
-    # Fused multiply-adds (one rounding per product in bf16; the same ops as torch.optim.Muon for 2-D).
-    mm_add = torch.addmm if X.ndim == 2 else torch.baddbmm
-    batch = X.shape[:-2]
-    X = X.flatten(0, -3) if X.ndim > 3 else X  # flatten, not reshape(-1, ..): empty expert shards (0, A, B)
-    for _ in range(steps):
-        A = X @ X.mT
-        B = mm_add(A, A, A, beta=b, alpha=c)  # bA + cA^2
-        X = mm_add(X, B, X, beta=a)  # aX + BX
-    X = X.unflatten(0, batch) if len(batch) > 1 else X
-    return X.mT if transposed else X
+from kimi.optim.dist_muon import orthogonalize  # the (possibly distributed) Newton-Schulz
+from kimi.optim.newton_schulz import default_ns_dtype, newton_schulz  # noqa: F401  (re-exported)
 
 
 def muon_lr_scale(shape: torch.Size) -> float:
@@ -122,8 +89,6 @@ class Muon(torch.optim.Optimizer):
         return loss
 
     def _muon_step(self, group: dict) -> None:
-        from kimi.optim.dist_muon import orthogonalize  # the (possibly distributed) Newton-Schulz
-
         lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
         params, updates = [], []
         for p in group["params"]:
@@ -142,7 +107,8 @@ class Muon(torch.optim.Optimizer):
         for p, o in zip(params, orthos):
             p_local = _local(p)
             p_local.mul_(1 - lr * wd)
-            p_local.add_(o.to(p_local.dtype), alpha=-lr * muon_lr_scale(p.shape))  # p.shape: global shape
+            scale = 1.0 if hasattr(p, "flat_shard") else muon_lr_scale(p.shape)  # p.shape: global shape
+            p_local.add_(o.to(p_local.dtype), alpha=-lr * scale)
 
     def _adamw_step(self, group: dict) -> None:
         lr, wd, (beta1, beta2), eps = group["lr"], group["weight_decay"], group["betas"], group["eps"]

@@ -49,10 +49,18 @@ class QKClip:
     `reduce_fn(t)` (optional) reduces the concatenated per-head maxima of all modules in place, e.g.
     `all_reduce_max(dp_group)`, so every rank sees the global max and clips identically: one collective
     per step for all layers. Without it, each rank clips on its own maxima (fine on one process).
+    `scale_fn(p, scale)` applies a row scale to a parameter (default `scale_rows_`); an engine whose
+    optimizer keeps its own master copy of the weights (DeepSpeed ZeRO) passes one that scales both.
     """
 
-    def __init__(self, attn_modules: Iterable[nn.Module], tau: float = 100.0, reduce_fn: Callable | None = None):
-        self.modules = list(attn_modules)
+    def __init__(
+        self,
+        attn_modules: Iterable[nn.Module],
+        tau: float = 100.0,
+        reduce_fn: Callable | None = None,
+        scale_fn: Callable[[Tensor, Tensor], None] = scale_rows_,
+    ):
+        self.modules, self.scale_fn = list(attn_modules), scale_fn
         if tau <= 0:
             raise ValueError(f"QK-clip: tau={tau} must be > 0 (optim.qk_clip_tau)")
         for m in self.modules:
@@ -75,6 +83,6 @@ class QKClip:
         for m, g_H, o in zip(self.modules, gamma.split(sizes), host[1:].split(sizes)):
             if o.any():  # leave modules with no clipped head alone (no kernels, no rounding)
                 for p, scale in m.qk_clip_scales(g_H):
-                    scale_rows_(p, scale)
+                    self.scale_fn(p, scale)
             m.reset_max_logits()
         return {"max_logit": float(host[0]), "clipped_heads": int(host[1:].sum())}

@@ -1,0 +1,394 @@
+"""The DeepSpeed engine: our expert parallelism, then ZeRO-1/2 with our optimizer as DeepSpeed's client.
+
+What is ours and what is DeepSpeed's:
+- Expert parallelism stays ours: the all-to-all dispatcher and the (dp, ep) mesh of kimi.parallel. ZeRO
+  flattens parameters into 1-D buffers and does not take DTensors, so after `apply_expert_parallel` each
+  rank's expert shard becomes a plain Parameter again ((E/ep, F, D); the dispatcher takes plain local
+  experts as well). Expert parameters are marked as DeepSpeed MoE parameters (`allreduce=False`,
+  `group_name`) and put in MoE param groups whose name is that of an expert-data-parallel group we
+  register in deepspeed.utils.groups from our own mesh (ep = our ep group, expert-dp = the ranks holding
+  the same experts). ZeRO then partitions and reduces expert gradients over their replicas only, and
+  divides by the whole data-parallel world, which is the gradient of the global mean loss (the same
+  factor FSDP2 uses, kimi/parallel/fsdp.py). DeepSpeed enables that path only for models holding one of
+  its own MoE layers; an empty marker module stands in for one while the engine is built.
+- The optimizer is ours (kimi.optim.Muon: Muon + AdamW), DeepSpeed's client. ZeRO gives it one flat fp32
+  partition per group: AdamW and momentum are elementwise, and Newton-Schulz runs on whole matrices cut
+  from an all-gather of the partitions (kimi/optim/zero_muon.py), so the update is the FSDP2 engine's.
+- The lr schedule, gradient clipping value, accumulation and batch sizes come from our config; the JSON
+  DeepSpeed reads is generated from it (`ds_config`), and `parallel.deepspeed_config` may override it.
+- Precision: bf16 on GPU (DeepSpeed casts parameters, keeps fp32 master weights in the ZeRO partitions
+  and fp32 buffers), fp32 on CPU.
+- Checkpoints: DeepSpeed's save_checkpoint/load_checkpoint into our atomic step directories (write
+  step_N.tmp, rename, swap `latest`: kimi.checkpoint.Checkpointer's links and rotation). DeepSpeed writes
+  the module from data-parallel rank 0 only, so each expert-parallel rank also writes its experts.
+  Resuming needs the same world size and EP degree (ZeRO's partitions are per rank).
+
+Refused: ZeRO-3 (parallel.zero_stage=3: DeepSpeed's native MoE refuses it, AutoEP rejects aux-loss-free
+bias), HSDP (dp_replicate > 1), a user JSON that sets its own optimizer or scheduler, or ZeRO offload. DeepSpeed's
+MuonWithAuxAdam is not offered: it has no QK-clip and had silent-correctness bugs; ours runs instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from kimi.checkpoint import (
+    STEP_PREFIX,
+    Checkpointer,
+    CheckpointError,
+    _barrier,
+    _rank,
+    resolve,
+    rng_state,
+    set_rng_state,
+)
+from kimi.config import Config, ConfigError
+from kimi.engine.base import Engine, check_engine
+
+_FORBIDDEN_KEYS = ("optimizer", "scheduler")  # ours come from optim.*; DeepSpeed's would replace them
+
+
+def ds_config(cfg: Config, world: int, bf16: bool) -> dict[str, Any]:
+    """The DeepSpeed JSON generated from our config, with `parallel.deepspeed_config` merged over it."""
+    t, accum = cfg.train, cfg.train.global_batch_size // (cfg.train.micro_batch_size * world)
+    gen = {
+        "train_batch_size": t.micro_batch_size * accum * world,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": max(1, accum),
+        "gradient_clipping": cfg.optim.grad_clip,
+        "bf16": {"enabled": bf16},
+        # bf16 parameters, but gradients reduced in fp32, as the FSDP2 engine does
+        "communication_data_type": "fp32" if bf16 else None,
+        "zero_optimization": {
+            "stage": cfg.parallel.zero_stage,
+            "reduce_scatter": True,  # DeepSpeed's MoE path needs it (expert grads reduced over their group)
+            "contiguous_gradients": True,
+            "overlap_comm": False,
+            "round_robin_gradients": False,
+        },
+        "zero_allow_untested_optimizer": True,  # our client optimizer
+        "steps_per_print": 2**31 - 1,  # our loop logs
+        "wall_clock_breakdown": False,
+    }
+    path = cfg.parallel.deepspeed_config
+    if path:
+        try:
+            user = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"parallel.deepspeed_config: file '{path}' does not exist") from None
+        except ValueError as e:
+            raise ConfigError(f"parallel.deepspeed_config: '{path}' is not valid JSON: {e}") from None
+        bad = [k for k in _FORBIDDEN_KEYS if k in user]
+        if bad:
+            raise ConfigError(f"parallel.deepspeed_config sets {', '.join(bad)}; these come from optim.* (remove them)")
+        gen = _merge(gen, user)
+    zero = gen.get("zero_optimization", {})
+    if zero.get("stage", 0) not in (1, 2):
+        raise ConfigError(
+            f"ZeRO stage {zero.get('stage', 0)} from parallel.deepspeed_config is not supported; use 1 or 2"
+        )
+    for k in ("offload_optimizer", "offload_param"):
+        if (zero.get(k) or {}).get("device", "none") != "none":
+            # Our Muon all-gathers its partitions on the accelerator; offloaded (CPU) partitions are untested.
+            raise ConfigError(f"zero_optimization.{k} in parallel.deepspeed_config is not supported by this engine")
+    return gen
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# ----------------------------------------------------------------------------- experts as DeepSpeed MoE params
+
+
+def _expert_group_name(ep: int) -> str:
+    return f"ep_size_{ep}"  # DeepSpeed's own naming for its expert / expert-data-parallel groups
+
+
+def register_expert_groups(mesh, ep: int) -> str:
+    """Hand DeepSpeed our EP and expert-data-parallel process groups under its group name; returns it."""
+    from deepspeed.utils import groups
+
+    from kimi.parallel import submesh
+
+    name = _expert_group_name(ep)
+    for mesh_name, pgs, ranks in (
+        ("ep", groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS),
+        ("efsdp", groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS),
+    ):
+        sub = submesh(mesh, mesh_name)
+        pgs[name], ranks[name] = sub.get_group(), sub.mesh.flatten().tolist()
+    return name
+
+
+def experts_to_local(model: nn.Module, group_name: str) -> list[nn.Parameter]:
+    """Replace each MoE layer's DTensor expert parameters (from apply_expert_parallel) by plain Parameters
+    holding this rank's shard, marked as DeepSpeed expert parameters of `group_name`."""
+    out = []
+    for moe in model.moe_layers():
+        for name, p in list(moe.experts.named_parameters(recurse=False)):
+            local = nn.Parameter(p.to_local().detach().clone(), requires_grad=p.requires_grad)
+            local.allreduce, local.group_name = False, group_name  # deepspeed.moe.utils.is_moe_param
+            setattr(moe.experts, name, local)
+            out.append(local)
+    return out
+
+
+def _moe_marker(num_experts: int) -> nn.Module:
+    """An empty module DeepSpeed's engine takes for one of its MoE layers (its check is an isinstance)."""
+    from deepspeed.moe.layer import MoE
+
+    class MoEMarker(MoE):
+        def __init__(self) -> None:
+            nn.Module.__init__(self)  # no gate, no experts, no parameters: nothing to save or step
+            self.num_experts = num_experts
+
+        def set_deepspeed_parallelism(self, *args, **kwargs) -> None:
+            pass  # the groups are ours, registered by register_expert_groups
+
+    return MoEMarker()
+
+
+def split_expert_groups(groups: list[dict]) -> list[dict]:
+    """Our param groups with expert parameters moved to DeepSpeed MoE groups (deepspeed's own splitter);
+    empty groups dropped."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    plain = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
+    return [g for g in split_params_into_different_moe_groups_for_optimizer(plain) if g["params"]]
+
+
+# ----------------------------------------------------------------------------- the engine
+
+
+def _quiet_deepspeed() -> None:
+    """DeepSpeed logs every step of its setup at INFO; on CPU its comm backend would also JIT-compile a
+    shared-memory all-reduce op with g++ (~60 s, once per machine) that gloo does not need."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING)
+    if get_accelerator().device_name() == "cpu":
+        # deepspeed.ops caches this probe in the module, "so edits to it persist" (its own comment).
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+
+    def __init__(self, cfg: Config, model: nn.Module, rt):
+        import deepspeed
+
+        from kimi.optim import build_optimizer, build_scheduler
+        from kimi.parallel import ParallelDims, apply_expert_parallel, submesh
+        from kimi.parallel.parallelize import apply_activation_checkpointing, apply_compile
+        from kimi.runtime import dtype_is_bf16
+
+        num_experts = model.config.moe.num_experts if model.moe_layers() else None
+        dims = ParallelDims.from_config(cfg.parallel, rt.world, num_experts)
+        if dims.dp_replicate > 1:
+            raise ConfigError(
+                "parallel.dp_replicate > 1 (HSDP) is an FSDP2 layout; the deepspeed engine shards over all ranks"
+            )
+        if not dist.is_initialized():  # one process: DeepSpeed still wants a process group (in-memory store)
+            backend = "nccl" if rt.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", str(rt.local_rank))):
+                os.environ.setdefault(k, v)  # DeepSpeed reads the launcher's variables even then
+        _quiet_deepspeed()
+        self.raw_model, self.rt, self.cfg = model, rt, cfg
+        self.ep = dims.ep if model.moe_layers() else 1
+        self.experts: list[nn.Parameter] = []
+        if self.ep > 1:
+            apply_expert_parallel(model, submesh(rt.mesh, "ep"))
+            group_name = register_expert_groups(rt.mesh, self.ep)
+            self.experts = experts_to_local(model, group_name)
+        if cfg.train.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        if cfg.train.compile:
+            apply_compile(model)
+
+        client = build_optimizer(model, cfg.optim)
+        if self.experts:
+            kw = {k: v for k, v in client.defaults.items() if k != "use_muon"}
+            client = type(client)(split_expert_groups(client.param_groups), ns_dtype=client.ns_dtype, **kw)
+        self.ds_config = ds_config(cfg, rt.world, dtype_is_bf16(cfg, rt.device.type == "cuda"))
+        if self.experts:
+            model.add_module("_deepspeed_moe_marker", _moe_marker(num_experts))
+        try:
+            self.ds, *_ = deepspeed.initialize(
+                model=model, optimizer=client, config=self.ds_config, dist_init_required=False
+            )
+        finally:
+            if self.experts:
+                del model._deepspeed_moe_marker
+        # The marker's work is done (ZeRO built its MoE groups); DeepSpeed's MoE checkpoint layout, which
+        # expects its own expert modules, must not be used: ours is below.
+        self.ds.has_moe_layers = False
+        self.model = self.ds
+        self.optimizer = client  # ZeRO steps it with the partitions; its param_groups carry the lr
+        self.scheduler = build_scheduler(client, cfg.optim, cfg.train.max_steps)
+        self._attach_flat_shards()
+        self.ckpt = Checkpointer(Path(cfg.train.out_dir) / "checkpoints", cfg.train.keep_last, cfg.train.keep_best)
+        self.ckpt_dir = self.ckpt.dir
+
+    def _attach_flat_shards(self) -> None:
+        """Record where each parameter sits in ZeRO's flat buffers, and tell Muon where its matrices sit in
+        each partition (kimi/optim/zero_muon.py)."""
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+        from kimi.optim.muon import muon_lr_scale
+        from kimi.optim.zero_muon import FlatShard
+
+        zero = self.ds.optimizer
+        if not isinstance(zero, DeepSpeedZeroOptimizer):  # e.g. BF16_Optimizer: bf16 ZeRO-1 + fp32 grad accumulation
+            raise ConfigError(
+                f"DeepSpeed chose {type(zero).__name__}, whose layout this engine does not know; drop "
+                "data_types.grad_accum_dtype from parallel.deepspeed_config or use parallel.zero_stage=2"
+            )
+        self._where: dict[int, tuple[int, int]] = {}  # id(param) -> (group, offset in its flat buffer)
+        for i, group in enumerate(self.optimizer.param_groups):
+            flat, params, pg = (
+                zero.bit16_groups_flat[i],
+                zero.round_robin_bit16_groups[i],
+                zero.real_dp_process_group[i],
+            )
+            offsets = [(p.data_ptr() - flat.data_ptr()) // flat.element_size() for p in params]
+            self._where.update({id(p): (i, o) for p, o in zip(params, offsets)})
+            (part,) = group["params"]
+            if (
+                part is not zero.single_partition_of_fp32_groups[i]
+                or part.numel() * dist.get_world_size(pg) != flat.numel()
+            ):
+                raise RuntimeError("deepspeed engine: ZeRO's partition layout is not the one this code knows")
+            if group["use_muon"]:
+                part.flat_shard = FlatShard([p.shape for p in params], offsets, [muon_lr_scale(p.shape) for p in params],
+                                            flat.numel(), dist.get_rank(pg), dist.get_world_size(pg), pg)  # fmt: skip
+
+    def scale_rows_(self, p: Tensor, scale: Tensor) -> None:
+        """QK-clip under ZeRO: scale the rows of the model's copy and of this rank's slice of the fp32 master
+        weights, which ZeRO would otherwise copy back over the clipped model weights at the next step."""
+        from kimi.optim.qk_clip import scale_rows_
+
+        scale_rows_(p, scale)
+        zero, (i, off) = self.ds.optimizer, self._where[id(p)]
+        master = zero.single_partition_of_fp32_groups[i]
+        start = dist.get_rank(zero.real_dp_process_group[i]) * master.numel()
+        a, b = max(start, off), min(start + master.numel(), off + p.numel())
+        if a < b:
+            per_element = scale.to(master).repeat_interleave(p.numel() // p.shape[0])
+            master[a - start : b - start].mul_(per_element[a - off : b - off])
+
+    # ------------------------------------------------------------------ the step
+
+    def backward(self, loss: Tensor, micro: int, num_micro: int) -> None:
+        self.ds.set_gradient_accumulation_boundary(micro == num_micro - 1)  # ZeRO reduces on the last one
+        self.ds.backward(loss / num_micro, scale_wrt_gas=False)
+
+    def step(self) -> float:
+        self.ds.step()  # ZeRO: global norm, clip, client optimizer on the partitions, all-gather params
+        self.scheduler.step()
+        norm = self.ds.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _expert_ranks(self) -> tuple[int, int]:
+        """(ep rank, rank among the replicas of our experts)."""
+        from deepspeed.utils import groups
+
+        name = _expert_group_name(self.ep)
+        return groups._get_expert_parallel_rank(name), groups._get_expert_data_parallel_rank(name)
+
+    def save(self, step: int, train_state: dict[str, Any], config_yaml: str, meta: dict[str, Any]) -> Path:
+        from kimi.tracking.system import git_state
+
+        ck, rank = self.ckpt, _rank()
+        name = f"{STEP_PREFIX}{step:06d}"
+        final, tmp = ck.dir / name, ck.dir / f"{name}.tmp"
+        if rank == 0:
+            ck.dir.mkdir(parents=True, exist_ok=True)
+            for stale in ck.dir.glob("*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+        _barrier()
+        # The sequence below (tmp dir, files, rename, links, rotation) is Checkpointer.save's around a different
+        # writer; phase 2 splits Checkpointer.save into begin / publish so that these lines go.
+        self.ds.save_checkpoint(str(ck.dir), tag=tmp.name, save_latest=False)  # DeepSpeed's `latest` is a file
+        if self.experts:
+            ep_rank, replica = self._expert_ranks()
+            if replica == 0:
+                names = {id(p): n for n, p in self.raw_model.named_parameters()}
+                state = {names[id(p)]: p.detach().cpu() for p in self.experts}
+                torch.save(state, tmp / f"experts_ep{ep_rank:03d}.pt")
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+        if rank == 0:
+            import deepspeed
+
+            commit, dirty = git_state(Path(__file__).resolve().parent)
+            torch.save(train_state, tmp / "train_state.pt")
+            (tmp / "config.yaml").write_text(config_yaml)
+            meta = {**meta, "step": step, "engine": self.name, "zero_stage": self.ds.zero_optimization_stage(),
+                    "world_size": self.rt.world, "ep": self.ep, "git_commit": commit or "unknown", "git_dirty": dirty,
+                    "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+                    "time": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        _barrier()
+        if rank == 0:
+            if final.exists():  # re-saving a step (e.g. preempted right after a periodic save)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            ck._point("latest", final)
+            val = meta.get("val_loss")
+            if ck.keep_best and val is not None and val < ck._best_val():
+                ck._point("best", final)
+            ck._rotate()
+        _barrier()
+        return final
+
+    def load(self, path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        path = resolve(path)
+        check_engine(path, self.name)
+        meta = json.loads((path / "meta.json").read_text())
+        if (meta.get("world_size"), meta.get("ep")) != (self.rt.world, self.ep):
+            raise CheckpointError(
+                f"checkpoint '{path}' was written at world size {meta.get('world_size')}, ep {meta.get('ep')}; "
+                f"the deepspeed engine resumes only the same layout (this run: {self.rt.world}, ep {self.ep})"
+            )
+
+        def load_module(src: dict, dst: nn.Module) -> None:
+            dst.load_state_dict(src)  # rank 0's experts: ours come next
+            if self.experts:
+                experts = torch.load(path / f"experts_ep{self._expert_ranks()[0]:03d}.pt", weights_only=True)
+                params = dict(self.raw_model.named_parameters())
+                with torch.no_grad():
+                    for n, t in experts.items():
+                        params[n].copy_(t)
+
+        loaded, _ = self.ds.load_checkpoint(
+            str(path.parent), tag=path.name, load_lr_scheduler_states=False, custom_load_fn=load_module
+        )
+        if loaded is None:
+            raise CheckpointError(f"deepspeed could not load the checkpoint in '{path}'")
+        train_state = torch.load(path / "train_state.pt", weights_only=False)
+        rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
+        if rng_file.exists():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        return train_state, meta
+
+    def latest(self) -> Path | None:
+        return self.ckpt.latest()
