@@ -55,9 +55,10 @@ class NonFiniteGuard:
 
 @torch.no_grad()
 def weights_finite(model: torch.nn.Module, all_reduce_max) -> bool:
-    """Whether every parameter and buffer of `model` is finite on every rank (a collective; for saves)."""
+    """Whether everything `model` saves (parameters, persistent buffers such as the router biases) is
+    finite on every rank (a collective; for saves)."""
     bad = torch.zeros((), dtype=torch.float32)
-    for t in [*model.parameters(), *model.buffers()]:
+    for t in model.state_dict().values():
         local = t.to_local() if hasattr(t, "to_local") else t
         if local.is_floating_point() and local.numel():
             bad = bad.to(local.device)
