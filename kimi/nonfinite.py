@@ -21,10 +21,6 @@ class NonFiniteError(RuntimeError):
     """The run stopped on NaN/inf: one line that says where, what, and what to try."""
 
 
-def _ordinal(n: int) -> str:
-    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
-
-
 class NonFiniteGuard:
     """Counts non-finite steps and applies the policy: "stop" at the first, "skip" up to `max_skips`
     in a row (a finite step resets the streak; `total` counts all skipped steps of this process)."""
@@ -46,7 +42,7 @@ class NonFiniteGuard:
             self.total += 1
             return True
         if self.policy == "skip":
-            what += f", the {_ordinal(self.in_a_row)} such step in a row"
+            what += f", {self.in_a_row} such steps in a row"
             why = f"train.max_nonfinite_skips={self.max_skips}"
         else:
             why = "train.nonfinite=stop"

@@ -237,7 +237,8 @@ class Preemption:
 def train(cfg: Config, stop_after: int | None = None) -> dict:
     """Runs the job described by `cfg`; returns the last metrics row (with `"preempted": True` when a
     signal stopped it). Collective under torchrun. `stop_after=k` behaves as if SIGUSR1 arrived during
-    step k (tests use it to stop a run exactly where they want)."""
+    step k (tests use it to stop a run exactly where they want). Raises NonFiniteError where
+    `train.nonfinite` ends the run (NaN/inf), leaving the checkpoints as they were."""
     from kimi.tracking import Tracker
 
     rt = setup_runtime(cfg)

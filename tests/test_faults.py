@@ -86,7 +86,7 @@ def test_nonfinite_skip_counts_then_stops(tmp_path):
     assert all(not math.isfinite(r["loss"]) or not math.isfinite(r["grad_norm"]) for r in skipped)
     bad = rows[-1]["step"] + 1
     assert re.search(rf"step {bad}: the (loss|gradient norm) is (nan|inf)", line), line
-    assert "the 3rd such step in a row; stopped before applying it (train.max_nonfinite_skips=2)" in line, line
+    assert ", 3 such steps in a row; stopped before applying it (train.max_nonfinite_skips=2)" in line, line
     assert res.stdout.count("update skipped") == 2
     # A skipped step changes no weight: its checkpoint (ckpt_interval=1) holds the last good ones.
     assert _latest_step(out) == bad - 1
