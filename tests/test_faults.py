@@ -3,6 +3,7 @@
 - a NaN/inf loss (optim.lr=1e6 really diverges): `train.nonfinite=stop` ends with one line and exit code
   4; `skip` drops the update and logs the count, then stops; `latest` stays on a finite checkpoint;
 - a skipped step leaves weights, optimizer state and router biases exactly as they were;
+- a NaN on one of 2 ranks (FSDP2 + EP) is skipped by both, and the run trains on;
 - SIGTERM / SIGUSR1 mid-run: exit 3, a checkpoint at the step it stopped, and the resume reproduces the
   uninterrupted run bit for bit, with every metrics row exactly once.
 """
@@ -147,6 +148,39 @@ def test_skipped_step_leaves_the_state_untouched(tmp_path, monkeypatch):
     state_a, state_b = (torch.load(d / "checkpoints" / "step_000003" / "train_state.pt") for d in (ref, nan))
     for k in ("data", "scheduler"):  # the data and the lr schedule still moved on past the skipped step
         assert state_a[k] == state_b[k], k
+
+
+def _nan_on_rank1(rank: int, world: int, out: str) -> tuple[int, float]:
+    import kimi.train as kt
+
+    build = kt.build
+
+    def build_with_nan(c, rt):
+        run = build(c, rt)
+        if rank == 1:  # accumulation 1 on 2 ranks: one forward per step
+            run.raw_model.embed_tokens.register_forward_hook(_nan_at(2, micro_per_step=1))
+        return run
+
+    kt.build = build_with_nan
+    cfg = load_config(
+        DEBUG, [f"--train.out_dir={out}", *BASE[2:], "--train.max_steps=3", "--train.nonfinite=skip", "--parallel.ep=2"]
+    )
+    row = kt.train(cfg)
+    return row["nonfinite_skips"], row["loss"]
+
+
+def test_nan_on_one_rank_is_skipped_by_all(tmp_path):
+    """Under FSDP2 + EP on 2 ranks, a NaN on rank 1 only: both ranks skip step 2 (a rank that applied it
+    alone would hang or split the model), then train on; the log shows the skip once."""
+    from tests.dist_utils import run_distributed
+
+    out = tmp_path / "run"
+    results = run_distributed(_nan_on_rank1, 2, args=(str(out),), timeout=300)
+    assert [skips for skips, _ in results] == [1, 1] and all(math.isfinite(loss) for _, loss in results)
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3] and not math.isfinite(rows[1]["loss"])
+    assert [r.get("nonfinite_skips") for r in rows] == [None, 1, 1]
+    _assert_finite_checkpoint(out)
 
 
 def _full_state(ckpt: Path) -> dict:
