@@ -58,6 +58,28 @@ class AttentionConfig:
             raise ConfigError(f"model.n_embd={n_embd} must be divisible by model.n_head={n_head} for MHA")
         if self.qk_rope_head_dim % 2 != 0:
             raise ConfigError(f"attention.qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE rotates pairs)")
+        if self.type == "mla":
+            # Each of these widths at 0 builds a model that trains without a word but cannot work: an empty
+            # latent carries no key/value content, and MLA's only positional signal is its RoPE dims.
+            if self.kv_lora_rank < 1:
+                raise ConfigError(
+                    f"attention.kv_lora_rank={self.kv_lora_rank}: MLA's keys and values come from this latent, "
+                    "so it must be >= 1 (e.g. 64 as in configs/debug.yaml)"
+                )
+            if self.qk_rope_head_dim < 2:
+                raise ConfigError(
+                    f"attention.qk_rope_head_dim={self.qk_rope_head_dim}: MLA sees token positions only through its "
+                    "RoPE dims, so it must be an even number >= 2 (e.g. 16 as in configs/debug.yaml)"
+                )
+            if self.q_lora_rank is not None and self.q_lora_rank < 1:
+                raise ConfigError(
+                    f"attention.q_lora_rank={self.q_lora_rank} must be >= 1, or null for a plain q projection"
+                )
+            if self.qk_nope_head_dim < 0 or self.v_head_dim < 1:
+                raise ConfigError(
+                    f"attention.qk_nope_head_dim={self.qk_nope_head_dim} must be >= 0 and "
+                    f"attention.v_head_dim={self.v_head_dim} >= 1"
+                )
 
 
 @dataclass
@@ -188,6 +210,12 @@ class TrainConfig:
     out_dir: str = "out/debug"
     profile: bool = False  # time the all-to-alls and the optimizer step per step (adds syncs; for benches)
     resume: bool | None = None  # None: resume when out_dir has a checkpoint; True: must; False: must not
+    # A step whose loss or gradient norm is NaN/inf (on any rank) never reaches the weights. "stop": end the
+    # run there with one line and exit code 4 (checkpoints/latest stays on the last good checkpoint).
+    # "skip": drop that step's update (no optimizer step, QK-clip or router-bias update; the data and the
+    # lr schedule still advance) and go on; stop as above after more than max_nonfinite_skips in a row.
+    nonfinite: str = "stop"
+    max_nonfinite_skips: int = 3
 
     def validate(self) -> None:
         if self.micro_batch_size < 1 or self.global_batch_size < 1:
@@ -202,6 +230,10 @@ class TrainConfig:
             raise ConfigError(f"train.eval_batches={self.eval_batches} must be >= 1 when train.eval_interval > 0")
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.dtype={self.dtype!r} is not one of 'auto', 'bf16', 'fp32'")
+        if self.nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"train.nonfinite={self.nonfinite!r} is not one of 'stop', 'skip'")
+        if self.max_nonfinite_skips < 0:
+            raise ConfigError(f"train.max_nonfinite_skips={self.max_nonfinite_skips} must be >= 0")
 
 
 @dataclass
@@ -266,6 +298,12 @@ class Config:
         self.model.validate()
         self.optim.validate()
         self.train.validate()
+        if self.optim.qk_clip and not self.model.attention.track_max_logits:
+            # QK-clip reads the recorded maxima; untracked they stay 0 and no head is ever clipped.
+            raise ConfigError(
+                "optim.qk_clip=true needs the per-head max logits that attention.track_max_logits=false turns off; "
+                "set --attention.track_max_logits=true, or --optim.qk_clip=false to train without QK-clip"
+            )
         return self
 
     @property

@@ -16,6 +16,9 @@ class ModelEvaluator:
     """`ModelEvaluator().evaluate_perplexity(model, dataset)` -> {"loss", "perplexity", "tokens"}."""
 
     def __init__(self, batch_size: int = 8, num_batches: int = 20):
+        for name, v in (("batch_size", batch_size), ("num_batches", num_batches)):
+            if v < 1:  # 0 batches would report loss 0 / perplexity 1, a perfect score from no data
+                raise ValueError(f"{name}={v} must be >= 1")
         self.batch_size = batch_size
         self.num_batches = num_batches
 
@@ -49,6 +52,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     args = p.parse_args(argv)
     try:
+        for flag, v in (("--batches", args.batches), ("--batch-size", args.batch_size)):
+            if v < 1:
+                raise ValueError(f"{flag}={v} must be >= 1")
         from kimi.config import DataConfig
         from kimi.data.dataset import build_dataset
         from kimi.model import KimiModel

@@ -25,6 +25,21 @@ class PromptError(ValueError):
     pass
 
 
+def check_sampling(
+    max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None, cli: bool = False
+) -> None:
+    """ValueError naming the first setting that would fail or be silently ignored (`cli`: flag names)."""
+    name = (lambda k: "--" + k.replace("_", "-")) if cli else (lambda k: k)
+    if max_new_tokens < 1:
+        raise ValueError(f"{name('max_new_tokens')}={max_new_tokens} must be >= 1")
+    if not temperature >= 0:  # also NaN
+        raise ValueError(f"{name('temperature')}={temperature} must be >= 0 (0 = greedy)")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"{name('top_k')}={top_k} must be >= 1, or 0 for no top-k filter")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"{name('top_p')}={top_p} must be in (0, 1] (1 keeps every token)")
+
+
 def sample_next(
     logits_V: torch.Tensor,
     temperature: float,
@@ -88,6 +103,7 @@ class Generator:
         stop_token: int | None = None,
     ) -> Iterator[int]:
         """Yields new token ids one by one."""
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
         block = self.model.config.block_size
         if not idx:
             raise PromptError("the prompt is empty; give at least one token")
@@ -158,18 +174,21 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m kimi.generate", description="Sample text from a nanoKimi checkpoint.")
     p.add_argument("--checkpoint", required=True, help="a step dir, OUT/checkpoints/latest, or a run's OUT dir")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=200)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=200, help=">= 1")
+    p.add_argument("--temperature", type=float, default=0.8, help=">= 0; 0 = greedy (top-k/top-p then do nothing)")
+    p.add_argument("--top-k", type=int, default=200, help="sample from the k likeliest tokens; 0 = no limit")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]; default: off")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--num-samples", type=int, default=1, help=">= 1")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context each token")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--interactive", action="store_true", help="read prompts from stdin until EOF")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     try:
+        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, cli=True)
+        if args.num_samples < 1:
+            raise ValueError(f"--num-samples={args.num_samples} must be >= 1")
         gen = load_generator(args.checkpoint, args.device)
         prompts = iter(lambda: input("prompt> "), None) if args.interactive else [args.prompt]
         for prompt in _safe(prompts):

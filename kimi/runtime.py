@@ -64,18 +64,26 @@ class Runtime:
             t /= self.world
         return t
 
-    def all_reduce_loss_and_flag(self, loss: torch.Tensor, flag: bool) -> tuple[float, bool]:
-        """(mean of `loss` over ranks, whether any rank raised `flag`): one SUM all-reduce, one host sync."""
-        t = torch.stack([loss.float().detach(), torch.tensor(float(flag), device=loss.device)])
+    def agree_on_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, flag: bool) -> tuple[float, float, bool, bool]:
+        """What every rank needs to know before it applies a step, from one SUM all-reduce and one host
+        sync: (mean of `loss` over ranks, this rank's `grad_norm`, whether any rank raised `flag`, whether
+        the grad norm is finite on every rank). A NaN/inf loss on any rank makes the mean non-finite. The
+        norm is global already (clip_grad_norm_ reduces it); its finiteness is reduced anyway, so the
+        ranks agree on skipping a step even where an engine's norm is rank-local."""
+        dev = loss.device
+        norm = grad_norm.detach().float().reshape(1).to(dev)
+        t = torch.stack([loss.detach().float(), torch.tensor(float(flag), device=dev), (~norm.isfinite()).float()[0]])
         if self.world > 1:
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.dp_group)
-        mean, raised = (t / torch.tensor([self.world, 1.0], device=t.device)).tolist()
-        return mean, raised > 0
+        t = t / torch.tensor([self.world, 1.0, 1.0], device=dev)
+        mean, raised, bad_norms, norm_ = torch.cat([t, norm]).tolist()  # the local norm rides along unreduced
+        return mean, norm_, raised > 0, bad_norms == 0
 
-    def clip_grad_norm(self, params, max_norm: float) -> float:
+    def clip_grad_norm(self, params, max_norm: float) -> torch.Tensor:
+        """Clip in place; the global norm before clipping as a device scalar (no host sync here)."""
         from kimi.optim.grad_clip import clip_grad_norm_
 
-        return float(clip_grad_norm_(list(params), max_norm if max_norm > 0 else float("inf")))
+        return clip_grad_norm_(list(params), max_norm if max_norm > 0 else float("inf"))
 
     def max_logit_stats(self, model) -> dict:
         """Max attention logit of this step when QK-clip is off (for logging only)."""

@@ -10,6 +10,10 @@ global batch comes from the config, so any world size trains the same model.
 
 Preemption: SIGTERM / SIGUSR1 finish the current step, write a checkpoint and exit with
 `REQUEUE_EXIT_CODE` (3); a run whose out_dir already holds a checkpoint resumes from it.
+
+NaN/inf: a step whose loss or gradient norm is not finite is never applied; `train.nonfinite` says
+whether the run stops there (exit 4) or skips the step (see kimi/nonfinite.py). Weights that hold
+NaN/inf are never saved, so `checkpoints/latest` always points at finite weights.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch.distributed as dist
 
 from kimi.checkpoint import Checkpointer, CheckpointError
 from kimi.config import Config, ConfigError, load_config
+from kimi.nonfinite import NONFINITE_EXIT_CODE, NonFiniteError, NonFiniteGuard, weights_finite
 from kimi.runtime import Runtime, peak_flops, setup_runtime
 
 log = logging.getLogger("kimi.train")
@@ -195,6 +200,42 @@ def routing_update(run: Run) -> dict:
     }
 
 
+def apply_update(run: Run, profile: bool) -> tuple[dict, dict, float]:
+    """The optimizer step, then QK-clip and the router-bias update from this step's statistics;
+    returns (QK-clip stats, routing stats, optimizer time in s, 0 unless profiling)."""
+    t_opt = run.rt.sync_time() if profile else 0.0
+    run.optimizer.step()
+    t_opt = run.rt.sync_time() - t_opt if profile else 0.0
+    qk = run.qk_clip.step() if run.qk_clip else run.rt.max_logit_stats(run.raw_model)
+    return qk, routing_update(run), t_opt
+
+
+def discard_update(run: Run) -> None:
+    """A skipped step leaves weights, optimizer state and router biases as they were, and forgets the
+    attention maxima and routing counts its forward recorded (the next step starts clean)."""
+    for layer in run.raw_model.attention_layers():
+        if hasattr(layer, "reset_max_logits"):
+            layer.reset_max_logits()
+    for moe in run.raw_model.moe_layers():
+        moe.discard_counts()
+
+
+def nonfinite_hint(run: Run) -> str:
+    """The end of the line that stops a run on NaN/inf: what to try, and which checkpoint is good."""
+    latest = run.ckpt.latest()
+    where = f"checkpoints/latest is still {latest.name}" if latest else "no checkpoint was written"
+    skip = ", or --train.nonfinite=skip to drop such steps" if run.cfg.train.nonfinite == "stop" else ""
+    return f"Try a lower --optim.lr (now {run.cfg.optim.lr:g}) or check the data{skip}; {where}."
+
+
+def save_checkpoint(run: Run, step: int, meta: dict, mlflow_run_id: str | None) -> None:
+    """Write step `step`, unless the weights hold NaN/inf: those never replace the last good checkpoint."""
+    if not weights_finite(run.model, run.rt.all_reduce_max):
+        raise NonFiniteError(f"step {step}: the weights hold NaN/inf, not saving them. {nonfinite_hint(run)}")
+    state = train_state(run, step, mlflow_run_id)
+    run.ckpt.save(step, run.model, run.optimizer, state, run.cfg.to_yaml(), meta)
+
+
 def a2a_stats(model) -> dict:
     """Expert-parallel all-to-all traffic of this step (forward, this rank), then reset the counters."""
     stats = [m.dispatcher.stats for m in model.moe_layers() if hasattr(m.dispatcher, "stats")]
@@ -212,7 +253,8 @@ def a2a_stats(model) -> dict:
 
 
 class Preemption:
-    """SIGTERM / SIGUSR1 set a flag; the loop checks it after each step (agreed across ranks)."""
+    """SIGTERM / SIGUSR1 set a flag; the loop reads it once per step, before the update (agreed across
+    ranks), and saves and exits after that step."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -230,7 +272,8 @@ class Preemption:
 def train(cfg: Config, stop_after: int | None = None) -> dict:
     """Runs the job described by `cfg`; returns the last metrics row (with `"preempted": True` when a
     signal stopped it). Collective under torchrun. `stop_after=k` behaves as if SIGUSR1 arrived during
-    step k (tests use it to stop a run exactly where they want)."""
+    step k (tests use it to stop a run exactly where they want). Raises NonFiniteError where
+    `train.nonfinite` ends the run (NaN/inf), leaving the checkpoints as they were."""
     from kimi.tracking import Tracker
 
     rt = setup_runtime(cfg)
@@ -245,6 +288,7 @@ def train(cfg: Config, stop_after: int | None = None) -> dict:
         truncate_metrics(out_dir / "metrics.jsonl", start_step)
     tracker = Tracker(str(out_dir), cfg.logging, params=cfg.to_dict(), rank=rt.rank, resume_run_id=mlflow_run_id)
     preempt = Preemption()
+    guard = NonFiniteGuard(tcfg.nonfinite, tcfg.max_nonfinite_skips, hint=lambda: nonfinite_hint(run))
     tokens_per_step = tcfg.global_batch_size * cfg.block_size
     flops_per_step = run.raw_model.flops_per_token(cfg.block_size) * tokens_per_step
     peak = peak_flops(rt.device) * rt.world
@@ -271,18 +315,22 @@ def train(cfg: Config, stop_after: int | None = None) -> dict:
                     out = run.model(x, y)
                 (out.loss / len(micro)).backward()
                 loss_sum += out.ce_loss.detach()
-            grad_norm = rt.clip_grad_norm(run.model.parameters(), cfg.optim.grad_clip)
+            grad_norm_t = rt.clip_grad_norm(run.model.parameters(), cfg.optim.grad_clip)
             lr = run.optimizer.param_groups[0]["lr"]  # what this step uses
-            t_opt = rt.sync_time() if tcfg.profile else 0.0
-            run.optimizer.step()
-            t_opt = rt.sync_time() - t_opt if tcfg.profile else 0.0
-            run.scheduler.step()
-            run.optimizer.zero_grad(set_to_none=True)
-            qk = run.qk_clip.step() if run.qk_clip else rt.max_logit_stats(run.raw_model)
-            routing = routing_update(run)
-            # The logged loss (mean over ranks) and the preemption flag (max over ranks), agreed by all ranks.
+            # Before the update, one small all-reduce: the logged loss (mean over ranks), the preemption
+            # flag (any rank) and whether the step is finite, so all ranks apply it or none does.
             flag = preempt.signum is not None or step == stop_after
-            loss, stop = rt.all_reduce_loss_and_flag(loss_sum / len(micro), flag)
+            loss, grad_norm, stop, norm_ok = rt.agree_on_step(loss_sum / len(micro), grad_norm_t, flag)
+            skipped = guard.check(step, loss, grad_norm, norm_ok)  # raises NonFiniteError to stop
+            if skipped:
+                discard_update(run)
+                qk, routing, t_opt = {}, {}, 0.0
+                rt.print(f"step {step}: loss {loss:.4f}, grad norm {grad_norm:.4g}: update skipped "
+                         f"({guard.in_a_row} in a row, {guard.total} in all; train.nonfinite=skip)")  # fmt: skip
+            else:
+                qk, routing, t_opt = apply_update(run, tcfg.profile)
+            run.scheduler.step()  # a skipped step still counts: the schedule stays tied to the step number
+            run.optimizer.zero_grad(set_to_none=True)
             if rt.device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
@@ -291,7 +339,7 @@ def train(cfg: Config, stop_after: int | None = None) -> dict:
                 "step": step,
                 "loss": loss,
                 "lr": lr,
-                "grad_norm": float(grad_norm),
+                "grad_norm": grad_norm,
                 "tokens_per_s": tokens_per_step / dt,
                 "mfu": flops_per_step / dt / peak if peak else 0.0,
                 "step_time_s": dt,
@@ -300,6 +348,8 @@ def train(cfg: Config, stop_after: int | None = None) -> dict:
             }
             row.update({k: v for k, v in routing.items() if not k.startswith("_")})
             row.update(a2a_stats(run.raw_model))
+            if guard.total:
+                row["nonfinite_skips"] = guard.total  # steps skipped so far by this process
             if tcfg.profile:
                 row["optim_ms"] = 1000 * t_opt
             last_eval = tcfg.eval_interval and (step % tcfg.eval_interval == 0 or step == tcfg.max_steps)
@@ -320,9 +370,7 @@ def train(cfg: Config, stop_after: int | None = None) -> dict:
                     "val_loss": row.get("val_loss"),
                     "mlflow_run_id": tracker.run_id,
                 }
-                run.ckpt.save(
-                    step, run.model, run.optimizer, train_state(run, step, tracker.run_id), cfg.to_yaml(), meta
-                )
+                save_checkpoint(run, step, meta, tracker.run_id)
             if "val_loss" in row:
                 best_val = min(best_val, row["val_loss"])
             if stop and step < tcfg.max_steps:  # a signal during the last step: the run is complete anyway
@@ -342,6 +390,7 @@ def train(cfg: Config, stop_after: int | None = None) -> dict:
         rt.print(
             f"done: {step - start_step} steps in {wall:.0f}s | final loss {row.get('loss', float('nan')):.4f}"
             + (f" | best val {best_val:.4f}" if best_val < math.inf else "")
+            + (f" | {guard.total} non-finite step(s) skipped" if guard.total else "")
             + f" | {out_dir}"
         )
     rt.shutdown()
@@ -430,6 +479,10 @@ def main(argv: list[str] | None = None) -> None:
             return
         if train(cfg).get("preempted"):
             sys.exit(REQUEUE_EXIT_CODE)
+    except NonFiniteError as e:
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank stops on it; one says so
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(NONFINITE_EXIT_CODE)
     except (ConfigError, UserError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kimi.config import DataConfig
-from kimi.data.corpora import Corpus, files_corpus, get_corpus
+from kimi.data.corpora import Corpus, CorpusError, files_corpus, get_corpus
 from kimi.data.shards import (
     VERSION,
     ShardError,
@@ -190,8 +190,19 @@ def prepare(
         if manifest is None:
             docs = corpus.train() if split == "train" else corpus.val()
             manifest = write_split(docs, split_dir, corpus, split, cfg, fp, progress)
+        if manifest["num_tokens"] == 0:  # training would fail on it later, far from the cause: say it here
+            (split_dir / "manifest.json").unlink(missing_ok=True)
+            raise CorpusError(_empty_split_message(corpus.name, split))
         out[split] = SplitInfo(split_dir, manifest["num_tokens"], len(manifest["shards"]), skipped)
     return out
+
+
+def _empty_split_message(name: str, split: str) -> str:
+    if split == "train":
+        return (f"'{name}': the inputs hold no text (0 tokens; empty files and blank 'text' fields are skipped); "
+                "check the --files paths")  # fmt: skip
+    return (f"'{name}': the val split holds no text (0 tokens); pass --val-files, or more text (without "
+            "--val-files the last 5% of the text is held out for validation)")  # fmt: skip
 
 
 def prepare_corpus(name: str, out_dir: str | Path, cfg: DataConfig | None = None, **kw) -> dict[str, SplitInfo]:

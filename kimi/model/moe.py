@@ -278,6 +278,12 @@ class MoE(FP32Buffers, nn.Module):
         self._entropy_sum.zero_()
 
     @torch.no_grad()
+    def discard_counts(self) -> None:
+        """Forget the counts accumulated since the last update_bias (a step whose update is skipped)."""
+        self.tokens_per_expert.zero_()
+        self._entropy_sum.zero_()
+
+    @torch.no_grad()
     def routing_stats(self, tokens_per_expert_E: torch.Tensor | None = None) -> dict:
         """Load statistics: counts given, else accumulated since the last update_bias, else the counts
         that update consumed. max_load = max/mean (1 = perfect), load_cv = std/mean, router_entropy =

@@ -1,0 +1,70 @@
+"""Bad input to the CLIs is one `error:` line on stderr and exit code 2, never a traceback and never a
+silent run on nonsense: sampling settings, evaluation sizes, MLA widths that cannot work, QK-clip without
+the logits it reads, and data preparation that would produce an empty split."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TRAIN = ["--config", "configs/debug.yaml", "--logging.mlflow=false", "--train.max_steps=1"]
+
+
+def _one_error_line(module: str, *args: str) -> str:
+    res = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
+    )
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (res.returncode, res.stderr)
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "module, args, needle",
+    [
+        ("kimi.generate", ["--max-new-tokens", "-5"], "--max-new-tokens=-5 must be >= 1"),
+        ("kimi.generate", ["--temperature", "-1"], "--temperature=-1.0 must be >= 0 (0 = greedy)"),
+        ("kimi.generate", ["--top-p", "0"], "--top-p=0.0 must be in (0, 1]"),
+        ("kimi.generate", ["--top-k", "-3"], "--top-k=-3 must be >= 1, or 0 for no top-k filter"),
+        ("kimi.evaluate", ["--data", "d", "--batches", "0"], "--batches=0 must be >= 1"),
+        ("kimi.evaluate", ["--data", "d", "--batch-size", "0"], "--batch-size=0 must be >= 1"),
+    ],
+    ids=["gen-max-new-tokens", "gen-temperature", "gen-top-p", "gen-top-k", "eval-batches", "eval-batch-size"],
+)
+def test_sampling_and_eval_settings(tmp_path, module, args, needle):
+    # The settings are checked before the checkpoint is opened: a missing one must not mask them.
+    line = _one_error_line(module, "--checkpoint", str(tmp_path / "none"), *args)
+    assert needle in line, line
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("--attention.kv_lora_rank=0", "attention.kv_lora_rank=0: MLA's keys and values come from this latent"),
+        ("--attention.qk_rope_head_dim=0", "attention.qk_rope_head_dim=0: MLA sees token positions only"),
+        ("--attention.track_max_logits=false", "--optim.qk_clip=false"),
+    ],
+    ids=["kv-lora-0", "rope-0", "qk-clip-without-maxima"],
+)
+def test_config_that_would_train_nonsense(tmp_path, override, needle):
+    line = _one_error_line("kimi.train", *TRAIN, f"--train.out_dir={tmp_path / 'o'}", override)
+    assert needle in line, line
+    assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [("", "the inputs hold no text (0 tokens"), ("tiny\n", "the val split holds no text (0 tokens); pass --val-files")],
+    ids=["empty", "no-val"],
+)
+def test_prepare_refuses_an_empty_split(tmp_path, text, needle):
+    (tmp_path / "in.txt").write_text(text)
+    out = tmp_path / "data"
+    line = _one_error_line("kimi.prepare", "--files", str(tmp_path / "in.txt"), "--out", str(out), "--no-progress")
+    assert needle in line, line
+    split = "train" if not text else "val"
+    assert not (out / split / "manifest.json").exists()  # the empty split does not read as prepared

@@ -1,0 +1,259 @@
+"""Faults in a real `python -m kimi.train` process, and nothing lost or silent:
+
+- a NaN/inf loss (optim.lr=1e6 really diverges): `train.nonfinite=stop` ends with one line and exit code
+  4; `skip` drops the update and logs the count, then stops; `latest` stays on a finite checkpoint;
+- a skipped step leaves weights, optimizer state and router biases exactly as they were;
+- a NaN on one of 2 ranks (FSDP2 + EP) is skipped by both, and the run trains on;
+- SIGTERM / SIGUSR1 mid-run: exit 3, a checkpoint at the step it stopped, and the resume reproduces the
+  uninterrupted run bit for bit, with every metrics row exactly once.
+"""
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from kimi.checkpoint import load_model_state
+from kimi.config import load_config
+from kimi.nonfinite import NONFINITE_EXIT_CODE
+from kimi.train import REQUEUE_EXIT_CODE, train
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG = ROOT / "configs" / "debug.yaml"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+BASE = ["--config", "configs/debug.yaml", "--logging.mlflow=false", "--train.eval_interval=0"]
+
+
+def _cli(out: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "kimi.train", *BASE, f"--train.out_dir={out}", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def _latest_step(out: Path) -> int:
+    return json.loads((out / "checkpoints" / "latest" / "meta.json").read_text())["step"]
+
+
+def _assert_finite_checkpoint(out: Path) -> None:
+    state = load_model_state(out / "checkpoints" / "latest")[1]
+    for k, v in state.items():
+        if torch.is_tensor(v) and v.is_floating_point():
+            assert torch.isfinite(v).all(), k
+
+
+def _error_line(res: subprocess.CompletedProcess) -> str:
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr[-3000:]
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- NaN / inf
+
+
+def test_nonfinite_stop_is_one_line_and_latest_stays_good(tmp_path):
+    out = tmp_path / "run"
+    res = _cli(out, "--optim.lr=1e6", "--train.max_steps=8", "--train.ckpt_interval=1")
+    assert res.returncode == NONFINITE_EXIT_CODE, res.stdout[-2000:] + res.stderr[-2000:]
+    line = _error_line(res)
+    bad = len(_rows(out)) + 1  # the step that stopped the run is neither logged nor saved
+    assert re.search(rf"step {bad}: the (loss|gradient norm) is (nan|inf)", line), line
+    assert "stopped before applying it (train.nonfinite=stop)" in line and "lower --optim.lr" in line, line
+    assert f"checkpoints/latest is still step_{bad - 1:06d}" in line, line
+    assert 1 < bad < 8 and _latest_step(out) == bad - 1
+    _assert_finite_checkpoint(out)
+
+
+def test_nonfinite_skip_counts_then_stops(tmp_path):
+    out = tmp_path / "run"
+    args = ("--optim.lr=1e6", "--train.max_steps=12", "--train.ckpt_interval=1")
+    res = _cli(out, *args, "--train.nonfinite=skip", "--train.max_nonfinite_skips=2")
+    assert res.returncode == NONFINITE_EXIT_CODE, res.stdout[-2000:] + res.stderr[-2000:]
+    line = _error_line(res)
+    rows = _rows(out)
+    skipped = [r for r in rows if r.get("nonfinite_skips")]
+    # lr=1e6 breaks the model for good: every step from the first NaN on is skipped, and the 3rd stops.
+    assert [r["nonfinite_skips"] for r in skipped] == [1, 2] and skipped[-1] == rows[-1], rows
+    assert all(not math.isfinite(r["loss"]) or not math.isfinite(r["grad_norm"]) for r in skipped)
+    bad = rows[-1]["step"] + 1
+    assert re.search(rf"step {bad}: the (loss|gradient norm) is (nan|inf)", line), line
+    assert ", 3 such steps in a row; stopped before applying it (train.max_nonfinite_skips=2)" in line, line
+    assert res.stdout.count("update skipped") == 2
+    # A skipped step changes no weight: its checkpoint (ckpt_interval=1) holds the last good ones.
+    assert _latest_step(out) == bad - 1
+    _assert_finite_checkpoint(out)
+
+
+def test_nonfinite_weights_are_never_saved(tmp_path):
+    """A finite step can still overflow the weights (here weight decay's p *= 1 - lr * wd): the final
+    save refuses them rather than make them `latest`."""
+    out = tmp_path / "run"
+    res = _cli(out, "--optim.weight_decay=1e45", "--train.max_steps=1")
+    assert res.returncode == NONFINITE_EXIT_CODE, res.stdout[-2000:] + res.stderr[-2000:]
+    line = _error_line(res)
+    assert "step 1: the weights hold NaN/inf, not saving them" in line and "no checkpoint was written" in line
+    assert not (out / "checkpoints" / "latest").exists()
+
+
+def _nan_at(step: int, micro_per_step: int):
+    """A forward hook that turns the embedding output NaN during training step `step`: a real NaN that
+    goes through the model, the loss, the gradients and the loop's check."""
+    calls = {"n": 0}
+
+    def hook(module, args, output):
+        if module.training:
+            calls["n"] += 1
+            if (calls["n"] - 1) // micro_per_step + 1 == step:
+                return output * float("nan")
+        return output
+
+    return hook
+
+
+def test_skipped_step_leaves_the_state_untouched(tmp_path, monkeypatch):
+    """With NaN injected into step 3 of 3, the step-3 checkpoint must equal the step-2 checkpoint of the
+    same run without the NaN (weights, Muon/AdamW state, router biases), with the data one step on."""
+    import kimi.train as kt
+
+    def cfg(out, *extra):
+        return load_config(DEBUG, [f"--train.out_dir={out}", "--logging.mlflow=false", *BASE[3:], *extra])
+
+    ref, nan = tmp_path / "ref", tmp_path / "nan"
+    train(cfg(ref, "--train.max_steps=3", "--train.ckpt_interval=1", "--train.keep_last=3"))
+    build = kt.build
+
+    def build_with_nan(c, rt):
+        run = build(c, rt)
+        run.raw_model.embed_tokens.register_forward_hook(_nan_at(3, micro_per_step=2))
+        return run
+
+    monkeypatch.setattr(kt, "build", build_with_nan)
+    row = train(cfg(nan, "--train.max_steps=3", "--train.nonfinite=skip"))
+    assert row["nonfinite_skips"] == 1 and row["loss"] != row["loss"]
+    a, b = _full_state(ref / "checkpoints" / "step_000002"), _full_state(nan / "checkpoints" / "step_000003")
+    assert a.keys() == b.keys() and any("expert_bias" in k for k in a) and any(k.startswith("optim.") for k in a)
+    for k in (k for k in a if not k.startswith("optim.param_groups")):  # whose lr follows the schedule
+        # weights, router biases, Muon momenta, AdamW moments and step counts
+        assert torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k], k
+    state_a, state_b = (torch.load(d / "checkpoints" / "step_000003" / "train_state.pt") for d in (ref, nan))
+    for k in ("data", "scheduler"):  # the data and the lr schedule still moved on past the skipped step
+        assert state_a[k] == state_b[k], k
+
+
+def _nan_on_rank1(rank: int, world: int, out: str) -> tuple[int, float]:
+    import kimi.train as kt
+
+    build = kt.build
+
+    def build_with_nan(c, rt):
+        run = build(c, rt)
+        if rank == 1:  # accumulation 1 on 2 ranks: one forward per step
+            run.raw_model.embed_tokens.register_forward_hook(_nan_at(2, micro_per_step=1))
+        return run
+
+    kt.build = build_with_nan
+    cfg = load_config(
+        DEBUG, [f"--train.out_dir={out}", *BASE[2:], "--train.max_steps=3", "--train.nonfinite=skip", "--parallel.ep=2"]
+    )
+    row = kt.train(cfg)
+    return row["nonfinite_skips"], row["loss"]
+
+
+def test_nan_on_one_rank_is_skipped_by_all(tmp_path):
+    """Under FSDP2 + EP on 2 ranks, a NaN on rank 1 only: both ranks skip step 2 (a rank that applied it
+    alone would hang or split the model), then train on; the log shows the skip once."""
+    from tests.dist_utils import run_distributed
+
+    out = tmp_path / "run"
+    results = run_distributed(_nan_on_rank1, 2, args=(str(out),), timeout=300)
+    assert [skips for skips, _ in results] == [1, 1] and all(math.isfinite(loss) for _, loss in results)
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3] and not math.isfinite(rows[1]["loss"])
+    assert [r.get("nonfinite_skips") for r in rows] == [None, 1, 1]
+    _assert_finite_checkpoint(out)
+
+
+def _full_state(ckpt: Path) -> dict:
+    """A DCP checkpoint's {"model": ..., "optim": ...} as one flat dict of tensors and numbers."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(ckpt, ckpt / "full.pt")
+    flat = {}
+
+    def walk(prefix, obj):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(f"{prefix}.{i}", v)
+        else:
+            flat[prefix] = obj
+
+    walk("", torch.load(ckpt / "full.pt", weights_only=False))
+    return flat
+
+
+# ----------------------------------------------------------------------------- signals
+
+SIGNAL_STEPS = 10
+SIGNAL_ARGS = (f"--train.max_steps={SIGNAL_STEPS}",)
+
+
+def _train_one_thread(out: Path) -> None:
+    """train() in this process with the thread count of the CLI runs (OMP_NUM_THREADS=1), so that its
+    numbers are comparable bit for bit with theirs (intra-op threads change summation order)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(load_config(DEBUG, [f"--train.out_dir={out}", *BASE[2:], *SIGNAL_ARGS]))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("sig") / "ref"
+    _train_one_thread(out)
+    return _rows(out)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["TERM", "USR1"])
+def test_signal_checkpoints_and_resumes_bit_exact(tmp_path, uninterrupted, sig):
+    """A real process, a real signal once a few steps are logged (the handler is set by then)."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "kimi.train", *BASE, f"--train.out_dir={out}", *SIGNAL_ARGS]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        metrics, deadline = out / "metrics.jsonl", time.monotonic() + 240
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no training step logged in 240 s"
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == REQUEUE_EXIT_CODE, stdout[-2000:] + stderr[-2000:]
+    stopped = [r["step"] for r in _rows(out)]
+    assert stopped == list(range(1, len(stopped) + 1)) and len(stopped) < SIGNAL_STEPS
+    assert _latest_step(out) == stopped[-1]
+    assert f"checkpoint at step {stopped[-1]} written" in stdout
+
+    _train_one_thread(out)  # resumes from checkpoints/latest (the CLI's resume is tested elsewhere)
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == list(range(1, SIGNAL_STEPS + 1))  # none missing, none twice
+    assert [r["loss"] for r in rows] == [r["loss"] for r in uninterrupted]  # bit for bit
+    assert [r["grad_norm"] for r in rows] == [r["grad_norm"] for r in uninterrupted]
