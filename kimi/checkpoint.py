@@ -413,6 +413,13 @@ def _dcp_load(state: dict[str, Any], path: Path) -> None:
 # Fields a resumed run cannot change: the parameters' shapes and meaning, and the data stream's windows.
 # (data.dataset is checked by the data stream's own identity, so a moved data directory still resumes.)
 FROZEN_ON_RESUME = ("model.", "data.block_size", "data.tokenizer_name", "train.seed", "optim.name")
+# ... except model fields that pick how the same math runs, or tune routing without changing shapes.
+RESUMABLE_MODEL_FIELDS = (
+    "model.moe.kernels",
+    "model.moe.bias_update_rate",
+    "model.moe.seq_aux_loss_coef",
+    "model.moe.aux_loss_coef",
+)
 _NOT_COMPARED = ("train.out_dir", "train.resume")  # where and how this invocation runs, not the run
 
 
@@ -444,7 +451,7 @@ def config_changes(step_dir: Path, cfg: Any) -> list[str]:
         pass  # a field since removed: compare what both know
     old_flat, new_flat = _flat(old), _flat(cfg.to_dict())
     changed = [k for k in new_flat if k in old_flat and old_flat[k] != new_flat[k] and k not in _NOT_COMPARED]
-    frozen = [k for k in changed if k.startswith(FROZEN_ON_RESUME)]
+    frozen = [k for k in changed if k.startswith(FROZEN_ON_RESUME) and k not in RESUMABLE_MODEL_FIELDS]
     if frozen:
         what = ", ".join(f"{k} {old_flat[k]} -> {new_flat[k]}" for k in frozen)
         raise CheckpointError(

@@ -168,17 +168,24 @@ def test_changed_config_on_resume_applies_and_is_listed(tmp_path, capsys):
     out, fresh = tmp_path / "run", tmp_path / "fresh"
     _train(out, "--train.max_steps=3")
     capsys.readouterr()
-    _train(out, "--train.max_steps=5", "--optim.lr=1e6", "--optim.weight_decay=0.5")
+    _train(out, "--train.max_steps=5", "--optim.lr=0.03", "--optim.weight_decay=0.5")
     printed = capsys.readouterr().out
     assert (
-        "config differs from the checkpoint: optim.lr 0.003 -> 1000000.0, optim.weight_decay 0.1 -> 0.5, "
+        "config differs from the checkpoint: optim.lr 0.003 -> 0.03, optim.weight_decay 0.1 -> 0.5, "
         "train.max_steps 3 -> 5"
     ) in printed
-    _train(fresh, "--train.max_steps=5", "--optim.lr=1e6")
+    _train(fresh, "--train.max_steps=5", "--optim.lr=0.03", "--optim.weight_decay=0.5")
     lrs, ref = [r["lr"] for r in _rows(out)], [r["lr"] for r in _rows(fresh)]
-    assert lrs[3:] == ref[3:] and lrs[3] > 1e5  # this run's lr and schedule from step 4 on
+    assert lrs[3:] == ref[3:] and lrs[3] > 0.01  # this run's lr and schedule from step 4 on
     with pytest.raises(CheckpointError, match=r"different config: train\.seed 1337 -> 7 .*new --out-dir"):
         _train(out, "--train.max_steps=6", "--train.seed=7")
+    with pytest.raises(CheckpointError, match=r"different config: model\.n_embd 128 -> 64 "):
+        _train(out, "--train.max_steps=6", "--model.n_embd=64")
+    capsys.readouterr()
+    _train(
+        out, "--train.max_steps=6", "--optim.lr=0.03", "--optim.weight_decay=0.5", "--moe.kernels=auto"
+    )  # same math, another path: allowed
+    assert "model.moe.kernels torch -> auto" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- disk full, bad paths
