@@ -46,7 +46,6 @@ from kimi.checkpoint import (
     STEP_PREFIX,
     Checkpointer,
     CheckpointError,
-    _barrier,
     _rank,
     resolve,
     rng_state,
@@ -54,6 +53,12 @@ from kimi.checkpoint import (
 )
 from kimi.config import Config, ConfigError
 from kimi.engine.base import Engine, check_engine
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
 
 _FORBIDDEN_KEYS = ("optimizer", "scheduler")  # ours come from optim.*; DeepSpeed's would replace them
 

@@ -41,7 +41,7 @@ class FSDP2Engine(Engine):
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return float(norm)  # clip_grad_norm returns a device tensor (no sync until here)
 
     def save(self, step: int, train_state: dict[str, Any], config_yaml: str, meta: dict[str, Any]) -> Path:
         return self.ckpt.save(step, self.model, self.optimizer, train_state, config_yaml, {**meta, "engine": self.name})
