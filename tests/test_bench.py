@@ -158,6 +158,17 @@ def test_compare_quick(tmp_path):
         assert len(run["curve"]) == 6  # --quick evaluates every step
     assert "| **" + ref["variant"] in (tmp_path / "results.md").read_text()
     assert (tmp_path / "val_vs_tokens.png").stat().st_size > 0 and (tmp_path / "val_vs_time.png").exists()
+    # Re-tabling finished runs (e.g. a sweep done in two goes) gives the same table, and logs it to MLflow.
+    r = _cli("compare", "--from-runs", str(tmp_path / "runs.json"), "--out", str(tmp_path / "merged"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert merged["rows"] == res["rows"]
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'merged' / 'mlflow.db'}")
+    found = mlflow.search_runs(experiment_names=["kimi-bench-compare"], output_format="list")
+    assert [run.info.run_name for run in found] == ["compare-summary"]
+    assert found[0].data.metrics["kimi/final_val_loss"] == pytest.approx(res["rows"][2]["final_val_loss"])
 
 
 @pytest.mark.parametrize(

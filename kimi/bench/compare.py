@@ -260,9 +260,15 @@ def compare(config: str, steps: int, eval_every: int, eval_batches: int, baselin
     variants, target = build_variants(config, baseline_lrs, ablations, parse_overrides(extra))
     log(f"compare: {len(variants)} variants at {target / 1e6:.3f}M active non-embedding params, seeds {seeds}")
     runs: list[dict] = []
+    failed: list[str] = []
 
     def go(v: Variant, seed: int) -> None:
-        r = run_one(config, v, seed, steps, eval_every, eval_batches, out, uri, max_windows)
+        try:
+            r = run_one(config, v, seed, steps, eval_every, eval_batches, out, uri, max_windows)
+        except RuntimeError as e:  # one broken variant is reported; the others still run and are tabled
+            failed.append(str(e))
+            log(f"  FAILED: {e}")
+            return
         runs.append(r)
         log(f"  {v.name:<18} seed {seed}: whole-split val {r['final_val_loss']:.4f} | "
             f"{r['tokens_per_s']:,.0f} tok/s | {r['wall_s']:.0f}s | RSS {r['peak_rss_bytes'] / 2**20:.0f} MB")  # fmt: skip
@@ -272,26 +278,45 @@ def compare(config: str, steps: int, eval_every: int, eval_batches: int, baselin
     # `jobs` > 1 trains that many at once: tokens-to-loss is unchanged, wall-clock columns then share the CPU.
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         list(pool.map(lambda v: go(v, seeds[0]), variants))
-        best = min((r for r in runs if r["group"] == "nanogpt"), key=lambda r: r["final_val_loss"])["variant"]
+        best = best_baseline(runs)
         later = [(v, s) for s in seeds[1:] for v in variants if v.group != "nanogpt" or v.name == best]
         list(pool.map(lambda vs: go(*vs), later))
-    runs.sort(key=lambda r: ([v.name for v in variants].index(r["variant"]), r["seed"]))
+    cfg = load_config(config, extra)
+    return write_results(runs, out, config, f"{steps} steps x {cfg.train.global_batch_size * cfg.block_size} tokens",
+                         tracking_uri if mlflow else None, failed, log)  # fmt: skip
+
+
+def best_baseline(runs: list[dict]) -> str:
+    base = [r for r in runs if r["group"] == "nanogpt"]
+    if not base:
+        raise RuntimeError("no baseline run finished; see the logs under OUT/runs/")
+    return min(base, key=lambda r: r["final_val_loss"])["variant"]
+
+
+def write_results(runs: list[dict], out: Path, config: str, budget: str, tracking_uri: str | None,
+                  failed: list[str] = (), log=print) -> dict:  # fmt: skip
+    """Table, JSON, plots (and the MLflow summary run) from finished runs, also runs merged from several
+    `compare` outputs (--from-runs): the best baseline lr is picked over all of them."""
+    out.mkdir(parents=True, exist_ok=True)
+    order = list(dict.fromkeys(r["variant"] for r in sorted(runs, key=lambda r: r["group"] != "nanogpt")))
+    runs = sorted(runs, key=lambda r: (order.index(r["variant"]), r["seed"]))
+    best = best_baseline(runs)
     rows = summarise(runs, best)
+    seeds = sorted({r["seed"] for r in runs})
     env = f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs" if not torch.cuda.is_available() else (
         torch.cuda.get_device_name())  # fmt: skip
-    header = (f"`python -m kimi.bench compare --config {config}` {steps} steps x "
-              f"{load_config(config, extra).train.global_batch_size * load_config(config, extra).block_size} tokens, "
-              f"seeds {seeds}, {env}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")  # fmt: skip
-    md = markdown_table(rows, header)
-    result = {"config": config, "steps": steps, "seeds": seeds, "baseline_lrs": baseline_lrs,
-              "best_baseline": best, "active_non_embedding_target": target, "rows": rows, "runs": runs,
-              "commit": _git_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
+    header = (f"`python -m kimi.bench compare --config {config}`: {budget}, seeds {seeds}, {env}, "
+              f"torch {torch.__version__}, commit {_git_commit()}, {time.strftime('%Y-%m-%d')}")  # fmt: skip
+    md = markdown_table(rows, header) + "".join(f"\nFAILED: {f}\n" for f in failed)
+    result = {"config": config, "budget": budget, "seeds": seeds, "best_baseline": best, "rows": rows,
+              "runs": runs, "failed": list(failed), "commit": _git_commit(),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
     (out / "results.json").write_text(json.dumps(result, indent=1))
     (out / "results.md").write_text(md)
     files = [out / "results.json", out / "results.md"]
     files += plot_curves(runs, out, {r["variant"] for r in rows if r["variant"] == best or r["group"] != "nanogpt"})
-    if mlflow:
-        log_summary(out, tracking_uri, rows, files, {"config": config, "steps": steps, "seeds": str(seeds)})
+    if tracking_uri:
+        log_summary(out, tracking_uri, rows, files, {"config": config, "budget": budget, "seeds": str(seeds)})
     log(md)
     return result
 
@@ -312,6 +337,8 @@ def add_args(p) -> None:
     p.add_argument("--eval-batches", type=int, default=None, help="default: the config's train.eval_batches")
     p.add_argument("--out", default="out/bench/compare")
     p.add_argument("--no-mlflow", action="store_true")
+    p.add_argument("--from-runs", default=None, help="comma-separated runs.json files of earlier compares: "
+                   "no training, one table over all of them (e.g. an lr sweep finished in two goes)")  # fmt: skip
     p.add_argument(
         "--jobs", type=int, default=1, help="training processes at once (wall-clock columns then share CPUs)"
     )
@@ -320,6 +347,12 @@ def add_args(p) -> None:
 
 def main(args, overrides: list[str]) -> None:
     config = QUICK_CONFIG if args.quick else args.config
+    if args.from_runs:
+        runs = [r for f in args.from_runs.split(",") if f for r in json.loads(Path(f).read_text())]
+        budget = "/".join(f"{t:,}" for t in sorted({r["tokens"] for r in runs})) + " tokens"
+        uri = None if args.no_mlflow else args.tracking_uri or f"sqlite:///{Path(args.out).resolve() / 'mlflow.db'}"
+        write_results(runs, Path(args.out), config, budget, uri)
+        return
     steps = args.steps
     lrs = [float(x) for x in args.baseline_lrs.split(",") if x]
     abl = list(ABLATIONS) if args.ablations == "all" else [a for a in args.ablations.split(",") if a]

@@ -17,10 +17,10 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from kimi.bench.tables import md_table, save_json
 from kimi.config import load_config
 
 QUICK_CONFIG = "configs/debug.yaml"
@@ -92,29 +92,28 @@ def generation_speed(config: str, overrides: list[str], prompt_len: int, new_tok
 # on top of the interpreter and torch: weights, grads, optimizer state, activations (one fresh process per
 # model, so one peak cannot hide another).
 _CHILD = """import json, resource, sys, torch
-from kimi.config import load_config
 from kimi.bench.throughput import step_breakdown
-cfg = load_config(sys.argv[1], sys.argv[3:])
+from kimi.config import config_from_dict
+cfg = config_from_dict(json.loads(sys.argv[2]))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-step_breakdown(cfg, int(sys.argv[2]), torch.device("cpu"))
+step_breakdown(cfg, int(sys.argv[1]), torch.device("cpu"))
 print(json.dumps([before * 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]))"""
 
 
 def training_memory(config: str, overrides: list[str], steps: int) -> list[dict]:
     """Peak memory of `steps` training steps: GPU allocator peak, or on CPU a fresh process's RSS growth."""
-    from kimi.bench.variants import flatten, nanogpt_overrides, param_counts
+    from kimi.bench.variants import matched_pair, param_counts
 
-    cfg = load_config(config, overrides)
     rows = []
-    for name, ov in (("nanokimi", []), ("nanogpt", flatten(nanogpt_overrides(cfg, 1e-3)))):
-        c = load_config(config, [*overrides, *ov])
+    for name, c in zip(("nanokimi", "nanogpt"), matched_pair(config, overrides)):
         params = param_counts(c)["params_total"]
         if torch.cuda.is_available():
             from kimi.bench.throughput import step_breakdown
 
             peak, what = step_breakdown(c, steps, _device())["peak_memory_bytes"], "GPU allocator peak"
         else:
-            cmd = [sys.executable, "-c", _CHILD, config, str(steps), *overrides, *ov]
+            tree = c.to_dict()
+            cmd = [sys.executable, "-c", _CHILD, str(steps), json.dumps(tree)]
             p = subprocess.run(cmd, capture_output=True, text=True)
             if p.returncode != 0:
                 raise RuntimeError(f"training-memory child failed: {p.stderr.strip()[-300:]}")
@@ -126,20 +125,18 @@ def training_memory(config: str, overrides: list[str], steps: int) -> list[dict]
 
 
 def report(r: dict) -> str:
-    lines = [f"kimi.bench memory: {r['config']} on {r['device']}, torch {r['torch']}", "",
-             "| attention | context | KV bytes/token (bf16) | cache MB | measured MB |", "|---|---|---|---|---|"]  # fmt: skip
-    for k in r["kv_cache"]:
-        lines.append(f"| {k['attention']} | {k['context']} | {k['bytes_per_token_bf16']:,} | "
-                     f"{k['cache_bytes'] / 2**20:.2f} | {k['measured_bytes'] / 2**20:.2f} |")  # fmt: skip
-    lines += ["", "| attention | cache | prompt + new | tokens/s |", "|---|---|---|---|"]
-    for g in r["generation"]:
-        lines.append(f"| {g['attention']} | {'yes' if g['cache'] else 'no'} | {g['prompt']} + {g['new_tokens']} | "
-                     f"{g['tokens_per_s']:,.1f} |")  # fmt: skip
-    lines += ["", "| model | params | peak training MB | bytes/param | measured as |", "|---|---|---|---|---|"]
-    for t in r["training"]:
-        lines.append(f"| {t['model']} | {t['params_total'] / 1e6:.2f}M | {t['peak_bytes'] / 2**20:.0f} | "
-                     f"{t['bytes_per_param']:.1f} | {t['what']} |")  # fmt: skip
-    return "\n".join(lines)
+    mb = 2**20
+    kv = [[k["attention"], str(k["context"]), f"{k['bytes_per_token_bf16']:,}", f"{k['cache_bytes'] / mb:.2f}",
+           f"{k['measured_bytes'] / mb:.2f}"] for k in r["kv_cache"]]  # fmt: skip
+    gen = [[g["attention"], "yes" if g["cache"] else "no", f"{g['prompt']} + {g['new_tokens']}",
+            f"{g['tokens_per_s']:,.1f}"] for g in r["generation"]]  # fmt: skip
+    train = [[t["model"], f"{t['params_total'] / 1e6:.2f}M", f"{t['peak_bytes'] / mb:.0f}", f"{t['bytes_per_param']:.1f}",
+              t["what"]] for t in r["training"]]  # fmt: skip
+    return "\n".join([
+        f"kimi.bench memory: {r['config']} on {r['device']}, torch {r['torch']}", "",
+        *md_table(["attention", "context", "KV bytes/token (bf16)", "cache MB (model dtype)", "measured MB"], kv), "",
+        *md_table(["attention", "cache", "prompt + new", "tokens/s"], gen), "",
+        *md_table(["model", "params", "peak training MB", "bytes/param", "measured as"], train)])  # fmt: skip
 
 
 def main(args, overrides: list[str]) -> dict:
@@ -163,9 +160,7 @@ def main(args, overrides: list[str]) -> dict:
          "generation": generation_speed(config, overrides, prompt, new),
          "training": training_memory(config, overrides, steps)}  # fmt: skip
     print(report(r))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(r, indent=1))
+    save_json(args.json, r)
     return r
 
 

@@ -15,13 +15,12 @@ Medians over the steps after the first (warm-up). Numbers for docs/benchmarking.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from kimi.bench.tables import md_table, save_json
 from kimi.config import Config, load_config
 
 QUICK_CONFIG = "configs/debug.yaml"
@@ -143,13 +142,12 @@ def moe_vs_dense(config: str, tokens: int, reps: int, device: torch.device) -> d
 
 
 def run(config: str, overrides: list[str], steps: int, quick: bool) -> dict:
-    from kimi.bench.variants import nanogpt_overrides
+    from kimi.bench.variants import matched_pair
     from kimi.runtime import peak_flops
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    kimi_cfg = load_config(config, overrides)
-    base_cfg = load_config(config, [*overrides, *_flat(nanogpt_overrides(kimi_cfg, 1e-3))])
+    kimi_cfg, base_cfg = matched_pair(config, overrides)
     peak = matmul_peak(device, dtype, n=256 if quick else None)
     out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads",
            "torch": torch.__version__, "config": config, "matmul_peak_flops": peak, "matmul_dtype": str(dtype)}  # fmt: skip
@@ -167,32 +165,26 @@ def run(config: str, overrides: list[str], steps: int, quick: bool) -> dict:
     return out
 
 
-def _flat(tree: dict) -> list[str]:
-    from kimi.bench.variants import flatten
-
-    return flatten(tree)
-
-
 def report(r: dict) -> str:
     peak = f"measured {r['matmul_dtype']} matmul peak {r['matmul_peak_flops'] / 1e12:.3f} TFLOP/s"
     if r.get("datasheet_peak_flops"):
         peak += f", datasheet {r['datasheet_peak_flops'] / 1e12:.0f} TFLOP/s"
-    lines = [f"kimi.bench throughput: {r['config']} on {r['device']}, torch {r['torch']}; {peak}", "",
-             "| model | tokens/s | MFU (measured peak) | step ms | forward | backward | optimizer | routing |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    speed = []
     for name in ("nanokimi", "nanogpt"):
         m = r[name]
-        mfu = f"{100 * m['mfu_measured_peak']:.1f}%" + (
-            f" ({100 * m['mfu_datasheet']:.1f}% of datasheet)" if "mfu_datasheet" in m else "")  # fmt: skip
-        lines.append(f"| {name} | {m['tokens_per_s']:,.0f} | {mfu} | {1000 * m['step_s']:.1f} | "
-                     + " | ".join(f"{1000 * m[k]:.1f}" for k in ("forward_s", "backward_s", "optimizer_s", "routing_s"))
-                     + " |")  # fmt: skip
-    lines += ["", "| width | tokens | experts (top-k) | MoE fwd+bwd ms | dense SwiGLU (same active FLOPs) ms | MoE/dense |",
-              "|---|---|---|---|---|---|"]  # fmt: skip
-    for m in r["moe_vs_dense"]:
-        lines.append(f"| {m['width']} | {m['tokens']} | {m['experts']} ({m['top_k']}) | {m['moe_ms']:.2f} | "
-                     f"{m['dense_ms']:.2f} | {m['ratio']:.2f} |")  # fmt: skip
-    return "\n".join(lines)
+        mfu = f"{100 * m['mfu_measured_peak']:.1f}%"
+        if "mfu_datasheet" in m:
+            mfu += f" ({100 * m['mfu_datasheet']:.1f}% of datasheet)"
+        phases = [f"{1000 * m[k]:.1f}" for k in ("step_s", "forward_s", "backward_s", "optimizer_s", "routing_s")]
+        speed.append([name, f"{m['tokens_per_s']:,.0f}", mfu, *phases])
+    moe = [[str(m["width"]), str(m["tokens"]), f"{m['experts']} ({m['top_k']})", f"{m['moe_ms']:.2f}",
+            f"{m['dense_ms']:.2f}", f"{m['ratio']:.2f}"] for m in r["moe_vs_dense"]]  # fmt: skip
+    return "\n".join([
+        f"kimi.bench throughput: {r['config']} on {r['device']}, torch {r['torch']}; {peak}", "",
+        *md_table(["model", "tokens/s", "MFU (measured peak)", "step ms", "forward", "backward", "optimizer",
+                   "routing"], speed), "",
+        *md_table(["width", "tokens", "experts (top-k)", "MoE fwd+bwd ms", "dense SwiGLU (same active FLOPs) ms",
+                   "MoE/dense"], moe)])  # fmt: skip
 
 
 def main(args, overrides: list[str]) -> dict:
@@ -202,7 +194,5 @@ def main(args, overrides: list[str]) -> dict:
         raise ValueError(f"--steps={steps}: need >= 2 (the first step is warm-up and not counted)")
     r = run(config, overrides, steps, args.quick)
     print(report(r))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(r, indent=1))
+    save_json(args.json, r)
     return r

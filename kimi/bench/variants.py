@@ -149,3 +149,12 @@ def build_variants(
         ov = _merge(base, ov)
         out.append(Variant(name, match_active(config_path, ov, target) if match else ov, about, name))
     return out, target
+
+
+def matched_pair(config_path: str, overrides: list[str]) -> tuple[Config, Config]:
+    """(nanoKimi, nanoGPT-equivalent) configs as `compare` builds them: the config's recipe at the
+    baseline's active non-embedding size, and the baseline at nanoGPT's lr."""
+    from kimi.config import parse_overrides
+
+    variants, _ = build_variants(config_path, [1e-3], [], parse_overrides(overrides))
+    return load_config(config_path, variants[1].overrides), load_config(config_path, variants[0].overrides)
