@@ -78,14 +78,31 @@ def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | No
     return None
 
 
-def _run_training(cmd: list[str], log_path: Path, env: dict) -> tuple[int, float, int]:
-    """Run to completion; return (exit code, wall seconds, peak RSS bytes of that process alone)."""
+def vm_hwm(pid: int | str = "self") -> int | None:
+    """Peak RSS (VmHWM) of a live process in bytes, from /proc (Linux); None when unreadable.
+
+    Not ru_maxrss: Linux carries the spawning process's peak RSS over into the child's ru_maxrss at
+    exec, so a child started by a big parent would report the parent's peak."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _run_training(cmd: list[str], log_path: Path, env: dict) -> tuple[int, float, int | None]:
+    """Run to completion; return (exit code, wall seconds, the child's own peak RSS in bytes). The peak is
+    polled from /proc every 0.2 s; it is monotone, so the last read is the peak of all but the last instants."""
     t0 = time.perf_counter()
+    peak = None
     with open(log_path, "w") as logf:
         p = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(p.pid, 0)  # ru_maxrss of this child only (kB on Linux)
-        p.returncode = os.waitstatus_to_exitcode(status)
-    return p.returncode, time.perf_counter() - t0, usage.ru_maxrss * 1024
+        while p.poll() is None:
+            peak = vm_hwm(p.pid) or peak
+            time.sleep(0.2)
+    return p.returncode, time.perf_counter() - t0, peak
 
 
 def run_one(config: str, v: Variant, seed: int, steps: int, eval_every: int, eval_batches: int,
@@ -271,7 +288,7 @@ def compare(config: str, steps: int, eval_every: int, eval_batches: int, baselin
             return
         runs.append(r)
         log(f"  {v.name:<18} seed {seed}: whole-split val {r['final_val_loss']:.4f} | "
-            f"{r['tokens_per_s']:,.0f} tok/s | {r['wall_s']:.0f}s | RSS {r['peak_rss_bytes'] / 2**20:.0f} MB")  # fmt: skip
+            f"{r['tokens_per_s']:,.0f} tok/s | {r['wall_s']:.0f}s | RSS {(r['peak_rss_bytes'] or 0) / 2**20:.0f} MB")  # fmt: skip
         (out / "runs.json").write_text(json.dumps(runs, indent=1))  # partial results survive an interruption
 
     # First seed: every variant (the baseline's lr sweep included); then the best baseline lr and the others.

@@ -91,13 +91,14 @@ def generation_speed(config: str, overrides: list[str], prompt_len: int, new_tok
 # A CPU child trains and prints its peak RSS before and after: the difference is what training added
 # on top of the interpreter and torch: weights, grads, optimizer state, activations (one fresh process per
 # model, so one peak cannot hide another).
-_CHILD = """import json, resource, sys, torch
+_CHILD = """import json, sys, torch
+from kimi.bench.compare import vm_hwm
 from kimi.bench.throughput import step_breakdown
 from kimi.config import config_from_dict
 cfg = config_from_dict(json.loads(sys.argv[2]))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = vm_hwm()
 step_breakdown(cfg, int(sys.argv[1]), torch.device("cpu"))
-print(json.dumps([before * 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]))"""
+print(json.dumps([before, vm_hwm()]))"""
 
 
 def training_memory(config: str, overrides: list[str], steps: int) -> list[dict]:
