@@ -138,6 +138,10 @@ class KimiConfig:
     rms_norm_eps: float = 1e-6
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # Baseline switches (kimi.bench builds the nanoGPT / GPT-2 equivalent from these); defaults are K2's.
+    mlp: str = "swiglu"  # "swiglu" or "gelu" (GPT-2: down(gelu(up(x))), hidden 4 * n_embd by default)
+    pos_emb: str = "rope"  # "rope" or "learned" (a block_size x n_embd position table added to the input)
+    norm: str = "rmsnorm"  # "rmsnorm" or "layernorm" (no bias, eps 1e-5, as nanoGPT with bias=False)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
@@ -147,8 +151,8 @@ class KimiConfig:
             self.attention = from_dict(AttentionConfig, self.attention, "attention")
         if isinstance(self.moe, dict):
             self.moe = from_dict(MoEConfig, self.moe, "moe")
-        if self.intermediate_size is None:
-            self.intermediate_size = _round_up(int(8 * self.n_embd / 3), 64)  # SwiGLU's 4x-equivalent
+        if self.intermediate_size is None:  # GELU: GPT-2's 4x; SwiGLU: its 4x-equivalent in parameters
+            self.intermediate_size = 4 * self.n_embd if self.mlp == "gelu" else _round_up(int(8 * self.n_embd / 3), 64)
         if self.moe.expert_hidden is None:
             self.moe.expert_hidden = max(1, self.intermediate_size // max(1, self.moe.top_k))
         self.validate()
@@ -157,6 +161,17 @@ class KimiConfig:
         for k in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"model.{k}={getattr(self, k)} must be >= 1")
+        for key, valid in (
+            ("mlp", ("swiglu", "gelu")),
+            ("pos_emb", ("rope", "learned")),
+            ("norm", ("rmsnorm", "layernorm")),
+        ):
+            if getattr(self, key) not in valid:
+                raise ConfigError(f"model.{key}={getattr(self, key)!r} is not one of {', '.join(map(repr, valid))}")
+        if self.pos_emb == "learned" and self.attention.type != "mha":
+            raise ConfigError(
+                "model.pos_emb=learned needs attention.type=mha (MLA's decoupled RoPE key is its position signal)"
+            )
         self.attention.validate(self.n_head, self.n_embd)
         self.moe.validate(self.n_layer)
 

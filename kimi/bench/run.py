@@ -3,6 +3,9 @@
     python -m kimi.bench dist  [--config configs/debug.yaml] [--nproc 2] [--steps 10] [--section.key=value ...]
     python -m kimi.bench train [--config configs/debug.yaml] [--steps 10] [--section.key=value ...]
     python -m kimi.bench kernels   (Triton routing kernels vs torch on one GPU: see kimi/bench/kernels.py)
+    python -m kimi.bench compare    [--quick] ...  nanoKimi vs a nanoGPT-equivalent (kimi/bench/compare.py)
+    python -m kimi.bench throughput [--quick] ...  tokens/s, MFU, step breakdown (kimi/bench/throughput.py)
+    python -m kimi.bench memory     [--quick] ...  KV cache, generation and training memory (kimi/bench/memory.py)
 
 `dist` runs the real training loop on `nproc` gloo/NCCL processes for each of: EP=1 and EP=ep
 (the same global batch, so the same work), with Muon and with AdamW, and prints per step: tokens/s,
@@ -18,6 +21,7 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 from datetime import timedelta
 from pathlib import Path
@@ -96,16 +100,29 @@ def _table(results: list[tuple[str, dict]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m kimi.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["dist", "train", "kernels"])
+    from kimi.bench import compare, memory, throughput
+
+    p.add_argument("what", choices=["dist", "train", "kernels", "compare", "throughput", "memory"])
     p.add_argument("--config", default="configs/debug.yaml")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--ep", type=int, default=None, help="EP degree to compare with EP=1 (default: nproc)")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--quick", action="store_true", help="compare/throughput/memory: a tiny run (the tests' smoke mode)")
+    compare.add_args(p)
+    memory.add_args(p)
     args, overrides = p.parse_known_args(argv)
     if args.what == "kernels":
         from kimi.bench.kernels import run
 
         return run()
+    if args.what in ("compare", "throughput", "memory"):
+        from kimi.config import ConfigError
+
+        try:
+            return {"compare": compare, "throughput": throughput, "memory": memory}[args.what].main(args, overrides)
+        except (ConfigError, ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
     overrides = [*overrides, f"--train.max_steps={args.steps}"]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{os.cpu_count()}"
     results = []

@@ -199,8 +199,10 @@ class MHA(_MaxLogitMixin, nn.Module):
     def forward(self, x_BTD, cos_TR, sin_TR, cache: MHALayerCache | None = None, start_pos: int = 0):
         B, T, D = x_BTD.shape
         H, Dh = self.n_head, self.head_dim
-        q_BTHd = apply_rope(self.q_proj(x_BTD).view(B, T, H, Dh), cos_TR, sin_TR, self.cfg.rope_interleave)
-        k_BTHd = apply_rope(self.k_proj(x_BTD).view(B, T, H, Dh), cos_TR, sin_TR, self.cfg.rope_interleave)
+        q_BTHd, k_BTHd = self.q_proj(x_BTD).view(B, T, H, Dh), self.k_proj(x_BTD).view(B, T, H, Dh)
+        if cos_TR is not None:  # None: the model adds learned positions instead (model.pos_emb=learned)
+            q_BTHd = apply_rope(q_BTHd, cos_TR, sin_TR, self.cfg.rope_interleave)
+            k_BTHd = apply_rope(k_BTHd, cos_TR, sin_TR, self.cfg.rope_interleave)
         q_BHTd, k_BHSd = q_BTHd.transpose(1, 2), k_BTHd.transpose(1, 2)
         v_BHSd = self.v_proj(x_BTD).view(B, T, H, Dh).transpose(1, 2)
         if cache is not None:

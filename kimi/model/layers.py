@@ -77,6 +77,24 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class GeluMLP(nn.Module):
+    """GPT-2's MLP: down(gelu(up(x))), exact (erf) GELU as in nanoGPT. The baseline's dense FFN (model.mlp=gelu).
+    Named up/down so init_weights scales down_proj like the other residual-writing matrices."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
+    """model.norm: RMSNorm (K2) or a bias-free LayerNorm with eps 1e-5 (nanoGPT's bias=False setting)."""
+    return RMSNorm(dim, eps) if kind == "rmsnorm" else nn.LayerNorm(dim, eps=1e-5, bias=False)
+
+
 # ----------------------------------------------------------------------------- RoPE
 
 

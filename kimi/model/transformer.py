@@ -16,7 +16,7 @@ from torch import nn
 from kimi.config import KimiConfig
 from kimi.model.attention import MHA, MLA
 from kimi.model.cache import KVCache
-from kimi.model.layers import MLP, RMSNorm, rope_cos_sin
+from kimi.model.layers import MLP, GeluMLP, RMSNorm, make_norm, rope_cos_sin
 from kimi.model.moe import GroupedExperts, MoE
 from kimi.model.router import Router
 
@@ -31,11 +31,14 @@ class ModelOutput(NamedTuple):
 class Block(nn.Module):
     def __init__(self, cfg: KimiConfig, layer_idx: int):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
+        self.attn_norm = make_norm(cfg.norm, cfg.n_embd, cfg.rms_norm_eps)
         attn_cls = MLA if cfg.attention.type == "mla" else MHA
         self.attn = attn_cls(cfg.n_embd, cfg.n_head, cfg.attention)
-        self.ffn_norm = RMSNorm(cfg.n_embd, cfg.rms_norm_eps)
-        self.ffn = MoE(cfg.n_embd, cfg.moe) if cfg.is_moe_layer(layer_idx) else MLP(cfg.n_embd, cfg.intermediate_size)
+        self.ffn_norm = make_norm(cfg.norm, cfg.n_embd, cfg.rms_norm_eps)
+        dense_cls = GeluMLP if cfg.mlp == "gelu" else MLP
+        self.ffn = (
+            MoE(cfg.n_embd, cfg.moe) if cfg.is_moe_layer(layer_idx) else dense_cls(cfg.n_embd, cfg.intermediate_size)
+        )
 
     def forward(self, x_BTD, cos_TR, sin_TR, cache=None, start_pos: int = 0):
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos_TR, sin_TR, cache, start_pos)
@@ -54,8 +57,10 @@ class KimiModel(nn.Module):
         config.validate()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.pos_emb == "learned":  # GPT-2's position table (the baseline); K2 uses RoPE inside attention
+            self.embed_positions = nn.Embedding(config.block_size, config.n_embd)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.norm = RMSNorm(config.n_embd, config.rms_norm_eps)
+        self.norm = make_norm(config.norm, config.n_embd, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -78,7 +83,7 @@ class KimiModel(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=std)
-            elif isinstance(module, RMSNorm):
+            elif isinstance(module, (RMSNorm, nn.LayerNorm)):
                 module.reset_parameters()
             elif isinstance(module, GroupedExperts):
                 nn.init.normal_(module.w1, std=std)
@@ -104,7 +109,11 @@ class KimiModel(nn.Module):
             cache.check(B, start_pos, T)
         x_BTD = self.embed_tokens(idx_BT)
         positions_T = torch.arange(start_pos, start_pos + T, device=idx_BT.device)
-        cos_TR, sin_TR = rope_cos_sin(positions_T, self.layers[0].attn.rope_dim, self.config.attention.rope_theta)
+        if self.config.pos_emb == "learned":
+            x_BTD = x_BTD + self.embed_positions(positions_T)
+            cos_TR = sin_TR = None  # MHA then skips RoPE
+        else:
+            cos_TR, sin_TR = rope_cos_sin(positions_T, self.layers[0].attn.rope_dim, self.config.attention.rope_theta)
         for i, layer in enumerate(self.layers):
             x_BTD = layer(x_BTD, cos_TR, sin_TR, None if cache is None else cache.layers[i], start_pos)
         logits = self.lm_head(self.norm(x_BTD))
@@ -162,10 +171,11 @@ class KimiModel(nn.Module):
     # ------------------------------------------------------------------ counting
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameters (a tied embedding counted once). non_embedding drops embed_tokens and lm_head."""
+        """Parameters (a tied embedding counted once). non_embedding drops embed_tokens, embed_positions
+        (as nanoGPT's count drops wpe) and lm_head."""
         seen, n = set(), 0
         for name, p in self.named_parameters():
-            if id(p) in seen or (non_embedding and ("embed_tokens" in name or "lm_head" in name)):
+            if id(p) in seen or (non_embedding and name.startswith(("embed_", "lm_head"))):
                 continue
             seen.add(id(p))
             n += p.numel()

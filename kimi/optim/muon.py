@@ -134,7 +134,7 @@ class Muon(torch.optim.Optimizer):
 
 # ----------------------------------------------------------------------------- building from a model
 
-ADAMW_NAME_KEYS = ("embed_tokens", "lm_head", "router")  # >= 2-D, yet not hidden matrices: AdamW
+ADAMW_NAME_KEYS = ("embed_tokens", "embed_positions", "lm_head", "router")  # >= 2-D, yet not hidden matrices: AdamW
 
 
 def param_group_name(name: str, p: Tensor, cfg: OptimConfig) -> str:

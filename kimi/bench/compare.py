@@ -1,0 +1,388 @@
+"""python -m kimi.bench compare: nanoKimi against a nanoGPT-equivalent baseline, same data, same tokens.
+
+    python -m kimi.bench compare --config configs/bench/byte.yaml --steps 600 --eval-every 50 \
+        --baseline-lrs 5e-4,1e-3,2e-3 --seeds 1337 [--ablations dense_adamw,dense_muon] [--out docs/bench/byte]
+    python -m kimi.bench compare --quick          (debug shape on toy data: the test's smoke run)
+
+Every run is a real `python -m kimi.train` process with the same seed, global batch and step count,
+so every model sees the same windows in the same order (the data stream is a function of (seed, step)).
+Per run it records the validation curve (train's fixed evenly spaced windows, every --eval-every steps),
+the step times, and the process's peak RSS; after training, the final checkpoint is scored on the
+*whole* validation split in non-overlapping windows. The baseline's lr is swept on the first seed and
+its best lr (lowest whole-split loss) is the reference for the other seeds and for the ratios:
+
+  tokens_to_baseline   tokens a model needs before its validation curve first reaches the best baseline's
+                       final curve loss (linear interpolation between evals; None if never reached)
+  speedup_tokens       baseline's tokens to that loss / the model's (> 1: the model converges faster)
+
+Writes results.json, results.md, val_vs_tokens.png, val_vs_time.png under --out, and logs every run
+(and a summary run with the table and plots) to MLflow (`--tracking-uri`; default sqlite in --out).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kimi.bench.variants import ABLATIONS, Variant, build_variants, flatten, param_counts
+from kimi.config import LoggingConfig, load_config, parse_overrides
+
+QUICK_CONFIG = "configs/debug.yaml"
+
+
+# ----------------------------------------------------------------------------- measuring one model
+
+
+@torch.no_grad()
+def full_split_loss(model: torch.nn.Module, dataset, batch_size: int = 16, max_windows: int | None = None) -> dict:
+    """Mean cross entropy over the whole split cut into non-overlapping block_size windows (the last
+    partial window is dropped): deterministic, and every token is scored exactly once. `max_windows`
+    keeps only the first windows (--quick on the 1M-token toy split; real runs score everything)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    T = dataset.block_size
+    starts = np.arange(0, dataset.num_tokens - T, T, dtype=np.int64)[:max_windows]  # window i reads [s, s+T+1)
+    total, n = 0.0, 0
+    for i in range(0, len(starts), batch_size):
+        x, y = dataset._pair(starts[i : i + batch_size])
+        out = model(x.to(device), y.to(device))
+        total += out.ce_loss.double().item() * y.numel()
+        n += y.numel()
+    model.train(was_training)
+    loss = total / max(1, n)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": n}
+
+
+def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:
+    """First token count at which the (tokens, loss) curve reaches `target`, interpolating linearly
+    between the evals around the crossing; None if it never does."""
+    prev = None
+    for tok, loss in curve:
+        if loss <= target:
+            if prev is None or prev[1] == loss:
+                return float(tok)
+            (t0, l0) = prev
+            return t0 + (tok - t0) * (l0 - target) / (l0 - loss)
+        prev = (tok, loss)
+    return None
+
+
+def vm_hwm(pid: int | str = "self") -> int | None:
+    """Peak RSS (VmHWM) of a live process in bytes, from /proc (Linux); None when unreadable.
+
+    Not ru_maxrss: Linux carries the spawning process's peak RSS over into the child's ru_maxrss at
+    exec, so a child started by a big parent would report the parent's peak."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _run_training(cmd: list[str], log_path: Path, env: dict) -> tuple[int, float, int | None]:
+    """Run to completion; return (exit code, wall seconds, the child's own peak RSS in bytes). The peak is
+    polled from /proc every 0.2 s; it is monotone, so the last read is the peak of all but the last instants."""
+    t0 = time.perf_counter()
+    peak = None
+    with open(log_path, "w") as logf:
+        p = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+        while p.poll() is None:
+            peak = vm_hwm(p.pid) or peak
+            time.sleep(0.2)
+    return p.returncode, time.perf_counter() - t0, peak
+
+
+def run_one(config: str, v: Variant, seed: int, steps: int, eval_every: int, eval_batches: int,
+            out: Path, tracking_uri: str | None, max_windows: int | None = None) -> dict:  # fmt: skip
+    from kimi.data.dataset import build_dataset
+    from kimi.model import KimiModel
+
+    run_dir = out / "runs" / f"{v.name}-s{seed}"
+    args = [
+        *flatten(v.overrides),  # the command line's overrides are merged in there
+        f"--train.max_steps={steps}",
+        f"--train.seed={seed}",
+        f"--train.out_dir={run_dir}",
+        f"--train.eval_interval={eval_every}",
+        f"--train.eval_batches={eval_batches}",
+        "--train.log_interval=1",
+        "--train.ckpt_interval=0",
+        "--train.keep_last=1",
+        "--train.resume=false",
+        f"--logging.mlflow={tracking_uri is not None}",
+        "--logging.experiment=kimi-bench-compare",
+        f"--logging.run_name={v.name}-s{seed}",
+    ]
+    if tracking_uri:
+        args.append(f"--logging.tracking_uri={tracking_uri}")
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    env = dict(os.environ, MLFLOW_LOGGING_LEVEL="WARNING")
+    cmd = [sys.executable, "-m", "kimi.train", "--config", config, *args]
+    rc, wall, rss = _run_training(cmd, out / "runs" / f"{v.name}-s{seed}.log", env)
+    if rc != 0:
+        tail = (out / "runs" / f"{v.name}-s{seed}.log").read_text().strip().splitlines()[-3:]
+        raise RuntimeError(f"{v.name} (seed {seed}) failed with exit code {rc}: {' | '.join(tail)}")
+    cfg = load_config(config, [*args])
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    tok_per_step = cfg.train.global_batch_size * cfg.block_size
+    t_cum, curve, curve_time = 0.0, [], []
+    for r in rows:
+        t_cum += r.get("step_time_s", 0.0)
+        if "val_loss" in r:
+            curve.append((r["step"] * tok_per_step, r["val_loss"]))
+            curve_time.append((t_cum, r["val_loss"]))
+    model = KimiModel.from_checkpoint(run_dir / "checkpoints" / "latest")
+    val = build_dataset(cfg.data, cfg.block_size, cfg.model.vocab_size, seed, split="val")
+    final = full_split_loss(model, val, max_windows=max_windows)
+    train_time = sum(r.get("step_time_s", 0.0) for r in rows)
+    return {
+        "variant": v.name, "group": v.group, "lr": cfg.optim.lr, "seed": seed, "about": v.about,
+        **param_counts(cfg), "tokens": steps * tok_per_step, "curve": curve, "curve_time": curve_time,
+        "final_curve_val": curve[-1][1] if curve else None, "final_val_loss": final["loss"],
+        "val_tokens": final["tokens"], "train_time_s": train_time, "wall_s": wall,
+        "tokens_per_s": steps * tok_per_step / train_time if train_time else None, "peak_rss_bytes": rss,
+    }  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- summarising
+
+
+def _mean_spread(xs: list[float | None]) -> tuple[float | None, float | None, int]:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None, 0
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0), len(xs)
+
+
+def summarise(runs: list[dict], best_baseline: str) -> list[dict]:
+    """One row per variant (best baseline lr only for the baseline group), means and spreads over seeds."""
+    base = {r["seed"]: r for r in runs if r["variant"] == best_baseline}
+    for r in runs:
+        b = base.get(r["seed"])
+        target = b["final_curve_val"] if b else None
+        r["target_loss"] = target
+        r["tokens_to_baseline"] = tokens_to_reach(r["curve"], target) if target is not None else None
+        b_tok = tokens_to_reach(b["curve"], target) if b and target is not None else None
+        r["speedup_tokens"] = b_tok / r["tokens_to_baseline"] if b_tok and r["tokens_to_baseline"] else None
+    names = list(dict.fromkeys(r["variant"] for r in runs))
+    rows = []
+    for name in names:
+        rs = [r for r in runs if r["variant"] == name]
+        row = {k: rs[0][k] for k in ("variant", "group", "about", "lr", "params_total", "params_active",
+                                     "params_non_embedding", "params_active_non_embedding", "tokens")}  # fmt: skip
+        for k in ("final_val_loss", "tokens_to_baseline", "speedup_tokens", "train_time_s", "tokens_per_s",
+                  "peak_rss_bytes"):  # fmt: skip
+            row[k], row[k + "_std"], row["n_seeds"] = _mean_spread([r[k] for r in rs])
+        row["reference"] = name == best_baseline
+        rows.append(row)
+    return rows
+
+
+def _fmt(x, spec: str, std=None) -> str:
+    if x is None:
+        return "-"
+    s = format(x, spec)
+    return s + (f" ± {format(std, spec)}" if std else "")
+
+
+def markdown_table(rows: list[dict], header: str) -> str:
+    lines = [
+        header,
+        "",
+        "| variant | lr | params total / active / non-emb (M) | active non-emb (M) | val loss (whole split) | "
+        "tokens to baseline loss | speed-up (tokens) | train s | tokens/s | peak RSS MB | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        name = f"**{r['variant']}** (reference)" if r["reference"] else r["variant"]
+        lines.append(
+            f"| {name} | {r['lr']:g} | {r['params_total'] / 1e6:.2f} / {r['params_active'] / 1e6:.2f} / "
+            f"{r['params_non_embedding'] / 1e6:.2f} | {r['params_active_non_embedding'] / 1e6:.3f} | "
+            f"{_fmt(r['final_val_loss'], '.4f', r['final_val_loss_std'])} | "
+            f"{_fmt(r['tokens_to_baseline'], ',.0f', r['tokens_to_baseline_std'])} | "
+            f"{_fmt(r['speedup_tokens'], '.2f', r['speedup_tokens_std'])} | {_fmt(r['train_time_s'], '.0f')} | "
+            f"{_fmt(r['tokens_per_s'], ',.0f')} | {_fmt(r['peak_rss_bytes'] and r['peak_rss_bytes'] / 2**20, '.0f')} | "
+            f"{r['n_seeds']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(runs: list[dict], out: Path, keep: set[str]) -> list[Path]:
+    """val loss against tokens and against training seconds, one line per (variant, seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for key, xlabel, fname in (("curve", "training tokens", "val_vs_tokens.png"),
+                               ("curve_time", "training seconds (sum of step times)", "val_vs_time.png")):  # fmt: skip
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for r in runs:
+            if r["variant"] in keep and r[key]:
+                xs, ys = zip(*r[key])
+                ax.plot(xs, ys, label=f"{r['variant']} s{r['seed']}", lw=1.2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("validation loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=90)
+        plt.close(fig)
+        paths.append(out / fname)
+    return paths
+
+
+def log_summary(out: Path, tracking_uri: str, rows: list[dict], files: list[Path], params: dict) -> None:
+    from kimi.tracking import Tracker
+
+    tr = Tracker(str(out / "summary"), LoggingConfig(tracking_uri=tracking_uri, experiment="kimi-bench-compare",
+                 run_name="compare-summary", system_metrics_interval=0), params=params)  # fmt: skip
+    for r in rows:
+        tr.log(0, {f"{r['variant']}/{k}": r[k] for k in ("final_val_loss", "speedup_tokens", "tokens_per_s",
+                                                         "peak_rss_bytes") if r[k] is not None})  # fmt: skip
+    for f in files:
+        tr.log_artifact(f)
+    tr.run_id  # noqa: B018  (wait for the connection: a short job could otherwise end before it opens)
+    tr.finish("FINISHED")
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def compare(config: str, steps: int, eval_every: int, eval_batches: int, baseline_lrs: list[float],
+            seeds: list[int], ablations: list[str], out: Path, extra: list[str], mlflow: bool = True,
+            tracking_uri: str | None = None, max_windows: int | None = None, jobs: int = 1, log=print) -> dict:  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "runs").mkdir(exist_ok=True)
+    if mlflow and tracking_uri is None:
+        tracking_uri = f"sqlite:///{(out / 'runs' / 'mlflow.db').resolve()}"
+    uri = tracking_uri if mlflow else None
+    variants, target = build_variants(config, baseline_lrs, ablations, parse_overrides(extra))
+    log(f"compare: {len(variants)} variants at {target / 1e6:.3f}M active non-embedding params, seeds {seeds}")
+    runs: list[dict] = []
+    failed: list[str] = []
+
+    def go(v: Variant, seed: int) -> None:
+        try:
+            r = run_one(config, v, seed, steps, eval_every, eval_batches, out, uri, max_windows)
+        except RuntimeError as e:  # one broken variant is reported; the others still run and are tabled
+            failed.append(str(e))
+            log(f"  FAILED: {e}")
+            return
+        runs.append(r)
+        log(f"  {v.name:<18} seed {seed}: whole-split val {r['final_val_loss']:.4f} | "
+            f"{r['tokens_per_s']:,.0f} tok/s | {r['wall_s']:.0f}s | RSS {(r['peak_rss_bytes'] or 0) / 2**20:.0f} MB")  # fmt: skip
+        (out / "runs.json").write_text(json.dumps(runs, indent=1))  # partial results survive an interruption
+
+    # First seed: every variant (the baseline's lr sweep included); then the best baseline lr and the others.
+    # `jobs` > 1 trains that many at once: tokens-to-loss is unchanged, wall-clock columns then share the CPU.
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(lambda v: go(v, seeds[0]), variants))
+        best = best_baseline(runs)
+        later = [(v, s) for s in seeds[1:] for v in variants if v.group != "nanogpt" or v.name == best]
+        list(pool.map(lambda vs: go(*vs), later))
+    cfg = load_config(config, extra)
+    return write_results(runs, out, config, f"{steps} steps x {cfg.train.global_batch_size * cfg.block_size} tokens",
+                         tracking_uri if mlflow else None, failed, log)  # fmt: skip
+
+
+def best_baseline(runs: list[dict]) -> str:
+    base = [r for r in runs if r["group"] == "nanogpt"]
+    if not base:
+        raise RuntimeError("no baseline run finished; see the logs under OUT/runs/")
+    return min(base, key=lambda r: r["final_val_loss"])["variant"]
+
+
+def write_results(runs: list[dict], out: Path, config: str, budget: str, tracking_uri: str | None,
+                  failed: list[str] = (), log=print) -> dict:  # fmt: skip
+    """Table, JSON, plots (and the MLflow summary run) from finished runs, also runs merged from several
+    `compare` outputs (--from-runs): the best baseline lr is picked over all of them."""
+    out.mkdir(parents=True, exist_ok=True)
+    order = list(dict.fromkeys(r["variant"] for r in sorted(runs, key=lambda r: r["group"] != "nanogpt")))
+    runs = sorted(runs, key=lambda r: (order.index(r["variant"]), r["seed"]))
+    best = best_baseline(runs)
+    rows = summarise(runs, best)
+    seeds = sorted({r["seed"] for r in runs})
+    env = f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs" if not torch.cuda.is_available() else (
+        torch.cuda.get_device_name())  # fmt: skip
+    header = (f"`python -m kimi.bench compare --config {config}`: {budget}, seeds {seeds}, {env}, "
+              f"torch {torch.__version__}, commit {_git_commit()}, {time.strftime('%Y-%m-%d')}")  # fmt: skip
+    md = markdown_table(rows, header) + "".join(f"\nFAILED: {f}\n" for f in failed)
+    result = {"config": config, "budget": budget, "seeds": seeds, "best_baseline": best, "rows": rows,
+              "runs": runs, "failed": list(failed), "commit": _git_commit(),
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    (out / "results.md").write_text(md)
+    files = [out / "results.json", out / "results.md"]
+    files += plot_curves(runs, out, {r["variant"] for r in rows if r["variant"] == best or r["group"] != "nanogpt"})
+    if tracking_uri:
+        log_summary(out, tracking_uri, rows, files, {"config": config, "budget": budget, "seeds": str(seeds)})
+    log(md)
+    return result
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def add_args(p) -> None:
+    p.add_argument("--baseline-lrs", default="5e-4,1e-3,2e-3", help="the baseline's lr sweep (nanoGPT: 1e-3)")
+    p.add_argument("--seeds", default="1337", help="comma-separated; the lr sweep runs on the first")
+    p.add_argument("--ablations", default="", help=f"comma-separated, from: {', '.join(ABLATIONS)}, or 'all'")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between validation evals (default steps/10)")
+    p.add_argument("--eval-batches", type=int, default=None, help="default: the config's train.eval_batches")
+    p.add_argument("--out", default="out/bench/compare")
+    p.add_argument("--no-mlflow", action="store_true")
+    p.add_argument("--from-runs", default=None, help="comma-separated runs.json files of earlier compares: "
+                   "no training, one table over all of them (e.g. an lr sweep finished in two goes)")  # fmt: skip
+    p.add_argument(
+        "--jobs", type=int, default=1, help="training processes at once (wall-clock columns then share CPUs)"
+    )
+    p.add_argument("--tracking-uri", default=None)
+
+
+def main(args, overrides: list[str]) -> None:
+    config = QUICK_CONFIG if args.quick else args.config
+    if args.from_runs:
+        runs = [r for f in args.from_runs.split(",") if f for r in json.loads(Path(f).read_text())]
+        budget = "/".join(f"{t:,}" for t in sorted({r["tokens"] for r in runs})) + " tokens"
+        uri = None if args.no_mlflow else args.tracking_uri or f"sqlite:///{Path(args.out).resolve() / 'mlflow.db'}"
+        write_results(runs, Path(args.out), config, budget, uri)
+        return
+    steps = args.steps
+    lrs = [float(x) for x in args.baseline_lrs.split(",") if x]
+    abl = list(ABLATIONS) if args.ablations == "all" else [a for a in args.ablations.split(",") if a]
+    mlflow = not args.no_mlflow
+    if args.quick:  # tiny: the debug shape on toy data, 2 lrs, a handful of steps, MLflow only if a URI is given
+        steps, lrs, mlflow = 6, lrs[:2], args.tracking_uri is not None
+        overrides = [*overrides, "--data.dataset=toy", "--train.global_batch_size=4", "--train.micro_batch_size=4",
+                     "--optim.warmup_steps=1"]  # fmt: skip
+    if len(lrs) < 1:
+        raise ValueError("--baseline-lrs needs at least one value, e.g. 5e-4,1e-3,2e-3")
+    eval_every = args.eval_every or max(1, steps // 10)
+    eval_batches = args.eval_batches or (1 if args.quick else load_config(config, overrides).train.eval_batches)
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    compare(config, steps, eval_every, eval_batches, lrs, seeds, abl, Path(args.out), overrides,
+            mlflow=mlflow, tracking_uri=args.tracking_uri, max_windows=16 if args.quick else None,
+            jobs=args.jobs)  # fmt: skip

@@ -1,0 +1,212 @@
+"""kimi.bench compare / throughput / memory: the baseline model against a nanoGPT reference, the matching of
+active parameters, the loss measurements, and each command's --quick mode through the real CLI (so the
+benchmarks do not rot). Speeds are never asserted."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kimi.bench.compare import full_split_loss, tokens_to_reach
+from kimi.bench.variants import build_variants, nanogpt_overrides, param_counts
+from kimi.config import ConfigError, load_config
+from kimi.data.dataset import ToyDataset
+from kimi.model import KimiModel
+
+ROOT = Path(__file__).resolve().parents[1]
+BYTE = str(ROOT / "configs" / "bench" / "byte.yaml")
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "kimi.bench", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- the baseline model
+
+
+class NanoGPTReference(nn.Module):
+    """nanoGPT's model.py (bias=False, dropout=0) reduced to its forward: the reference for our baseline."""
+
+    def __init__(self, V, T, D, H, L):
+        super().__init__()
+        self.H = H
+        self.wte, self.wpe = nn.Embedding(V, D), nn.Embedding(T, D)
+        self.h = nn.ModuleList(
+            nn.ModuleDict(dict(ln_1=nn.LayerNorm(D, bias=False), c_attn=nn.Linear(D, 3 * D, bias=False),
+                               c_proj=nn.Linear(D, D, bias=False), ln_2=nn.LayerNorm(D, bias=False),
+                               c_fc=nn.Linear(D, 4 * D, bias=False), mlp_proj=nn.Linear(4 * D, D, bias=False)))
+            for _ in range(L))  # fmt: skip
+        self.ln_f = nn.LayerNorm(D, bias=False)
+
+    def forward(self, idx):
+        B, T = idx.shape
+        x = self.wte(idx) + self.wpe(torch.arange(T))
+        for b in self.h:
+            q, k, v = b.c_attn(b.ln_1(x)).split(x.shape[-1], dim=2)
+            q, k, v = (t.view(B, T, self.H, -1).transpose(1, 2) for t in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)
+            x = x + b.c_proj(y)
+            x = x + b.mlp_proj(F.gelu(b.c_fc(b.ln_2(x))))
+        return F.linear(self.ln_f(x), self.wte.weight)  # tied head
+
+
+def test_baseline_matches_nanogpt_reference():
+    shape = {"n_layer": 2, "n_head": 4, "n_embd": 64, "vocab_size": 97, "block_size": 32}
+    ov = nanogpt_overrides(load_config(None, {"model": shape}), 1e-3)
+    cfg = load_config(None, {**ov, "model": {**ov["model"], **shape}})
+    torch.manual_seed(0)
+    ours = KimiModel(cfg.model)
+    ref = NanoGPTReference(97, 32, 64, 4, 2)
+    with torch.no_grad():
+        for p in ours.parameters():  # non-trivial norm weights, so a swapped norm would show
+            p.add_(torch.randn_like(p) * 0.05)
+        ref.wte.weight.copy_(ours.embed_tokens.weight)
+        ref.wpe.weight.copy_(ours.embed_positions.weight)
+        ref.ln_f.weight.copy_(ours.norm.weight)
+        for b, blk in zip(ref.h, ours.layers):
+            a = blk.attn
+            b.c_attn.weight.copy_(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
+            b.c_proj.weight.copy_(a.o_proj.weight)
+            b.ln_1.weight.copy_(blk.attn_norm.weight)
+            b.ln_2.weight.copy_(blk.ffn_norm.weight)
+            b.c_fc.weight.copy_(blk.ffn.up_proj.weight)
+            b.mlp_proj.weight.copy_(blk.ffn.down_proj.weight)
+    idx = torch.randint(0, 97, (3, 32))
+    assert ours.lm_head.weight is ours.embed_tokens.weight
+    torch.testing.assert_close(ours(idx).logits, ref(idx), rtol=1e-5, atol=1e-5)
+    # nanoGPT's own count for shakespeare_char (6 x 384, vocab 65) is 10.65M = 10,621,824 + the 65 x 384 wte.
+    baseline = build_variants(BYTE, [1e-3], [])[0][0]
+    counts = param_counts(load_config(BYTE, baseline.overrides))
+    assert counts["params_non_embedding"] == 10_621_824
+
+
+def test_model_switches_are_validated():
+    with pytest.raises(ConfigError, match="model.pos_emb=learned needs attention.type=mha"):
+        load_config(None, {"model": {"pos_emb": "learned"}})
+    with pytest.raises(ConfigError, match="model.norm='batchnorm' is not one of"):
+        load_config(None, {"model": {"norm": "batchnorm"}})
+
+
+def test_variants_match_active_non_embedding_params():
+    variants, target = build_variants(BYTE, [5e-4, 1e-3, 2e-3], ["dense_muon", "kimi_mha", "kimi_e16k4"])
+    assert [v.name for v in variants][:4] == ["nanogpt_lr0.0005", "nanogpt_lr0.001", "nanogpt_lr0.002", "kimi"]
+    for v in variants:
+        cfg = load_config(BYTE, v.overrides)
+        assert (cfg.model.n_layer, cfg.model.n_embd) == (6, 384), v.name
+        active = param_counts(cfg)["params_active_non_embedding"]
+        assert abs(active - target) / target < 0.01, (v.name, active, target)  # FFN width rounded to 8
+    kimi = param_counts(load_config(BYTE, variants[3].overrides))
+    assert kimi["params_total"] > 2 * kimi["params_active"]  # the MoE holds more than it uses per token
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def test_tokens_to_reach_interpolates():
+    curve = [(100, 3.0), (200, 2.0), (300, 1.5)]
+    assert tokens_to_reach(curve, 2.5) == 150
+    assert tokens_to_reach(curve, 1.5) == 300
+    assert tokens_to_reach(curve, 3.5) == 100
+    assert tokens_to_reach(curve, 1.0) is None
+
+
+def test_full_split_loss_scores_every_token_once():
+    torch.manual_seed(0)
+    cfg = load_config(str(ROOT / "configs" / "debug.yaml")).model
+    model = KimiModel(cfg)
+    ds = ToyDataset(cfg.vocab_size, 16, split="val", num_tokens=16 * 5 + 3)  # 5 whole windows + a remainder
+    res = full_split_loss(model, ds, batch_size=2)
+    assert res["tokens"] == 16 * 5
+    with torch.no_grad():
+        data = torch.from_numpy(ds._data)
+        ref = F.cross_entropy(model(data[:80].view(5, 16)).logits.reshape(80, -1), data[1:81])
+    assert math.isclose(res["loss"], ref.item(), rel_tol=1e-6)
+
+
+def test_python_api_compare_models():
+    from kimi.bench import NanoGPTComparison
+
+    dbg = str(ROOT / "configs" / "debug.yaml")
+    kimi = KimiModel(load_config(dbg).model)
+    gpt = KimiModel(load_config(dbg, nanogpt_overrides(load_config(dbg), 1e-3)).model)
+    ds = ToyDataset(512, 64, split="train", num_tokens=4096)
+    res = NanoGPTComparison(steps=3, batch_size=2, eval_every=1).compare_models(kimi, gpt, ds)
+    assert len(res["gpt"]["curve"]) == 3 and res["gpt"]["curve"][-1][0] == 3 * 2 * 64
+    assert math.isfinite(res["kimi"]["val_loss"]) and res["target_loss"] == res["gpt"]["curve"][-1][1]
+
+
+# ----------------------------------------------------------------------------- the commands, --quick
+
+
+def test_compare_quick(tmp_path):
+    r = _cli("compare", "--quick", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    names = [row["variant"] for row in res["rows"]]
+    assert names == ["nanogpt_lr0.0005", "nanogpt_lr0.001", "kimi"]
+    ref = next(row for row in res["rows"] if row["reference"])
+    assert ref["variant"] == res["best_baseline"] and ref["speedup_tokens"] == 1.0
+    for run in res["runs"]:  # same tokens for all; the whole-split loss is a real number; peak RSS measured
+        assert run["tokens"] == 6 * 4 * 64 and math.isfinite(run["final_val_loss"]) and run["peak_rss_bytes"] > 0
+        assert len(run["curve"]) == 6  # --quick evaluates every step
+    assert "| **" + ref["variant"] in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "val_vs_tokens.png").stat().st_size > 0 and (tmp_path / "val_vs_time.png").exists()
+    # Re-tabling finished runs (e.g. a sweep done in two goes) gives the same table, and logs it to MLflow.
+    r = _cli("compare", "--from-runs", str(tmp_path / "runs.json"), "--out", str(tmp_path / "merged"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert merged["rows"] == res["rows"]
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'merged' / 'mlflow.db'}")
+    found = mlflow.search_runs(experiment_names=["kimi-bench-compare"], output_format="list")
+    assert [run.info.run_name for run in found] == ["compare-summary"]
+    assert found[0].data.metrics["kimi/final_val_loss"] == pytest.approx(res["rows"][2]["final_val_loss"])
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["compare", "--quick", "--ablations", "kimi_moar"], "unknown ablation(s) kimi_moar"),
+        (["memory", "--quick", "--contexts", "1k"], "--contexts='1k': give comma-separated context lengths"),
+        (["throughput", "--config", "configs/debug.yaml", "--steps", "1"], "--steps=1: need >= 2"),
+    ],
+)
+def test_bad_bench_input_is_one_line(args, needle):
+    r = _cli(*args)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and needle in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_throughput_quick(tmp_path):
+    r = _cli("throughput", "--quick", "--json", str(tmp_path / "t.json"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "t.json").read_text())
+    for name in ("nanokimi", "nanogpt"):
+        m = res[name]
+        parts = m["forward_s"] + m["backward_s"] + m["optimizer_s"]
+        assert 0 < parts <= m["step_s"] * 1.001 and 0 < m["mfu_measured_peak"]
+    assert res["nanokimi"]["routing_s"] > 0 and res["nanogpt"]["flops_per_token"] > 0
+    assert res["moe_vs_dense"][0]["moe_ms"] > 0 and "| nanokimi |" in r.stdout
+
+
+def test_memory_quick(tmp_path):
+    r = _cli("memory", "--quick", "--json", str(tmp_path / "m.json"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "m.json").read_text())
+    kv = {(k["attention"], k["context"]): k for k in res["kv_cache"]}
+    cfg = load_config(str(ROOT / "configs" / "debug.yaml")).model
+    a = cfg.attention  # MLA caches the latent + the shared RoPE key; MHA all heads' K and V (bf16: 2 bytes)
+    assert kv[("mla", 128)]["bytes_per_token_bf16"] == (a.kv_lora_rank + a.qk_rope_head_dim) * cfg.n_layer * 2
+    assert kv[("mha", 128)]["bytes_per_token_bf16"] == 2 * cfg.n_embd * cfg.n_layer * 2
+    assert kv[("mla", 128)]["measured_bytes"] == 2 * kv[("mla", 64)]["measured_bytes"] > 0
+    assert {(g["attention"], g["cache"]) for g in res["generation"]} == {(x, c) for x in ("mla", "mha")
+                                                                          for c in (True, False)}  # fmt: skip
+    assert all(t["peak_bytes"] > 0 for t in res["training"])
