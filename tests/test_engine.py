@@ -1,7 +1,7 @@
 """The engine interface (kimi/engine/): DeepSpeed ZeRO-1/2 against FSDP2 on 2 gloo CPU ranks, debug model, EP=2.
 
 One spawn runs everything that needs the two ranks (each engine from the same seed and data, a few steps
-of the loop's own calls: engine.model -> engine.backward per micro-batch -> engine.step -> router bias):
+of the loop's own calls: engine.model -> engine.backward per micro-batch -> engine.clip_grad_norm -> engine.step -> router bias):
   - Muon and AdamW: ZeRO-1 and ZeRO-2 give the FSDP2 engine's losses, grad norms and parameters;
   - expert weights differ across EP ranks, and each rank's experts are the FSDP2 engine's shard;
   - a DeepSpeed checkpoint round trip (save, keep going; load into a fresh engine, same steps) is exact;
@@ -67,7 +67,7 @@ def _build(cfg, rt):
 
 
 def _train(engine, batches, rt, steps):
-    """The loop's calls, as train.py will make them in phase 2. Returns (losses, grad norms)."""
+    """The loop's calls to the engine (kimi/train.py train_step). Returns (losses, grad norms)."""
     from kimi.parallel import update_router_bias
 
     losses, norms = [], []
@@ -78,7 +78,8 @@ def _train(engine, batches, rt, steps):
             out = engine.model(x, y)
             engine.backward(out.loss, i, len(micro))
             loss += out.ce_loss.detach()
-        norms.append(engine.step())
+        norms.append(engine.clip_grad_norm().item())
+        engine.step()
         update_router_bias(engine.raw_model)
         losses.append(rt.all_reduce_mean(loss / len(micro)).item())
     return losses, norms

@@ -151,10 +151,18 @@ class KimiModel(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu") -> KimiModel:
-        """Load a `.pt` ({"config", "model"}) or a checkpoint directory (via kimi.checkpoint)."""
-        from kimi.model.loading import load_checkpoint, load_state_strict
+        """Load a `.pt` ({"config", "model"}) or a training checkpoint directory. Directories (DCP shards or
+        a DeepSpeed run) are read by `kimi.checkpoint.load_model`, imported here lazily: it is the one
+        public entry point the model package hands on, so kimi.model itself imports no training code."""
+        from pathlib import Path
 
-        cfg, state_dict = load_checkpoint(path, map_location)
+        if Path(path).is_dir():
+            from kimi.checkpoint import load_model
+
+            return load_model(path)
+        from kimi.model.loading import load_state_strict, read_pt
+
+        cfg, state_dict = read_pt(path, map_location)
         model = cls(cfg)
         load_state_strict(model, state_dict)
         return model
