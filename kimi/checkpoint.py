@@ -365,7 +365,7 @@ def dcp_read(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 def load_model_state(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(config dict, full model state dict) from a checkpoint directory, on one process, whatever
-    engine, world size or EP degree wrote it. Used by load_model, convert, generate and evaluate."""
+    engine, world size or EP degree wrote it. Used by KimiModel.from_checkpoint (generate, evaluate) and convert."""
     import yaml
 
     from kimi.config import config_from_dict
@@ -389,22 +389,6 @@ def load_model_state(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=False))
     _dcp_load({"model": sd}, path)
     return cfg_dict, sd
-
-
-def load_model(path: str | Path, map_location: str = "cpu"):
-    """A KimiModel from a `.pt` file or a checkpoint directory of either engine (`KimiModel.from_checkpoint`
-    calls this for directories). ValueError (one line) when it cannot be read."""
-    from kimi.model import KimiModel
-    from kimi.model.loading import load_state_strict, model_config_from, read_pt
-
-    if Path(path).is_file():
-        cfg, sd = read_pt(path, map_location)
-    else:
-        cfg_dict, sd = load_model_state(path)
-        cfg = model_config_from(cfg_dict)
-    model = KimiModel(cfg)
-    load_state_strict(model, sd)
-    return model
 
 
 def load_weights(path: str | Path):

@@ -151,18 +151,20 @@ class KimiModel(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu") -> KimiModel:
-        """Load a `.pt` ({"config", "model"}) or a training checkpoint directory. Directories (DCP shards or
-        a DeepSpeed run) are read by `kimi.checkpoint.load_model`, imported here lazily: it is the one
-        public entry point the model package hands on, so kimi.model itself imports no training code."""
+        """Load a `.pt` ({"config", "model"}) or a training checkpoint directory of either engine. Directories
+        are read by `kimi.checkpoint.load_model_state`, next to the code that writes them, imported here
+        lazily: this public entry point is the one place kimi.model hands on to training code."""
         from pathlib import Path
 
+        from kimi.model.loading import load_state_strict, model_config_from, read_pt
+
         if Path(path).is_dir():
-            from kimi.checkpoint import load_model
+            from kimi.checkpoint import load_model_state
 
-            return load_model(path)
-        from kimi.model.loading import load_state_strict, read_pt
-
-        cfg, state_dict = read_pt(path, map_location)
+            cfg_dict, state_dict = load_model_state(path)
+            cfg = model_config_from(cfg_dict)
+        else:
+            cfg, state_dict = read_pt(path, map_location)
         model = cls(cfg)
         load_state_strict(model, state_dict)
         return model
