@@ -4,8 +4,9 @@
                          [--section.key=value ...]
     torchrun --nproc_per_node=8 -m kimi.train --config configs/small.yaml --parallel.ep=8
 
-The same code runs on one CPU process and under torchrun: distribution is applied from outside
-(`kimi.parallel.parallelize`), the data stream is fixed by (seed, step) and sliced per rank, and the
+The same code runs on one CPU process and under torchrun: distribution is applied from outside by an
+engine (`--parallel.engine=fsdp2|deepspeed`, kimi/engine/: the loop calls backward, clip_grad_norm,
+step/skip, save/load and never asks which one it has), the data stream is fixed by (seed, step) and sliced per rank, and the
 global batch comes from the config, so any world size trains the same model.
 
 Preemption: SIGTERM / SIGUSR1 finish the current step, write a checkpoint and exit with
@@ -492,7 +493,7 @@ def format_time(s: float) -> str:
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(
         prog="python -m kimi.train",
-        description="Train a Kimi-K2-style MoE model (single process, or under torchrun for FSDP2 + EP).",
+        description="Train a Kimi-K2-style MoE model (single process, or under torchrun: FSDP2 or DeepSpeed ZeRO-1/2, + EP).",
         epilog="Any config field can be overridden as --section.key=value, e.g. --moe.num_experts=16 "
         "--train.global_batch_size=64 --parallel.ep=2. Precedence: command line > YAML > defaults.",
     )
