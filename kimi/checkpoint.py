@@ -33,6 +33,7 @@ import random
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -226,15 +227,16 @@ class Checkpointer:
     def save(
         self,
         step: int,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
+        write: Callable[[Path], None],
         train_state: dict[str, Any],
         config_yaml: str,
         meta: dict[str, Any],
     ) -> Path:
-        """Collective: every rank calls it. `train_state` (scheduler, data position, ...) must be the
-        same on all ranks; rank 0 writes it. Returns the final step directory. A failed write (e.g. a
-        full disk) removes the partial directory and raises CheckpointError on every rank."""
+        """Collective: every rank calls it. `write(tmp)` is the engine's writer (model and optimizer state,
+        each rank its part; `dcp_write` for FSDP2); this method wraps it in the atomic sequence: the tmp
+        directory, RNG streams, `train_state` (the same on all ranks; rank 0 writes it), the config, then
+        meta.json with checksums, rename, `latest`. Returns the final step directory. A failed write (e.g.
+        a full disk) removes the partial directory and raises CheckpointError on every rank."""
         name = f"{STEP_PREFIX}{step:06d}"
         final, tmp = self.dir / name, self.dir / f"{name}.tmp"
         rank = _rank()
@@ -250,7 +252,8 @@ class Checkpointer:
         if _agree(problem) is None:
             _pause_for_test("tmp", step, self.dir.parent)
             try:
-                self._write_parts(tmp, rank, model, optimizer, train_state, config_yaml)
+                write(tmp)
+                self._write_common(tmp, rank, train_state, config_yaml)
             except (Exception, CheckpointException) as e:  # CheckpointException derives from BaseException
                 problem = _reason(e)
         if _agree(problem) is None:
@@ -271,12 +274,9 @@ class Checkpointer:
             raise CheckpointError(f"the checkpoint at step {step} could not be written ({problem}); {kept}")
         return final
 
-    def _write_parts(self, tmp, rank, model, optimizer, train_state, config_yaml) -> None:
-        """Every rank: its DCP shards and RNG state; rank 0 also the training state and the config."""
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    @staticmethod
+    def _write_common(tmp: Path, rank: int, train_state: dict[str, Any], config_yaml: str) -> None:
+        """Every rank its RNG state; rank 0 also the training state and the config."""
         (tmp / "rng").mkdir(exist_ok=True)
         _save_file(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
         if rank == 0:
@@ -332,21 +332,13 @@ class Checkpointer:
                 shutil.rmtree(p, ignore_errors=True)
 
     # ------------------------------------------------------------------ load
-    def load(
-        self,
-        path: str | Path,
-        model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Restores model and optimizer in place (any world size / layout); returns (train_state, meta).
-        RNG is restored only when this rank has a saved stream (same world size)."""
+    def load(self, path: str | Path, read: Callable[[Path], None]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Collective: check the step's files against its checksums, let the engine's `read(step_dir)`
+        restore model and optimizer in place (`dcp_read` for FSDP2), restore this rank's RNG stream
+        where one was saved (same world size); returns (train_state, meta)."""
         path = resolve(path)
         verify(path, collective=True)
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        check_shapes(path, {"model": model_sd})
-        _dcp_load(state, path)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        read(path)
         train_state = torch.load(path / "train_state.pt", weights_only=False)
         rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
         if rng_file.exists():
@@ -354,9 +346,26 @@ class Checkpointer:
         return train_state, json.loads((path / META).read_text())
 
 
+def dcp_write(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The FSDP2 engine's part of a save: this rank's DCP shards of {"model", "optim"}."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+
+
+def dcp_read(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Restore model and optimizer in place from DCP shards, at any world size or EP degree."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    check_shapes(path, {"model": model_sd})
+    _dcp_load(state, path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
 def load_model_state(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(config dict, full model state dict) from a checkpoint directory, on one process, whatever
-    world size or EP degree wrote it. Used by `KimiModel.from_checkpoint`, convert and generate."""
+    engine, world size or EP degree wrote it. Used by KimiModel.from_checkpoint (generate, evaluate) and convert."""
     import yaml
 
     from kimi.config import config_from_dict
@@ -369,6 +378,10 @@ def load_model_state(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.
     if (path / META).is_file():
         verify(path)
     cfg_dict = yaml.safe_load(cfg_file.read_text())
+    if read_meta(path).get("engine") == "deepspeed":
+        from kimi.engine.deepspeed import read_model_state  # its files, not DCP's; DeepSpeed is not needed
+
+        return cfg_dict, read_model_state(path)
     cfg = config_from_dict(cfg_dict)
     with torch.device("meta"):
         model = KimiModel(cfg.model)
@@ -376,6 +389,16 @@ def load_model_state(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=False))
     _dcp_load({"model": sd}, path)
     return cfg_dict, sd
+
+
+def load_weights(path: str | Path):
+    """(KimiConfig, state dict) from a `.pt` file or a checkpoint directory (for kimi.convert)."""
+    from kimi.model.loading import model_config_from, read_pt
+
+    if Path(path).is_file():
+        return read_pt(path)
+    cfg_dict, sd = load_model_state(path)
+    return model_config_from(cfg_dict), sd
 
 
 def check_shapes(path: Path, state: dict[str, Any]) -> None:

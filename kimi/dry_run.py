@@ -14,6 +14,11 @@ The memory model (per GPU, fp32 master weights as FSDP2 keeps them):
   checkpointing (Korthikanti et al. 2022, flash attention drops the 5*H*T term) plus the MoE's
   dispatched copies (top_k x (D + 3F)) x 2 bytes; with activation checkpointing one D-vector per
   token and layer, plus one layer recomputed.
+The deepspeed engine (ZeRO-1/2, kimi/engine/deepspeed.py) is printed beside it: parameters are
+replicated in bf16 (2 B; experts over ep as with FSDP2), the fp32 master weights (4 B) and optimizer
+state are partitioned over all ranks (experts over their replicas), gradients are full bf16 copies with
+ZeRO-1 and partitioned with ZeRO-2. FSDP2 keeps no bf16 copy but all-gathers a block at a time;
+DeepSpeed trades that memory for no parameter all-gathers in the forward and backward.
 These are estimates to plan a layout, not measurements: `python -m kimi.bench` measures.
 """
 
@@ -71,6 +76,18 @@ def memory_plan(cfg: Config, world: int) -> dict[str, float]:
         "optim": (muon * 4 + adamw * 8) / shard,
         "activations": act + logits,
         "flops_per_step": flops_step,
+        "deepspeed": deepspeed_memory(total, expert_params, dims, cfg.parallel.zero_stage),
+    }
+
+
+def deepspeed_memory(total: int, experts: int, dims, zero_stage: int) -> dict[str, float]:
+    """Per-GPU bytes of the deepspeed engine (bf16 on GPU): params, grads (ZeRO-2: partitioned), optimizer
+    extras beyond FSDP2's (the fp32 master partitions). Optimizer state and activations are FSDP2's."""
+    local = total - experts + experts / max(1, dims.ep)  # this rank's parameters: dense whole, its experts
+    partition = total / dims.world_size  # dense over all ranks, experts over their world/ep replicas
+    return {
+        "params": local * 2 + partition * 4,  # bf16 model copy + fp32 master partition
+        "grads": (local if zero_stage == 1 else partition) * 2,
     }
 
 
@@ -98,11 +115,15 @@ def dry_run(cfg: Config) -> dict[str, float]:
         f"batch: global {cfg.train.global_batch_size} x {cfg.block_size} tokens, micro {cfg.train.micro_batch_size}, "
         f"gradient accumulation {accum}"
     )
-    print("per-GPU memory (estimate):")
+    ds = {**{k: plan[k] for k in ("optim", "activations")}, **plan["deepspeed"]}
+    zero = f"deepspeed ZeRO-{cfg.parallel.zero_stage}"
+    chosen = {"fsdp2": 0, "deepspeed": 1}[cfg.parallel.engine]
+    heads = [f"{h}{' *' if i == chosen else ''}" for i, h in enumerate(("fsdp2", zero))]
+    print(f"per-GPU memory (estimate; * = parallel.engine):  {heads[0]:>12} {heads[1]:>20}")
     for k in ("params", "grads", "optim", "activations"):
-        print(f"  {k:<12}{_fmt(plan[k])}")
+        print(f"  {k:<12}{_fmt(plan[k])} {_fmt(ds[k]):>20}")
     peak = sum(plan[k] for k in ("params", "grads", "optim", "activations"))
-    print(f"  {'total':<12}{_fmt(peak)}")
+    print(f"  {'total':<12}{_fmt(peak)} {_fmt(sum(ds.values())):>20}")
     print(
         f"training FLOPs per step: {plan['flops_per_step']:.3e} ({plan['flops_per_step'] / 989e12:.2f} s at H100 bf16 peak)"
     )

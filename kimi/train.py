@@ -4,8 +4,9 @@
                          [--section.key=value ...]
     torchrun --nproc_per_node=8 -m kimi.train --config configs/small.yaml --parallel.ep=8
 
-The same code runs on one CPU process and under torchrun: distribution is applied from outside
-(`kimi.parallel.parallelize`), the data stream is fixed by (seed, step) and sliced per rank, and the
+The same code runs on one CPU process and under torchrun: distribution is applied from outside by an
+engine (`--parallel.engine=fsdp2|deepspeed`, kimi/engine/: the loop calls backward, clip_grad_norm,
+step/skip, save/load and never asks which one it has), the data stream is fixed by (seed, step) and sliced per rank, and the
 global batch comes from the config, so any world size trains the same model.
 
 Preemption: SIGTERM / SIGUSR1 finish the current step, write a checkpoint and exit with
@@ -31,8 +32,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from kimi.checkpoint import Checkpointer, CheckpointError
+from kimi.checkpoint import CheckpointError
 from kimi.config import Config, ConfigError, load_config
+from kimi.engine import Engine, build_engine
 from kimi.nonfinite import NONFINITE_EXIT_CODE, NonFiniteError, NonFiniteGuard, weights_finite
 from kimi.runtime import Runtime, peak_flops, setup_runtime
 
@@ -53,44 +55,44 @@ class Run:
 
     cfg: Config
     rt: Runtime
-    model: torch.nn.Module  # possibly parallelized
-    raw_model: torch.nn.Module  # the KimiModel itself (for its helpers)
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    engine: Engine  # the model, its optimizer, schedule and checkpoints, behind kimi/engine/base.py
     qk_clip: object | None
     batches: object  # BatchIterator
     val_set: object | None
-    ckpt: Checkpointer
+
+    @property
+    def model(self) -> torch.nn.Module:  # what to call: possibly parallelized / wrapped
+        return self.engine.model
+
+    @property
+    def raw_model(self) -> torch.nn.Module:  # the KimiModel itself (for its helpers)
+        return self.engine.raw_model
 
 
 def build(cfg: Config, rt: Runtime) -> Run:
     from kimi.data.dataset import BatchIterator, build_dataset
     from kimi.model import KimiModel
-    from kimi.optim import QKClip, build_optimizer, build_scheduler
-    from kimi.parallel import parallelize
+    from kimi.optim import QKClip
 
     check_out_dir(cfg.train.out_dir)  # before minutes of building: a bad path is one line, not a traceback
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    raw = KimiModel(cfg.model).to(rt.device)
-    model = parallelize(raw, rt.mesh, cfg.parallel, cfg.train)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    engine = build_engine(cfg, KimiModel(cfg.model).to(rt.device), rt)
     qk_clip = None
     if cfg.optim.qk_clip:
-        qk_clip = QKClip(raw.attention_layers(), tau=cfg.optim.qk_clip_tau, reduce_fn=rt.all_reduce_max)
+        attn = engine.raw_model.attention_layers()
+        qk_clip = QKClip(attn, tau=cfg.optim.qk_clip_tau, reduce_fn=rt.all_reduce_max, scale_fn=engine.scale_rows_)
     train_set = build_dataset(cfg.data, cfg.block_size, cfg.model.vocab_size, cfg.train.seed, split="train")
     batches = BatchIterator(train_set, cfg.train.global_batch_size, cfg.train.micro_batch_size, rt.rank, rt.world)
     val_set = None
     if cfg.train.eval_interval > 0:
         val_set = build_dataset(cfg.data, cfg.block_size, cfg.model.vocab_size, cfg.train.seed, split="val")
-    ckpt = Checkpointer(Path(cfg.train.out_dir) / "checkpoints", cfg.train.keep_last, cfg.train.keep_best)
-    return Run(cfg, rt, model, raw, optimizer, scheduler, qk_clip, batches, val_set, ckpt)
+    return Run(cfg, rt, engine, qk_clip, batches, val_set)
 
 
 def train_state(run: Run, step: int, mlflow_run_id: str | None) -> dict:
     return {
         "step": step,
-        "scheduler": run.scheduler.state_dict(),
+        "scheduler": run.engine.scheduler.state_dict(),
         "data": run.batches.state_dict(),
         "mlflow_run_id": mlflow_run_id,
     }
@@ -115,15 +117,15 @@ def restore(run: Run) -> tuple[int, str | None]:
     run's config holds from here on; what differs from the checkpoint's is printed in one line."""
     from kimi.checkpoint import config_changes
 
-    want = run.cfg.train.resume
-    latest = run.ckpt.latest()
+    want, ckpt, engine = run.cfg.train.resume, run.engine.ckpt, run.engine
+    latest = engine.latest()
     if latest is None:
         if want:
-            raise UserError(f"--resume: no checkpoint under '{run.ckpt.dir}'; drop --resume to start fresh")
-        if run.ckpt.incomplete_steps():  # never train from step 0 on top of checkpoints we cannot read
+            raise UserError(f"--resume: no checkpoint under '{ckpt.dir}'; drop --resume to start fresh")
+        if ckpt.incomplete_steps():  # never train from step 0 on top of checkpoints we cannot read
             raise UserError(
-                f"'{run.ckpt.dir}' holds step directories but none is complete (no meta.json): "
-                f"{', '.join(p.name for p in run.ckpt.incomplete_steps())}; move them away or use another --out-dir"
+                f"'{ckpt.dir}' holds step directories but none is complete (no meta.json): "
+                f"{', '.join(p.name for p in ckpt.incomplete_steps())}; move them away or use another --out-dir"
             )
         return 0, None
     if want is False:
@@ -131,21 +133,21 @@ def restore(run: Run) -> tuple[int, str | None]:
             f"'{run.cfg.train.out_dir}' already holds a checkpoint ({latest.name}); "
             "use another --out-dir, or drop --train.resume=false to continue it"
         )
-    if not run.ckpt.link_ok():
+    if not ckpt.link_ok():
         run.rt.print(
-            f"'{run.ckpt.dir / 'latest'}' is missing or points to a deleted step; "
+            f"'{ckpt.dir / 'latest'}' is missing or points to a deleted step; "
             f"resuming from the newest complete checkpoint, {latest.name}"
         )
     changes = config_changes(latest, run.cfg)  # raises CheckpointError where a change cannot work
     # Optimizer and scheduler state come back with the old run's hyperparameters (lr, weight decay,
     # betas, base lrs): put this config's back, keeping only the position (step count, moments).
-    hyper = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
-    base_lrs = list(run.scheduler.base_lrs)
-    state, meta = run.ckpt.load(latest, run.model, run.optimizer)
-    run.scheduler.load_state_dict(state["scheduler"])
-    sched = run.scheduler
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+    base_lrs = list(engine.scheduler.base_lrs)
+    state, meta = engine.load(latest)
+    sched = engine.scheduler
+    sched.load_state_dict(state["scheduler"])
     sched.base_lrs = base_lrs
-    for group, h, base, fn in zip(run.optimizer.param_groups, hyper, base_lrs, sched.lr_lambdas):
+    for group, h, base, fn in zip(engine.optimizer.param_groups, hyper, base_lrs, sched.lr_lambdas):
         group.update(h)
         group["lr"] = base * fn(sched.last_epoch)  # the schedule also follows a new max_steps
     run.batches.load_state_dict(state["data"])
@@ -201,10 +203,10 @@ def routing_update(run: Run) -> dict:
 
 
 def apply_update(run: Run, profile: bool) -> tuple[dict, dict, float]:
-    """The optimizer step, then QK-clip and the router-bias update from this step's statistics;
-    returns (QK-clip stats, routing stats, optimizer time in s, 0 unless profiling)."""
+    """The engine's step (optimizer, schedule, zero grads), then QK-clip and the router-bias update from
+    this step's statistics; returns (QK-clip stats, routing stats, optimizer time in s, 0 unless profiling)."""
     t_opt = run.rt.sync_time() if profile else 0.0
-    run.optimizer.step()
+    run.engine.step()
     t_opt = run.rt.sync_time() - t_opt if profile else 0.0
     qk = run.qk_clip.step() if run.qk_clip else run.rt.max_logit_stats(run.raw_model)
     return qk, routing_update(run), t_opt
@@ -212,7 +214,9 @@ def apply_update(run: Run, profile: bool) -> tuple[dict, dict, float]:
 
 def discard_update(run: Run) -> None:
     """A skipped step leaves weights, optimizer state and router biases as they were, and forgets the
-    attention maxima and routing counts its forward recorded (the next step starts clean)."""
+    attention maxima and routing counts its forward recorded (the next step starts clean); the lr
+    schedule still advances (it stays tied to the step number)."""
+    run.engine.skip()
     for layer in run.raw_model.attention_layers():
         if hasattr(layer, "reset_max_logits"):
             layer.reset_max_logits()
@@ -222,7 +226,7 @@ def discard_update(run: Run) -> None:
 
 def nonfinite_hint(run: Run) -> str:
     """The end of the line that stops a run on NaN/inf: what to try, and which checkpoint is good."""
-    latest = run.ckpt.latest()
+    latest = run.engine.latest()
     where = f"checkpoints/latest is still {latest.name}" if latest else "no checkpoint was written"
     skip = ", or --train.nonfinite=skip to drop such steps" if run.cfg.train.nonfinite == "stop" else ""
     return f"Try a lower --optim.lr (now {run.cfg.optim.lr:g}) or check the data{skip}; {where}."
@@ -232,8 +236,7 @@ def save_checkpoint(run: Run, step: int, meta: dict, mlflow_run_id: str | None) 
     """Write step `step`, unless the weights hold NaN/inf: those never replace the last good checkpoint."""
     if not weights_finite(run.model, run.rt.all_reduce_max):
         raise NonFiniteError(f"step {step}: the weights hold NaN/inf, not saving them. {nonfinite_hint(run)}")
-    state = train_state(run, step, mlflow_run_id)
-    run.ckpt.save(step, run.model, run.optimizer, state, run.cfg.to_yaml(), meta)
+    run.engine.save(step, train_state(run, step, mlflow_run_id), run.cfg.to_yaml(), meta)
 
 
 def a2a_stats(model) -> dict:
@@ -269,6 +272,109 @@ class Preemption:
             signal.signal(sig, handler)
 
 
+@dataclass
+class Loop:
+    """What the loop carries from step to step besides the run: logging, signals, NaN policy, timing."""
+
+    tracker: object  # kimi.tracking.Tracker
+    preempt: Preemption
+    guard: NonFiniteGuard
+    stop_after: int | None
+    tokens_per_step: int
+    flops_per_step: float
+    peak_flops: float
+    best_val: float = math.inf
+    dt_ema: float | None = None
+
+
+def forward_backward(run: Run, micro: list) -> torch.Tensor:
+    """Forward and backward over this rank's micro-batches; the mean cross-entropy (device scalar)."""
+    rt, engine = run.rt, run.engine
+    loss_sum = torch.zeros((), device=rt.device)
+    for i, (x, y) in enumerate(micro):
+        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+        with autocast(rt):
+            out = engine.model(x, y)
+        engine.backward(out.loss, i, len(micro))  # gradients reduced once, on the last micro-batch
+        loss_sum += out.ce_loss.detach()
+    return loss_sum / len(micro)
+
+
+def train_step(run: Run, loop: Loop, step: int) -> tuple[dict, bool, list | None]:
+    """One optimizer step: forward/backward, clip, agree across ranks, then update or skip. Returns
+    (metrics row, whether a signal asks to stop after this step, this step's expert loads or None)."""
+    rt, engine = run.rt, run.engine
+    loss_t = forward_backward(run, run.batches.next_step())
+    grad_norm_t = engine.clip_grad_norm()
+    lr = engine.lr  # what this step uses
+    # Before the update, one small all-reduce: the logged loss (mean over ranks), the preemption flag (any
+    # rank) and whether the step is finite, so all ranks apply it or none does.
+    flag = loop.preempt.signum is not None or step == loop.stop_after
+    loss, grad_norm, stop, norm_ok = rt.agree_on_step(loss_t, grad_norm_t, flag)
+    guard = loop.guard
+    if guard.check(step, loss, grad_norm, norm_ok):  # raises NonFiniteError where the run must stop
+        discard_update(run)
+        qk, routing, t_opt = {}, {}, 0.0
+        rt.print(f"step {step}: loss {loss:.4f}, grad norm {grad_norm:.4g}: update skipped "
+                 f"({guard.in_a_row} in a row, {guard.total} in all; train.nonfinite=skip)")  # fmt: skip
+    else:
+        qk, routing, t_opt = apply_update(run, run.cfg.train.profile)
+    row = {
+        "step": step,
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "max_attn_logit": qk.get("max_logit", 0.0),
+        "qk_clipped_heads": qk.get("clipped_heads", 0),
+    }
+    row.update({k: v for k, v in routing.items() if not k.startswith("_")})
+    row.update(a2a_stats(run.raw_model))
+    if guard.total:
+        row["nonfinite_skips"] = guard.total  # steps skipped so far by this process
+    if run.cfg.train.profile:
+        row["optim_ms"] = 1000 * t_opt
+    return row, stop, routing.get("_loads_LE")
+
+
+def add_throughput(row: dict, loop: Loop, dt: float) -> None:
+    row["tokens_per_s"] = loop.tokens_per_step / dt
+    row["mfu"] = loop.flops_per_step / dt / loop.peak_flops if loop.peak_flops else 0.0
+    row["step_time_s"] = dt
+
+
+def eval_step(run: Run, loop: Loop, step: int, row: dict, loads_LE: list | None) -> None:
+    """Validation loss into `row` (and the expert-load table to the tracker) on eval steps."""
+    tcfg = run.cfg.train
+    if run.val_set is None or not (step % tcfg.eval_interval == 0 or step == tcfg.max_steps):
+        return
+    row["val_loss"] = evaluate(run)
+    row["val_ppl"] = math.exp(min(row["val_loss"], 20))
+    loop.best_val = min(loop.best_val, row["val_loss"])
+    if loads_LE is not None:
+        moe_ids = [i for i in range(run.cfg.model.n_layer) if run.cfg.model.is_moe_layer(i)]
+        loop.tracker.log_expert_load(step, [c.tolist() for c in loads_LE], layer_ids=moe_ids)
+
+
+def log_row(run: Run, loop: Loop, step: int, row: dict) -> None:
+    tcfg = run.cfg.train
+    if step % tcfg.log_interval == 0 or "val_loss" in row or step == tcfg.max_steps:
+        loop.tracker.log(step, row)
+        run.rt.print(format_row(row, tcfg.max_steps, loop.dt_ema * (tcfg.max_steps - step)))
+
+
+def save_step(run: Run, loop: Loop, step: int, row: dict, stop: bool) -> None:
+    """The checkpoint at the end of the run, every ckpt_interval steps, and when a signal asks to stop."""
+    tcfg = run.cfg.train
+    if step == tcfg.max_steps or stop or (tcfg.ckpt_interval and step % tcfg.ckpt_interval == 0):
+        tracker = loop.tracker
+        meta = {
+            "tokenizer": run.cfg.data.tokenizer_name,
+            "val_loss": row.get("val_loss"),
+            "mlflow_run_id": tracker.run_id,
+        }
+        save_checkpoint(run, step, meta, tracker.run_id)
+
+
 def train(cfg: Config, stop_after: int | None = None) -> dict:
     """Runs the job described by `cfg`; returns the last metrics row (with `"preempted": True` when a
     signal stopped it). Collective under torchrun. `stop_after=k` behaves as if SIGUSR1 arrived during
@@ -286,93 +392,37 @@ def train(cfg: Config, stop_after: int | None = None) -> dict:
     out_dir = Path(tcfg.out_dir)
     if rt.is_main:
         truncate_metrics(out_dir / "metrics.jsonl", start_step)
-    tracker = Tracker(str(out_dir), cfg.logging, params=cfg.to_dict(), rank=rt.rank, resume_run_id=mlflow_run_id)
-    preempt = Preemption()
-    guard = NonFiniteGuard(tcfg.nonfinite, tcfg.max_nonfinite_skips, hint=lambda: nonfinite_hint(run))
     tokens_per_step = tcfg.global_batch_size * cfg.block_size
-    flops_per_step = run.raw_model.flops_per_token(cfg.block_size) * tokens_per_step
-    peak = peak_flops(rt.device) * rt.world
-    accum = run.batches.grad_accum
+    loop = Loop(
+        tracker=Tracker(str(out_dir), cfg.logging, params=cfg.to_dict(), rank=rt.rank, resume_run_id=mlflow_run_id),
+        preempt=Preemption(),
+        guard=NonFiniteGuard(tcfg.nonfinite, tcfg.max_nonfinite_skips, hint=lambda: nonfinite_hint(run)),
+        stop_after=stop_after,
+        tokens_per_step=tokens_per_step,
+        flops_per_step=run.raw_model.flops_per_token(cfg.block_size) * tokens_per_step,
+        peak_flops=peak_flops(rt.device) * rt.world,
+    )
     rt.print(
         f"training {run.raw_model.num_params() / 1e6:.2f}M params ({run.raw_model.num_active_params() / 1e6:.2f}M active) "
-        f"on {rt.world} x {rt.device.type} | global batch {tcfg.global_batch_size} x {cfg.block_size} tokens, "
-        f"micro {tcfg.micro_batch_size}, accumulation {accum} | steps {start_step} -> {tcfg.max_steps}"
+        f"on {rt.world} x {rt.device.type} ({run.engine.name}) | global batch {tcfg.global_batch_size} x "
+        f"{cfg.block_size} tokens, micro {tcfg.micro_batch_size}, accumulation {run.batches.grad_accum} | "
+        f"steps {start_step} -> {tcfg.max_steps}"
     )
     row: dict = {}
-    best_val = math.inf
     status, exit_code, step = "FINISHED", 0, start_step
-    t_start, dt_ema = time.perf_counter(), None
+    t_start = time.perf_counter()
     try:
         for step in range(start_step + 1, tcfg.max_steps + 1):
             t0 = time.perf_counter()
-            micro = run.batches.next_step()
-            loss_sum = torch.zeros((), device=rt.device)
-            for i, (x, y) in enumerate(micro):
-                x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
-                if hasattr(run.model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter once per step
-                    run.model.set_requires_gradient_sync(i == len(micro) - 1)
-                with autocast(rt):
-                    out = run.model(x, y)
-                (out.loss / len(micro)).backward()
-                loss_sum += out.ce_loss.detach()
-            grad_norm_t = rt.clip_grad_norm(run.model.parameters(), cfg.optim.grad_clip)
-            lr = run.optimizer.param_groups[0]["lr"]  # what this step uses
-            # Before the update, one small all-reduce: the logged loss (mean over ranks), the preemption
-            # flag (any rank) and whether the step is finite, so all ranks apply it or none does.
-            flag = preempt.signum is not None or step == stop_after
-            loss, grad_norm, stop, norm_ok = rt.agree_on_step(loss_sum / len(micro), grad_norm_t, flag)
-            skipped = guard.check(step, loss, grad_norm, norm_ok)  # raises NonFiniteError to stop
-            if skipped:
-                discard_update(run)
-                qk, routing, t_opt = {}, {}, 0.0
-                rt.print(f"step {step}: loss {loss:.4f}, grad norm {grad_norm:.4g}: update skipped "
-                         f"({guard.in_a_row} in a row, {guard.total} in all; train.nonfinite=skip)")  # fmt: skip
-            else:
-                qk, routing, t_opt = apply_update(run, tcfg.profile)
-            run.scheduler.step()  # a skipped step still counts: the schedule stays tied to the step number
-            run.optimizer.zero_grad(set_to_none=True)
+            row, stop, loads_LE = train_step(run, loop, step)
             if rt.device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
-            dt_ema = dt if dt_ema is None or step <= start_step + 2 else 0.9 * dt_ema + 0.1 * dt
-            row = {
-                "step": step,
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens_per_s": tokens_per_step / dt,
-                "mfu": flops_per_step / dt / peak if peak else 0.0,
-                "step_time_s": dt,
-                "max_attn_logit": qk.get("max_logit", 0.0),
-                "qk_clipped_heads": qk.get("clipped_heads", 0),
-            }
-            row.update({k: v for k, v in routing.items() if not k.startswith("_")})
-            row.update(a2a_stats(run.raw_model))
-            if guard.total:
-                row["nonfinite_skips"] = guard.total  # steps skipped so far by this process
-            if tcfg.profile:
-                row["optim_ms"] = 1000 * t_opt
-            last_eval = tcfg.eval_interval and (step % tcfg.eval_interval == 0 or step == tcfg.max_steps)
-            if last_eval and run.val_set is not None:
-                row["val_loss"] = evaluate(run)
-                row["val_ppl"] = math.exp(min(row["val_loss"], 20))
-                if "_loads_LE" in routing:
-                    moe_ids = [i for i in range(cfg.model.n_layer) if cfg.model.is_moe_layer(i)]
-                    tracker.log_expert_load(step, [c.tolist() for c in routing["_loads_LE"]], layer_ids=moe_ids)
-            if step % tcfg.log_interval == 0 or "val_loss" in row or step == tcfg.max_steps:
-                tracker.log(step, row)
-                eta = dt_ema * (tcfg.max_steps - step)
-                rt.print(format_row(row, tcfg.max_steps, eta))
-            save_now = step == tcfg.max_steps or stop or (tcfg.ckpt_interval and step % tcfg.ckpt_interval == 0)
-            if save_now:
-                meta = {
-                    "tokenizer": cfg.data.tokenizer_name,
-                    "val_loss": row.get("val_loss"),
-                    "mlflow_run_id": tracker.run_id,
-                }
-                save_checkpoint(run, step, meta, tracker.run_id)
-            if "val_loss" in row:
-                best_val = min(best_val, row["val_loss"])
+            loop.dt_ema = dt if loop.dt_ema is None or step <= start_step + 2 else 0.9 * loop.dt_ema + 0.1 * dt
+            add_throughput(row, loop, dt)
+            eval_step(run, loop, step, row, loads_LE)
+            log_row(run, loop, step, row)
+            save_step(run, loop, step, row, stop)
             if stop and step < tcfg.max_steps:  # a signal during the last step: the run is complete anyway
                 rt.print(
                     f"preempted (signal received): checkpoint at step {step} written, exiting with {REQUEUE_EXIT_CODE}"
@@ -380,17 +430,17 @@ def train(cfg: Config, stop_after: int | None = None) -> dict:
                 status, exit_code = "KILLED", REQUEUE_EXIT_CODE
                 break
     except BaseException:
-        tracker.finish("FAILED", config_yaml_text=cfg.to_yaml())
+        loop.tracker.finish("FAILED", config_yaml_text=cfg.to_yaml())
         raise
     finally:
-        preempt.restore()
-    tracker.finish(status, config_yaml_text=cfg.to_yaml())
+        loop.preempt.restore()
+    loop.tracker.finish(status, config_yaml_text=cfg.to_yaml())
     if status == "FINISHED":
         wall = time.perf_counter() - t_start
         rt.print(
             f"done: {step - start_step} steps in {wall:.0f}s | final loss {row.get('loss', float('nan')):.4f}"
-            + (f" | best val {best_val:.4f}" if best_val < math.inf else "")
-            + (f" | {guard.total} non-finite step(s) skipped" if guard.total else "")
+            + (f" | best val {loop.best_val:.4f}" if loop.best_val < math.inf else "")
+            + (f" | {loop.guard.total} non-finite step(s) skipped" if loop.guard.total else "")
             + f" | {out_dir}"
         )
     rt.shutdown()
@@ -443,7 +493,7 @@ def format_time(s: float) -> str:
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(
         prog="python -m kimi.train",
-        description="Train a Kimi-K2-style MoE model (single process, or under torchrun for FSDP2 + EP).",
+        description="Train a Kimi-K2-style MoE model (single process, or under torchrun: FSDP2 or DeepSpeed ZeRO-1/2, + EP).",
         epilog="Any config field can be overridden as --section.key=value, e.g. --moe.num_experts=16 "
         "--train.global_batch_size=64 --parallel.ep=2. Precedence: command line > YAML > defaults.",
     )

@@ -12,6 +12,8 @@
 #
 # Knobs (environment variables, default in brackets):
 #   CONFIG       YAML config                                        [configs/debug.yaml]
+#   ENGINE       fsdp2 or deepspeed: --parallel.engine=$ENGINE      [the config's; fsdp2 by default]
+#                (docs/training.md "Engines"; a --parallel.engine=... argument after it wins)
 #   NGPU         GPUs to use per node                               [all that nvidia-smi lists]
 #   NPROC        processes per node                                 [NGPU; 2 without GPUs]
 #   NNODES       nodes in the job                                   [1]
@@ -65,6 +67,14 @@ if [[ ! -f "$CONFIG" ]]; then
     exit 2
 fi
 
+engine=()
+if [[ -n "${ENGINE:-}" ]]; then
+    case "$ENGINE" in
+        fsdp2 | deepspeed) engine=(--parallel.engine="$ENGINE") ;;
+        *) echo "launch: ENGINE=$ENGINE is not one of fsdp2, deepspeed" >&2; exit 2 ;;
+    esac
+fi
+
 read -r -a launcher <<<"$TORCHRUN"
 if [[ "$NNODES" == 1 && -z "${MASTER_ADDR:-}" ]]; then
     rdzv=(--standalone)
@@ -74,6 +84,6 @@ else
     rdzv=(--nnodes="$NNODES" --node_rank="$NODE_RANK" --rdzv_id="$RDZV_ID" --rdzv_backend=c10d
         --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT")
 fi
-cmd=("${launcher[@]}" "${rdzv[@]}" --nproc_per_node="$NPROC" -m "$MODULE" --config "$CONFIG" "$@")
+cmd=("${launcher[@]}" "${rdzv[@]}" --nproc_per_node="$NPROC" -m "$MODULE" --config "$CONFIG" ${engine[@]+"${engine[@]}"} "$@")
 echo "+ ${cmd[*]}" >&2
 exec "${cmd[@]}"

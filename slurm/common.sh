@@ -4,6 +4,7 @@
 # Knobs (environment variables at `sbatch` time; sbatch exports the submitting shell's environment):
 #   CONFIG, OUT_DIR     set by the train_*.sh that sources this
 #   EXTRA               more --section.key=value overrides, split on spaces [none]
+#   ENGINE              fsdp2 or deepspeed (--parallel.engine=$ENGINE) [the config's; fsdp2 by default]
 #   GPUS_PER_NODE       GPUs per node                  [from --gpus-per-node; else nvidia-smi; 0 = CPU]
 #   NPROC               processes per node             [GPUS_PER_NODE; 2 on CPU-only nodes]
 #   OMP_NUM_THREADS     threads per process            [cpus-per-task / NPROC, at least 1]
@@ -72,6 +73,12 @@ fi
 read -r -a torchrun <<<"${PYTHON:+$PYTHON -m torch.distributed.run}"
 [[ ${#torchrun[@]} -gt 0 ]] || torchrun=(torchrun)
 read -r -a extra <<<"$EXTRA"
+if [[ -n "${ENGINE:-}" ]]; then
+    case "$ENGINE" in
+        fsdp2 | deepspeed) extra=(--parallel.engine="$ENGINE" ${extra[@]+"${extra[@]}"}) ;;
+        *) echo "slurm: ENGINE=$ENGINE is not one of fsdp2, deepspeed" >&2; exit 2 ;;
+    esac
+fi
 # srun in 22.05 does not inherit --cpus-per-task from sbatch: pass it, or all workers share one CPU.
 cmd=(srun --ntasks-per-node=1 --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK}
     "${torchrun[@]}" --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node="$NPROC"

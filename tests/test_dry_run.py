@@ -22,6 +22,15 @@ def test_medium_dry_run_prints_the_plan():
     assert "world 8" in out and "experts per GPU: 2" in out
     for word in ("params", "grads", "optim", "activations", "training FLOPs per step"):
         assert word in out, word
+    assert "fsdp2 *" in out and "deepspeed ZeRO-1" in out  # both engines, the configured one marked
+
+
+def test_deepspeed_memory_zero2_partitions_gradients():
+    cfg = load_config(ROOT / "configs" / "medium.yaml", ["--parallel.dp_shard=8", "--parallel.ep=8"])
+    z1 = memory_plan(cfg, 8)["deepspeed"]
+    cfg.parallel.zero_stage = 2
+    z2 = memory_plan(cfg, 8)["deepspeed"]
+    assert z2["grads"] < z1["grads"] / 4 and z2["params"] == z1["params"]
 
 
 def test_memory_shrinks_with_more_shards():

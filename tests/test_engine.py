@@ -1,7 +1,7 @@
 """The engine interface (kimi/engine/): DeepSpeed ZeRO-1/2 against FSDP2 on 2 gloo CPU ranks, debug model, EP=2.
 
 One spawn runs everything that needs the two ranks (each engine from the same seed and data, a few steps
-of the loop's own calls: engine.model -> engine.backward per micro-batch -> engine.step -> router bias):
+of the loop's own calls: engine.model -> engine.backward per micro-batch -> engine.clip_grad_norm -> engine.step -> router bias):
   - Muon and AdamW: ZeRO-1 and ZeRO-2 give the FSDP2 engine's losses, grad norms and parameters;
   - expert weights differ across EP ranks, and each rank's experts are the FSDP2 engine's shard;
   - a DeepSpeed checkpoint round trip (save, keep going; load into a fresh engine, same steps) is exact;
@@ -67,7 +67,7 @@ def _build(cfg, rt):
 
 
 def _train(engine, batches, rt, steps):
-    """The loop's calls, as train.py will make them in phase 2. Returns (losses, grad norms)."""
+    """The loop's calls to the engine (kimi/train.py train_step). Returns (losses, grad norms)."""
     from kimi.parallel import update_router_bias
 
     losses, norms = [], []
@@ -78,7 +78,8 @@ def _train(engine, batches, rt, steps):
             out = engine.model(x, y)
             engine.backward(out.loss, i, len(micro))
             loss += out.ce_loss.detach()
-        norms.append(engine.step())
+        norms.append(engine.clip_grad_norm().item())
+        engine.step()
         update_router_bias(engine.raw_model)
         losses.append(rt.all_reduce_mean(loss / len(micro)).item())
     return losses, norms
@@ -138,8 +139,35 @@ def _all(rank, world, tmp):
         user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 123456}}))
     torch.distributed.barrier()
     cfg = _cfg(f"{tmp}/json", "deepspeed", "--parallel.zero_stage=2", f"--parallel.deepspeed_config={user}")
-    eng, _ = _build(cfg, setup_runtime(cfg))
+    eng, batches = _build(cfg, rt := setup_runtime(cfg))
     res["json"] = (eng.ds.optimizer.reduce_bucket_size, eng.ds.zero_optimization_stage())
+
+    # A skipped step (train.nonfinite=skip) under ZeRO-2: NaN gradients on one rank; the norm says so on
+    # both, and skip() leaves weights, fp32 masters and optimizer state as they were; the next step is clean.
+    zero = eng.ds.optimizer
+    _train(eng, batches, rt, 1)  # the optimizer holds state by now
+
+    def snapshot():
+        state = [v.clone() for st in eng.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+        return [p.detach().clone() for p in eng.raw_model.parameters()] + [
+            m.clone() for m in zero.single_partition_of_fp32_groups] + state  # fmt: skip
+
+    def backward(micro, nan_on_rank1=False):
+        for i, (x, y) in enumerate(micro):
+            out = eng.model(x, y)
+            eng.backward(out.loss * (float("nan") if nan_on_rank1 and rank == 1 else 1.0), i, len(micro))
+
+    before, micro = snapshot(), batches.next_step()
+    backward(micro, nan_on_rank1=True)
+    nan_norm = eng.clip_grad_norm()
+    eng.skip()
+    norms = []
+    for _ in range(2):  # finite gradients, skipped twice: nothing stepped, nothing left over
+        backward(micro)
+        norms.append(eng.clip_grad_norm().item())
+        eng.skip()
+    unchanged = all(torch.equal(a, b) for a, b in zip(before, snapshot()))
+    res["skip"] = (nan_norm.isfinite().item(), unchanged, len(before), norms)
 
     # QK-clip through the engine: ZeRO's fp32 master partitions must take the same row scaling as the model.
     from kimi.optim import QKClip
@@ -204,6 +232,13 @@ def test_deepspeed_checkpoint_round_trip_is_exact(runs):
         assert meta["engine"] == "deepspeed" and meta["zero_stage"] == 2 and meta["ep"] == 2
         assert {"experts_ep000.pt", "experts_ep001.pt", "meta.json", "train_state.pt", "config.yaml"} <= set(files)
         assert latest_ok
+
+
+def test_deepspeed_skip_leaves_the_state_untouched(runs):
+    for nan_norm_finite, unchanged, n_tensors, norms in (r["skip"] for r in runs):
+        assert not nan_norm_finite  # a NaN on rank 1 shows in the global norm on both ranks
+        assert unchanged and n_tensors > 0  # weights, fp32 masters, optimizer state
+        assert norms[0] == norms[1] and norms[0] > 0  # the skipped gradients were cleared, not accumulated
 
 
 def test_qk_clip_scales_zero_master_weights(runs):

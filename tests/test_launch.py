@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,18 @@ def last_row(out: Path) -> dict:
 def test_help_lists_the_knobs(script: str) -> None:
     proc = launch(script, "--help")
     assert proc.returncode == 0, proc.stderr
-    for knob in ("CONFIG", "NGPU", "NPROC", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS"):
+    knobs = (
+        "CONFIG",
+        "ENGINE",
+        "NGPU",
+        "NPROC",
+        "NNODES",
+        "NODE_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "OMP_NUM_THREADS",
+    )
+    for knob in knobs:
         assert knob in proc.stdout
     assert "torchrun" not in proc.stderr  # --help starts nothing
 
@@ -71,3 +83,11 @@ def test_bad_knobs_fail_with_one_line() -> None:
     assert proc.returncode != 0 and "MASTER_ADDR" in proc.stderr.strip().splitlines()[-1]
     proc = launch("train.sh", CONFIG="configs/nope.yaml")
     assert proc.returncode == 2 and "configs/nope.yaml does not exist" in proc.stderr
+    proc = launch("train.sh", ENGINE="zero")
+    assert proc.returncode == 2 and "ENGINE=zero is not one of fsdp2, deepspeed" in proc.stderr
+
+
+def test_engine_knob_reaches_the_trainer() -> None:
+    proc = launch("train.sh", "--dry-run", NPROC="1", ENGINE="deepspeed", PYTHON=sys.executable)
+    assert proc.returncode == 0, proc.stderr
+    assert "--parallel.engine=deepspeed" in proc.stderr and "deepspeed ZeRO-1 *" in proc.stdout

@@ -5,8 +5,13 @@
         with autocast(rt):
             out = engine.model(x, y)
         engine.backward(out.loss, i, len(micro))     # gradient sync only on the last micro-batch
-    grad_norm = engine.step()                        # clip, optimizer step, lr schedule, zero grads
+    grad_norm_t = engine.clip_grad_norm()            # global norm before clipping, a device tensor
+    ... the loop agrees across ranks whether the step is finite (one all-reduce) ...
+    engine.step()   or   engine.skip()               # update + schedule + zero grads / schedule + zero grads
     engine.save(step, train_state, cfg.to_yaml(), meta)   /   train_state, meta = engine.load(engine.latest())
+
+The loop's decision between step() and skip() comes after clip_grad_norm(), so a NaN/inf step is never
+applied on any rank (kimi/nonfinite.py), whichever engine runs it.
 
 Two implementations: `fsdp2` (kimi.parallel: EP + FSDP2, Muon/AdamW from kimi.optim, DCP checkpoints)
 and `deepspeed` (the same EP, then ZeRO-1/2 with the same optimizer as its client). The model is the
@@ -22,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kimi.checkpoint import Checkpointer
 from kimi.config import Config, ConfigError
 
 
@@ -32,6 +38,7 @@ class Engine(ABC):
     raw_model  the KimiModel (moe_layers(), attention_layers(), flops_per_token(), ...)
     optimizer  the client optimizer (param_groups carry the lr the schedule sets)
     scheduler  the LambdaLR over it; its state goes into train_state
+    ckpt       the Checkpointer: both engines share its atomic save/publish sequence around their `write`
     """
 
     name: str
@@ -39,7 +46,7 @@ class Engine(ABC):
     raw_model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    ckpt_dir: Path
+    ckpt: Checkpointer  # the atomic step directories under OUT/checkpoints (kimi/checkpoint.py)
 
     @abstractmethod
     def backward(self, loss: Tensor, micro: int, num_micro: int) -> None:
@@ -47,22 +54,50 @@ class Engine(ABC):
         num_micro and reduces gradients across ranks once, on the last micro-batch."""
 
     @abstractmethod
-    def step(self) -> float:
-        """Clip gradients to the configured global norm, step the optimizer, then the lr schedule, and
-        clear the gradients. Returns the global gradient norm before clipping (same on every rank)."""
+    def clip_grad_norm(self) -> Tensor:
+        """The global gradient norm before clipping, as a device scalar (same on every rank, inf/NaN when a
+        gradient is not finite), with the gradients clipped to optim.grad_clip, now or inside step()."""
 
     @abstractmethod
+    def step(self) -> None:
+        """Apply the update: optimizer step on the clipped gradients, then the lr schedule; clear the gradients."""
+
+    @abstractmethod
+    def skip(self) -> None:
+        """Drop this step's gradients: weights and optimizer state stay as they were; the lr schedule still
+        advances (it stays tied to the step number)."""
+
+    @abstractmethod
+    def write(self, tmp: Path) -> None:
+        """Collective: this rank's part of the model and optimizer state into the step directory `tmp`."""
+
+    @abstractmethod
+    def read(self, path: Path) -> None:
+        """Collective: restore model and optimizer in place from a (verified) step directory."""
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What meta.json records about the engine's layout (checked by `read` where it must match)."""
+        return {"engine": self.name}
+
     def save(self, step: int, train_state: dict[str, Any], config_yaml: str, meta: dict[str, Any]) -> Path:
         """Collective: an atomic checkpoint of model, optimizer, `train_state` (same on every rank), the
-        config and `meta` under ckpt_dir/step_NNNNNN, then `latest` points to it. Returns the directory."""
+        config and `meta` under ckpt_dir/step_NNNNNN, then `latest` points to it. Returns the directory.
+        kimi.checkpoint.Checkpointer does the atomic sequence (checksums, failure handling); `write` the rest."""
+        return self.ckpt.save(step, self.write, train_state, config_yaml, {**meta, **self.checkpoint_meta()})
 
-    @abstractmethod
     def load(self, path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Collective: restore model and optimizer from a checkpoint directory; returns (train_state, meta)."""
+        """Collective: restore model and optimizer from a checkpoint directory; returns (train_state, meta).
+        A checkpoint of the other engine is refused in one line."""
+        check_engine(path, self.name)
+        return self.ckpt.load(path, self.read)
 
-    @abstractmethod
     def latest(self) -> Path | None:
-        """The checkpoint `latest` points to under ckpt_dir, or None."""
+        """The checkpoint to resume from under ckpt_dir (`latest`, else the newest complete step), or None."""
+        return self.ckpt.latest()
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.ckpt.dir
 
     def scale_rows_(self, p: Tensor, scale: Tensor) -> None:
         """p[i] *= scale[i] (QK-clip's edit of q/k weights after a step, `QKClip(scale_fn=...)`), applied

@@ -18,10 +18,12 @@ What is ours and what is DeepSpeed's:
   DeepSpeed reads is generated from it (`ds_config`), and `parallel.deepspeed_config` may override it.
 - Precision: bf16 on GPU (DeepSpeed casts parameters, keeps fp32 master weights in the ZeRO partitions
   and fp32 buffers), fp32 on CPU.
-- Checkpoints: DeepSpeed's save_checkpoint/load_checkpoint into our atomic step directories (write
-  step_N.tmp, rename, swap `latest`: kimi.checkpoint.Checkpointer's links and rotation). DeepSpeed writes
-  the module from data-parallel rank 0 only, so each expert-parallel rank also writes its experts.
-  Resuming needs the same world size and EP degree (ZeRO's partitions are per rank).
+- Checkpoints: DeepSpeed's save_checkpoint/load_checkpoint as the writer/reader inside our atomic step
+  directories (kimi.checkpoint.Checkpointer: tmp dir, checksums, rename, `latest`, rotation, failure
+  handling). DeepSpeed writes the module from data-parallel rank 0 only, so each expert-parallel rank
+  also writes its experts. Resuming needs the same world size and EP degree (ZeRO's partitions are per
+  rank); `read_model_state` reads the weights on one process (generate, evaluate, convert).
+- A NaN/inf step (train.nonfinite=skip) goes through DeepSpeed's own overflow path: nothing is stepped.
 
 Refused: ZeRO-3 (parallel.zero_stage=3: DeepSpeed's native MoE refuses it, AutoEP rejects aux-loss-free
 bias), HSDP (dp_replicate > 1), a user JSON that sets its own optimizer or scheduler, or ZeRO offload. DeepSpeed's
@@ -33,8 +35,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -42,23 +42,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from kimi.checkpoint import (
-    STEP_PREFIX,
-    Checkpointer,
-    CheckpointError,
-    _rank,
-    resolve,
-    rng_state,
-    set_rng_state,
-)
+from kimi.checkpoint import Checkpointer, CheckpointError, read_meta
 from kimi.config import Config, ConfigError
-from kimi.engine.base import Engine, check_engine
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
+from kimi.engine.base import Engine
 
 _FORBIDDEN_KEYS = ("optimizer", "scheduler")  # ours come from optim.*; DeepSpeed's would replace them
 
@@ -249,7 +235,6 @@ class DeepSpeedEngine(Engine):
         self.scheduler = build_scheduler(client, cfg.optim, cfg.train.max_steps)
         self._attach_flat_shards()
         self.ckpt = Checkpointer(Path(cfg.train.out_dir) / "checkpoints", cfg.train.keep_last, cfg.train.keep_best)
-        self.ckpt_dir = self.ckpt.dir
 
     def _attach_flat_shards(self) -> None:
         """Record where each parameter sits in ZeRO's flat buffers, and tell Muon where its matrices sit in
@@ -304,11 +289,29 @@ class DeepSpeedEngine(Engine):
         self.ds.set_gradient_accumulation_boundary(micro == num_micro - 1)  # ZeRO reduces on the last one
         self.ds.backward(loss / num_micro, scale_wrt_gas=False)
 
-    def step(self) -> float:
-        self.ds.step()  # ZeRO: global norm, clip, client optimizer on the partitions, all-gather params
+    def clip_grad_norm(self) -> Tensor:
+        # ZeRO clips inside its step(), from the norm it computes there; the loop needs the norm before it
+        # decides to apply the step, so it is computed here once more, the same way (one more all-reduce of
+        # a scalar per group). Non-finite gradients give inf (DeepSpeed's combine_grad_norm_groups).
+        return self.ds.optimizer.scaled_global_norm()
+
+    def step(self) -> None:
+        self.ds.step()  # ZeRO: global norm, clip, client optimizer on the partitions, all-gather params, zero grads
         self.scheduler.step()
-        norm = self.ds.get_global_grad_norm()
-        return float(norm) if norm is not None else 0.0
+
+    def skip(self) -> None:
+        # DeepSpeed's own overflow path (the one fp16 loss scaling uses): report an overflow for this step,
+        # and ZeRO's step() clears the reduced gradients and buffers without touching the partitions, the
+        # client optimizer or the weights; the engine counts it as a skipped step.
+        zero = self.ds.optimizer
+        check = zero.check_grad_overflow
+        zero.check_grad_overflow, zero.check_overflow = True, lambda partition_gradients=True: _overflow(zero)
+        try:
+            self.ds.step()
+        finally:
+            zero.check_grad_overflow = check
+            del zero.check_overflow  # the class's method again
+        self.scheduler.step()
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -319,56 +322,25 @@ class DeepSpeedEngine(Engine):
         name = _expert_group_name(self.ep)
         return groups._get_expert_parallel_rank(name), groups._get_expert_data_parallel_rank(name)
 
-    def save(self, step: int, train_state: dict[str, Any], config_yaml: str, meta: dict[str, Any]) -> Path:
-        from kimi.tracking.system import git_state
+    def checkpoint_meta(self) -> dict[str, Any]:
+        import deepspeed
 
-        ck, rank = self.ckpt, _rank()
-        name = f"{STEP_PREFIX}{step:06d}"
-        final, tmp = ck.dir / name, ck.dir / f"{name}.tmp"
-        if rank == 0:
-            ck.dir.mkdir(parents=True, exist_ok=True)
-            for stale in ck.dir.glob("*.tmp"):
-                shutil.rmtree(stale, ignore_errors=True)
-        _barrier()
-        # The sequence below (tmp dir, files, rename, links, rotation) is Checkpointer.save's around a different
-        # writer; phase 2 splits Checkpointer.save into begin / publish so that these lines go.
-        self.ds.save_checkpoint(str(ck.dir), tag=tmp.name, save_latest=False)  # DeepSpeed's `latest` is a file
+        return {"engine": self.name, "zero_stage": self.ds.zero_optimization_stage(), "ep": self.ep,
+                "deepspeed": deepspeed.__version__}  # fmt: skip
+
+    def write(self, tmp: Path) -> None:
+        """DeepSpeed's files (module from data-parallel rank 0, each rank's ZeRO partition of the optimizer)
+        plus the experts of each EP rank, which DeepSpeed's module file holds only for EP rank 0."""
+        self.ds.save_checkpoint(str(tmp.parent), tag=tmp.name, save_latest=False)  # its `latest` is a file
         if self.experts:
             ep_rank, replica = self._expert_ranks()
             if replica == 0:
                 names = {id(p): n for n, p in self.raw_model.named_parameters()}
                 state = {names[id(p)]: p.detach().cpu() for p in self.experts}
                 torch.save(state, tmp / f"experts_ep{ep_rank:03d}.pt")
-        (tmp / "rng").mkdir(exist_ok=True)
-        torch.save(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
-        if rank == 0:
-            import deepspeed
 
-            commit, dirty = git_state(Path(__file__).resolve().parent)
-            torch.save(train_state, tmp / "train_state.pt")
-            (tmp / "config.yaml").write_text(config_yaml)
-            meta = {**meta, "step": step, "engine": self.name, "zero_stage": self.ds.zero_optimization_stage(),
-                    "world_size": self.rt.world, "ep": self.ep, "git_commit": commit or "unknown", "git_dirty": dirty,
-                    "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-                    "time": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        _barrier()
-        if rank == 0:
-            if final.exists():  # re-saving a step (e.g. preempted right after a periodic save)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            ck._point("latest", final)
-            val = meta.get("val_loss")
-            if ck.keep_best and val is not None and val < ck._best_val():
-                ck._point("best", final)
-            ck._rotate()
-        _barrier()
-        return final
-
-    def load(self, path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-        path = resolve(path)
-        check_engine(path, self.name)
-        meta = json.loads((path / "meta.json").read_text())
+    def read(self, path: Path) -> None:
+        meta = read_meta(path)
         if (meta.get("world_size"), meta.get("ep")) != (self.rt.world, self.ep):
             raise CheckpointError(
                 f"checkpoint '{path}' was written at world size {meta.get('world_size')}, ep {meta.get('ep')}; "
@@ -389,11 +361,23 @@ class DeepSpeedEngine(Engine):
         )
         if loaded is None:
             raise CheckpointError(f"deepspeed could not load the checkpoint in '{path}'")
-        train_state = torch.load(path / "train_state.pt", weights_only=False)
-        rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
-        if rng_file.exists():
-            set_rng_state(torch.load(rng_file, weights_only=False))
-        return train_state, meta
 
-    def latest(self) -> Path | None:
-        return self.ckpt.latest()
+
+def _overflow(zero) -> None:
+    zero.overflow = True
+
+
+def read_model_state(path: Path) -> dict[str, Tensor]:
+    """The full model state dict of a DeepSpeed checkpoint directory, on one process, without DeepSpeed:
+    its module file (written from rank 0, holding EP rank 0's experts), with each expert weight rebuilt
+    from the experts_epNNN.pt files along the expert dimension. For generate, evaluate and convert."""
+    module_file = path / "mp_rank_00_model_states.pt"
+    if not module_file.is_file():
+        raise CheckpointError(f"checkpoint '{path}' has no {module_file.name}; is it a DeepSpeed checkpoint?")
+    # weights_only=False: DeepSpeed stores its config objects next to the weights. The file is ours, and
+    # its checksum was verified against meta.json before this.
+    sd = dict(torch.load(module_file, map_location="cpu", weights_only=False)["module"])
+    shards = [torch.load(f, weights_only=True) for f in sorted(path.glob("experts_ep*.pt"))]
+    for name in shards[0] if shards else ():
+        sd[name] = torch.cat([s[name] for s in shards], dim=0)  # (E/ep, ...) per EP rank -> (E, ...)
+    return sd

@@ -8,13 +8,12 @@ Checkpointer (atomic step directories, resharding across world sizes and EP degr
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from torch import Tensor, nn
 
-from kimi.checkpoint import Checkpointer
+from kimi.checkpoint import Checkpointer, dcp_read, dcp_write
 from kimi.config import Config
-from kimi.engine.base import Engine, check_engine
+from kimi.engine.base import Engine
 
 
 class FSDP2Engine(Engine):
@@ -29,26 +28,25 @@ class FSDP2Engine(Engine):
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
         self.ckpt = Checkpointer(Path(cfg.train.out_dir) / "checkpoints", cfg.train.keep_last, cfg.train.keep_best)
-        self.ckpt_dir = self.ckpt.dir
 
     def backward(self, loss: Tensor, micro: int, num_micro: int) -> None:
         if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter once per step
             self.model.set_requires_gradient_sync(micro == num_micro - 1)
         (loss / num_micro).backward()
 
-    def step(self) -> float:
-        norm = self.rt.clip_grad_norm(self.model.parameters(), self.max_norm)
+    def clip_grad_norm(self) -> Tensor:
+        return self.rt.clip_grad_norm(self.model.parameters(), self.max_norm)
+
+    def step(self) -> None:
         self.optimizer.step()
+        self.skip()
+
+    def skip(self) -> None:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)  # clip_grad_norm returns a device tensor (no sync until here)
 
-    def save(self, step: int, train_state: dict[str, Any], config_yaml: str, meta: dict[str, Any]) -> Path:
-        return self.ckpt.save(step, self.model, self.optimizer, train_state, config_yaml, {**meta, "engine": self.name})
+    def write(self, tmp: Path) -> None:
+        dcp_write(tmp, self.model, self.optimizer)
 
-    def load(self, path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-        check_engine(path, self.name)
-        return self.ckpt.load(path, self.model, self.optimizer)
-
-    def latest(self) -> Path | None:
-        return self.ckpt.latest()
+    def read(self, path: Path) -> None:
+        dcp_read(path, self.model, self.optimizer)

@@ -1,4 +1,5 @@
-"""Reading model checkpoints: `.pt` files ({"config": ..., "model": state_dict}) and checkpoint directories.
+"""Reading model weights: `.pt` files ({"config": ..., "model": state_dict}) and checking a state dict against
+a model. Checkpoint directories are kimi.checkpoint's (`load_model_state`), next to the code that writes them.
 
 Every failure is a ValueError with one line saying what is wrong (missing file, foreign format,
 key or shape mismatch), never a traceback from deep inside load_state_dict.
@@ -28,24 +29,23 @@ def model_config_from(cfg: Any) -> KimiConfig:
     return from_dict(KimiConfig, cfg, "model")
 
 
-def load_checkpoint(path, map_location="cpu") -> tuple[KimiConfig, dict[str, torch.Tensor]]:
+def read_pt(path, map_location="cpu") -> tuple[KimiConfig, dict[str, torch.Tensor]]:
+    """(model config, state dict) from a `.pt` file ({"config": ..., "model": state_dict}). Checkpoint
+    directories (DCP or DeepSpeed) are read by kimi.checkpoint.load_model_state, which lives with the
+    code that writes them (KimiModel.from_checkpoint takes both)."""
     path = Path(path)
     if path.is_dir():
-        from kimi.checkpoint import load_model_state  # lazy: the checkpoint module is optional here
-
-        cfg, state_dict = load_model_state(path)
-    elif path.is_file():
-        try:
-            obj = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"cannot read checkpoint '{path}': {first}") from None
-        if not isinstance(obj, dict) or "config" not in obj or "model" not in obj:
-            raise ValueError(f"'{path}' is not a nanoKimi checkpoint (expected a dict with 'config' and 'model')")
-        cfg, state_dict = obj["config"], obj["model"]
-    else:
+        raise ValueError(f"'{path}' is a checkpoint directory; read it with KimiModel.from_checkpoint")
+    if not path.is_file():
         raise ValueError(f"checkpoint '{path}' does not exist")
-    return model_config_from(cfg), state_dict
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot read checkpoint '{path}': {first}") from None
+    if not isinstance(obj, dict) or "config" not in obj or "model" not in obj:
+        raise ValueError(f"'{path}' is not a nanoKimi checkpoint (expected a dict with 'config' and 'model')")
+    return model_config_from(obj["config"]), obj["model"]
 
 
 def _clean_key(k: str) -> str:

@@ -160,10 +160,20 @@ class KimiModel(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path, map_location="cpu") -> KimiModel:
-        """Load a `.pt` ({"config", "model"}) or a checkpoint directory (via kimi.checkpoint)."""
-        from kimi.model.loading import load_checkpoint, load_state_strict
+        """Load a `.pt` ({"config", "model"}) or a training checkpoint directory of either engine. Directories
+        are read by `kimi.checkpoint.load_model_state`, next to the code that writes them, imported here
+        lazily: this public entry point is the one place kimi.model hands on to training code."""
+        from pathlib import Path
 
-        cfg, state_dict = load_checkpoint(path, map_location)
+        from kimi.model.loading import load_state_strict, model_config_from, read_pt
+
+        if Path(path).is_dir():
+            from kimi.checkpoint import load_model_state
+
+            cfg_dict, state_dict = load_model_state(path)
+            cfg = model_config_from(cfg_dict)
+        else:
+            cfg, state_dict = read_pt(path, map_location)
         model = cls(cfg)
         load_state_strict(model, state_dict)
         return model
