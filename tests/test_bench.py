@@ -163,10 +163,12 @@ def test_compare_quick(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     merged = json.loads((tmp_path / "merged" / "results.json").read_text())
     assert merged["rows"] == res["rows"]
-    import mlflow
+    from mlflow import MlflowClient
 
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'merged' / 'mlflow.db'}")
-    found = mlflow.search_runs(experiment_names=["kimi-bench-compare"], output_format="list")
+    # A client bound to this store: mlflow.set_tracking_uri() would export MLFLOW_TRACKING_URI into the
+    # test process, and every later job it starts (the SLURM tests' included) would log to this store.
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'merged' / 'mlflow.db'}")
+    found = client.search_runs([client.get_experiment_by_name("kimi-bench-compare").experiment_id])
     assert [run.info.run_name for run in found] == ["compare-summary"]
     assert found[0].data.metrics["kimi/final_val_loss"] == pytest.approx(res["rows"][2]["final_val_loss"])
 
