@@ -189,6 +189,7 @@ class OptimConfig:
     momentum: float = 0.95  # Muon
     nesterov: bool = True
     ns_steps: int = 5
+    ns_dtype: str = "auto"  # Newton-Schulz dtype: "auto" (bf16 on CUDA and CPUs with native bf16), "bf16", "fp32"
     qk_clip: bool = True  # MuonClip: rescale q/k weights of heads whose max logit exceeds tau
     qk_clip_tau: float = 100.0
     schedule: str = "cosine"  # "cosine", "wsd" (warmup-stable-decay, K2) or "constant"
@@ -204,6 +205,8 @@ class OptimConfig:
             raise ConfigError(f"optim.schedule={self.schedule!r} is not one of 'cosine', 'wsd', 'constant'")
         if self.lr <= 0:
             raise ConfigError(f"optim.lr={self.lr} must be > 0")
+        if self.ns_dtype not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"optim.ns_dtype={self.ns_dtype!r} is not one of 'auto', 'bf16', 'fp32'")
 
 
 @dataclass

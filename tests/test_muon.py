@@ -55,29 +55,32 @@ def test_adamw_part_matches_torch_adamw():
 
 def test_ns_3d_batched_equals_per_matrix_loop():
     G = torch.randn(4, 24, 40, generator=torch.Generator().manual_seed(2))
-    batched = newton_schulz(G)
+    batched = newton_schulz(G, dtype=torch.float32)
     for e in range(G.shape[0]):
-        torch.testing.assert_close(batched[e], newton_schulz(G[e]), rtol=0, atol=1e-5)
+        torch.testing.assert_close(batched[e], newton_schulz(G[e], dtype=torch.float32), rtol=0, atol=1e-5)
     # and the optimizer: a 3-D param steps exactly like its experts as separate 2-D params
     p3 = nn.Parameter(torch.randn(4, 24, 40))
     p2 = [nn.Parameter(p3.detach()[e].clone()) for e in range(4)]
     grads = _grads([(4, 24, 40)], 3, seed=3)
-    _run(Muon([p3], lr=0.02), [p3], grads)
-    _run(Muon(p2, lr=0.02), p2, [[g[0][e] for e in range(4)] for g in grads])
+    _run(Muon([p3], lr=0.02, ns_dtype=torch.float32), [p3], grads)
+    _run(Muon(p2, lr=0.02, ns_dtype=torch.float32), p2, [[g[0][e] for e in range(4)] for g in grads])
     torch.testing.assert_close(p3.detach(), torch.stack([p.detach() for p in p2]), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (32, 96), (96, 32), (3, 16, 48)])
 def test_ns_singular_values_in_quintic_band(shape):
     G = torch.randn(shape, generator=torch.Generator().manual_seed(4))
-    S = torch.linalg.svdvals(newton_schulz(G, steps=5))
-    assert S.min() > 0.6 and S.max() < 1.25, (S.min().item(), S.max().item())
+    for dtype in (torch.float32, torch.bfloat16):
+        S = torch.linalg.svdvals(newton_schulz(G, steps=5, dtype=dtype).float())
+        assert S.min() > 0.6 and S.max() < 1.25, (dtype, S.min().item(), S.max().item())
     assert newton_schulz(G).shape == G.shape
 
 
-def test_ns_default_dtype_fp32_on_cpu_and_explicit_bf16():
+def test_ns_default_dtype_bf16_only_on_cpus_with_native_bf16_and_explicit_dtypes():
     G = torch.randn(8, 16)
-    assert newton_schulz(G).dtype == torch.float32
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert newton_schulz(G).dtype == (torch.bfloat16 if native else torch.float32)
+    assert newton_schulz(G, dtype=torch.float32).dtype == torch.float32
     assert newton_schulz(G, dtype=torch.bfloat16).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="needs a"):
         newton_schulz(torch.randn(5))

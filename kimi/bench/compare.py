@@ -268,13 +268,19 @@ def log_summary(out: Path, tracking_uri: str, rows: list[dict], files: list[Path
 
 def compare(config: str, steps: int, eval_every: int, eval_batches: int, baseline_lrs: list[float],
             seeds: list[int], ablations: list[str], out: Path, extra: list[str], mlflow: bool = True,
-            tracking_uri: str | None = None, max_windows: int | None = None, jobs: int = 1, log=print) -> dict:  # fmt: skip
+            tracking_uri: str | None = None, max_windows: int | None = None, jobs: int = 1, log=print,
+            only: list[str] = ()) -> dict | None:  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "runs").mkdir(exist_ok=True)
     if mlflow and tracking_uri is None:
         tracking_uri = f"sqlite:///{(out / 'runs' / 'mlflow.db').resolve()}"
     uri = tracking_uri if mlflow else None
     variants, target = build_variants(config, baseline_lrs, ablations, parse_overrides(extra))
+    if only:  # train a subset (the baseline still sets the matched size); table later with --from-runs
+        unknown = sorted(set(only) - {v.name for v in variants})
+        if unknown:
+            raise ValueError(f"--only {','.join(unknown)}: not among {', '.join(v.name for v in variants)}")
+        variants = [v for v in variants if v.name in only]
     log(f"compare: {len(variants)} variants at {target / 1e6:.3f}M active non-embedding params, seeds {seeds}")
     runs: list[dict] = []
     failed: list[str] = []
@@ -295,9 +301,12 @@ def compare(config: str, steps: int, eval_every: int, eval_batches: int, baselin
     # `jobs` > 1 trains that many at once: tokens-to-loss is unchanged, wall-clock columns then share the CPU.
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         list(pool.map(lambda v: go(v, seeds[0]), variants))
-        best = best_baseline(runs)
+        best = best_baseline(runs) if any(r["group"] == "nanogpt" for r in runs) or not only else None
         later = [(v, s) for s in seeds[1:] for v in variants if v.group != "nanogpt" or v.name == best]
         list(pool.map(lambda vs: go(*vs), later))
+    if best is None:
+        log(f"compare: no baseline in --only; runs in {out / 'runs.json'}: table them with --from-runs")
+        return None
     cfg = load_config(config, extra)
     return write_results(runs, out, config, f"{steps} steps x {cfg.train.global_batch_size * cfg.block_size} tokens",
                          tracking_uri if mlflow else None, failed, log)  # fmt: skip
@@ -360,6 +369,8 @@ def add_args(p) -> None:
         "--jobs", type=int, default=1, help="training processes at once (wall-clock columns then share CPUs)"
     )
     p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--only", default="", help="comma-separated variant names to train (e.g. kimi,dense_muon); "
+                   "the others only set the matched size. Table with --from-runs")  # fmt: skip
 
 
 def main(args, overrides: list[str]) -> None:
@@ -385,4 +396,4 @@ def main(args, overrides: list[str]) -> None:
     seeds = [int(s) for s in args.seeds.split(",") if s]
     compare(config, steps, eval_every, eval_batches, lrs, seeds, abl, Path(args.out), overrides,
             mlflow=mlflow, tracking_uri=args.tracking_uri, max_windows=16 if args.quick else None,
-            jobs=args.jobs)  # fmt: skip
+            jobs=args.jobs, only=[v for v in args.only.split(",") if v])  # fmt: skip

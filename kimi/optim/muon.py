@@ -44,8 +44,8 @@ class Muon(torch.optim.Optimizer):
     (p *= 1 - lr * wd, with the group's unscaled lr). Gradients must already be reduced across ranks
     (FSDP2 does that); a parameter whose grad is None is skipped, which must happen on all ranks alike.
 
-    `ns_dtype`: Newton-Schulz compute (and, when distributed, communication) dtype; None: bf16 on CUDA,
-    fp32 elsewhere.
+    `ns_dtype`: Newton-Schulz compute (and, when distributed, communication) dtype; None: bf16 on CUDA and
+    on CPUs with native bf16 matmuls, fp32 elsewhere (newton_schulz.default_ns_dtype).
     """
 
     def __init__(
@@ -150,9 +150,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, ns_dtype: torch.dtype | 
     """Split `model`'s trainable parameters into Muon / AdamW groups (each group has a 'name') and build
     one `Muon` optimizer. cfg.name == 'adamw' puts every parameter in AdamW groups.
 
+    `ns_dtype` (a torch dtype) overrides cfg.ns_dtype; cfg's "auto" leaves the choice to the device.
     Raises ConfigError naming any trainable parameter that lands in no group or in more than one.
     """
     cfg.validate()
+    if ns_dtype is None and cfg.ns_dtype != "auto":
+        ns_dtype = torch.bfloat16 if cfg.ns_dtype == "bf16" else torch.float32
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     by_group: dict[str, list[tuple[str, Tensor]]] = {"muon": [], "adamw": [], "adamw_no_decay": []}
     for n, p in named:

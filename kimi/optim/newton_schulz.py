@@ -5,6 +5,8 @@ Imported by `muon.py` and `dist_muon.py`; imports neither (the arrows run muon -
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -12,8 +14,20 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic: maximal slope at 0, singular v
 
 
 def default_ns_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where matmuls are fast in bf16 (CUDA); fp32 elsewhere (CPU bf16 matmul is slow, emulated)."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    """bf16 where bf16 matmuls are native: CUDA, and CPUs with AVX512-BF16/AMX (measured on this project's
+    2-core EPYC: 198 vs 79 GFLOP/s at 1024^3, Newton-Schulz 2.2x faster); fp32 on other CPUs, which emulate it."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else torch.float32
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """oneDNN's own test for bf16 instructions (AVX512-BF16 or AMX) on this CPU."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def newton_schulz(G: Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = None) -> Tensor:
