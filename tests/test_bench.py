@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimi.bench.compare import full_split_loss, tokens_to_reach
-from kimi.bench.variants import build_variants, nanogpt_overrides, param_counts
+from kimi.bench.variants import baseline_at_total, build_variants, matched_pair, nanogpt_overrides, param_counts
 from kimi.config import ConfigError, load_config
 from kimi.data.dataset import ToyDataset
 from kimi.model import KimiModel
@@ -104,6 +104,15 @@ def test_variants_match_active_non_embedding_params():
         assert abs(active - target) / target < 0.01, (v.name, active, target)  # FFN width rounded to 8
     kimi = param_counts(load_config(BYTE, variants[3].overrides))
     assert kimi["params_total"] > 2 * kimi["params_active"]  # the MoE holds more than it uses per token
+
+
+def test_baseline_at_total_holds_as_many_params_as_nanokimi():
+    kimi_cfg, base_cfg = matched_pair(BYTE, [])
+    wide = baseline_at_total(BYTE, [])
+    kimi, wide_n = param_counts(kimi_cfg)["params_total"], param_counts(wide)["params_total"]
+    assert abs(wide_n - kimi) / kimi < 0.003, (wide_n, kimi)  # MLP width rounded to 8: 37k params
+    assert wide.model.intermediate_size > base_cfg.model.intermediate_size  # only the MLP grew
+    assert (wide.model.n_layer, wide.model.n_embd, wide.model.mlp) == (6, 384, "gelu")
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -212,3 +221,4 @@ def test_memory_quick(tmp_path):
     assert {(g["attention"], g["cache"]) for g in res["generation"]} == {(x, c) for x in ("mla", "mha")
                                                                           for c in (True, False)}  # fmt: skip
     assert all(t["peak_bytes"] > 0 for t in res["training"])
+    assert [t["model"] for t in res["training"]] == ["nanokimi", "nanogpt (equal active)", "nanogpt (equal total)"]

@@ -103,10 +103,11 @@ print(json.dumps([before, vm_hwm()]))"""
 
 def training_memory(config: str, overrides: list[str], steps: int) -> list[dict]:
     """Peak memory of `steps` training steps: GPU allocator peak, or on CPU a fresh process's RSS growth."""
-    from kimi.bench.variants import matched_pair, param_counts
+    from kimi.bench.variants import baseline_at_total, matched_pair, param_counts
 
     rows = []
-    for name, c in zip(("nanokimi", "nanogpt"), matched_pair(config, overrides)):
+    models = (*matched_pair(config, overrides), baseline_at_total(config, overrides))
+    for name, c in zip(("nanokimi", "nanogpt (equal active)", "nanogpt (equal total)"), models):
         params = param_counts(c)["params_total"]
         if torch.cuda.is_available():
             from kimi.bench.throughput import step_breakdown
@@ -122,6 +123,8 @@ def training_memory(config: str, overrides: list[str], steps: int) -> list[dict]
             peak, what = after - before, "peak RSS growth while training (CPU)"
         rows.append({"model": name, "params_total": params, "peak_bytes": peak, "bytes_per_param": peak / params,
                      "what": what})  # fmt: skip
+    for r in rows:
+        r["vs_nanokimi"] = r["peak_bytes"] / rows[0]["peak_bytes"]
     return rows
 
 
@@ -132,12 +135,12 @@ def report(r: dict) -> str:
     gen = [[g["attention"], "yes" if g["cache"] else "no", f"{g['prompt']} + {g['new_tokens']}",
             f"{g['tokens_per_s']:,.1f}"] for g in r["generation"]]  # fmt: skip
     train = [[t["model"], f"{t['params_total'] / 1e6:.2f}M", f"{t['peak_bytes'] / mb:.0f}", f"{t['bytes_per_param']:.1f}",
-              t["what"]] for t in r["training"]]  # fmt: skip
+              f"{1 / t['vs_nanokimi']:.2f}", t["what"]] for t in r["training"]]  # fmt: skip
     return "\n".join([
         f"kimi.bench memory: {r['config']} on {r['device']}, torch {r['torch']}", "",
         *md_table(["attention", "context", "KV bytes/token (bf16)", "cache MB (model dtype)", "measured MB"], kv), "",
         *md_table(["attention", "cache", "prompt + new", "tokens/s"], gen), "",
-        *md_table(["model", "params", "peak training MB", "bytes/param", "measured as"], train)])  # fmt: skip
+        *md_table(["model", "params", "peak training MB", "bytes/param", "nanokimi / this", "measured as"], train)])  # fmt: skip
 
 
 def main(args, overrides: list[str]) -> dict:

@@ -93,6 +93,13 @@ def active_non_embedding(cfg: Config) -> int:
         return KimiModel(cfg.model).num_active_params(non_embedding=True)
 
 
+def total_params(cfg: Config) -> int:
+    from kimi.model import KimiModel
+
+    with torch.device("meta"):
+        return KimiModel(cfg.model).num_params()
+
+
 def param_counts(cfg: Config) -> dict[str, int]:
     from kimi.model import KimiModel
 
@@ -110,13 +117,16 @@ def _width_overrides(cfg: Config, h: int) -> dict[str, Any]:
     return {"model": {"intermediate_size": dense}, "moe": {"expert_hidden": h}}
 
 
-def match_active(config_path: str | None, overrides: dict[str, Any], target: int, multiple: int = 8) -> dict[str, Any]:
-    """Overrides with the FFN width set so the active non-embedding count is closest to `target`.
-    The count is affine in the width h, so two evaluations give the line; h is rounded to `multiple`."""
+def match_active(
+    config_path: str | None, overrides: dict[str, Any], target: int, multiple: int = 8, measure=active_non_embedding
+) -> dict[str, Any]:
+    """Overrides with the FFN width set so `measure(cfg)` (default: the active non-embedding count) is
+    closest to `target`. Counts are affine in the width h, so two evaluations give the line; h is rounded
+    to `multiple`."""
     cfg = load_config(config_path, overrides)
 
     def count(h: int) -> int:
-        return active_non_embedding(load_config(config_path, _merge(overrides, _width_overrides(cfg, h))))
+        return measure(load_config(config_path, _merge(overrides, _width_overrides(cfg, h))))
 
     a, b = count(multiple), count(2 * multiple)
     slope = (b - a) / multiple
@@ -158,3 +168,13 @@ def matched_pair(config_path: str, overrides: list[str]) -> tuple[Config, Config
 
     variants, _ = build_variants(config_path, [1e-3], [], parse_overrides(overrides))
     return load_config(config_path, variants[1].overrides), load_config(config_path, variants[0].overrides)
+
+
+def baseline_at_total(config_path: str, overrides: list[str]) -> Config:
+    """The nanoGPT-equivalent with its MLP widened until its *total* params match nanoKimi's (the memory
+    claim's comparison: a dense model holding as many parameters as the MoE)."""
+    from kimi.config import parse_overrides
+
+    variants, _ = build_variants(config_path, [1e-3], [], parse_overrides(overrides))
+    target = total_params(load_config(config_path, variants[1].overrides))
+    return load_config(config_path, match_active(config_path, variants[0].overrides, target, measure=total_params))
