@@ -180,6 +180,15 @@ def test_compare_quick(tmp_path):
     found = client.search_runs([client.get_experiment_by_name("kimi-bench-compare").experiment_id])
     assert [run.info.run_name for run in found] == ["compare-summary"]
     assert found[0].data.metrics["kimi/final_val_loss"] == pytest.approx(res["rows"][2]["final_val_loss"])
+    # A recipe variant trained alone (--only, renamed by --tag) and tabled beside the first go's runs.
+    r = _cli("compare", "--quick", "--only", "kimi", "--tag", "fastbias", "--moe.bias_update_rate=0.01",
+             "--out", str(tmp_path / "tagged"))  # fmt: skip
+    assert r.returncode == 0 and "table them with --from-runs" in r.stdout, r.stderr[-2000:]
+    r = _cli("compare", "--from-runs", f"{tmp_path / 'runs.json'},{tmp_path / 'tagged' / 'runs.json'}", "--no-mlflow",
+             "--out", str(tmp_path / "both"))  # fmt: skip
+    rows = json.loads((tmp_path / "both" / "results.json").read_text())["rows"]
+    assert [row["variant"] for row in rows] == [*names, "kimi+fastbias"]
+    assert rows[-1]["final_val_loss"] != rows[2]["final_val_loss"]  # the override reached the training
 
 
 @pytest.mark.parametrize(

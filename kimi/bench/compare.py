@@ -269,7 +269,7 @@ def log_summary(out: Path, tracking_uri: str, rows: list[dict], files: list[Path
 def compare(config: str, steps: int, eval_every: int, eval_batches: int, baseline_lrs: list[float],
             seeds: list[int], ablations: list[str], out: Path, extra: list[str], mlflow: bool = True,
             tracking_uri: str | None = None, max_windows: int | None = None, jobs: int = 1, log=print,
-            only: list[str] = ()) -> dict | None:  # fmt: skip
+            only: list[str] = (), tag: str = "") -> dict | None:  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "runs").mkdir(exist_ok=True)
     if mlflow and tracking_uri is None:
@@ -281,6 +281,10 @@ def compare(config: str, steps: int, eval_every: int, eval_batches: int, baselin
         if unknown:
             raise ValueError(f"--only {','.join(unknown)}: not among {', '.join(v.name for v in variants)}")
         variants = [v for v in variants if v.name in only]
+    if tag:  # a recipe variant (the command line's overrides) tabled beside the plain runs: kimi -> kimi+tag
+        for v in variants:
+            if v.group != "nanogpt":
+                v.name, v.group, v.about = f"{v.name}+{tag}", f"{v.group}+{tag}", f"{v.about}; {' '.join(extra)}"
     log(f"compare: {len(variants)} variants at {target / 1e6:.3f}M active non-embedding params, seeds {seeds}")
     runs: list[dict] = []
     failed: list[str] = []
@@ -371,6 +375,8 @@ def add_args(p) -> None:
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--only", default="", help="comma-separated variant names to train (e.g. kimi,dense_muon); "
                    "the others only set the matched size. Table with --from-runs")  # fmt: skip
+    p.add_argument("--tag", default="", help="suffix for the non-baseline variants' names (kimi -> kimi+TAG): "
+                   "recipe changes given as overrides, tabled beside the plain runs")  # fmt: skip
 
 
 def main(args, overrides: list[str]) -> None:
@@ -396,4 +402,4 @@ def main(args, overrides: list[str]) -> None:
     seeds = [int(s) for s in args.seeds.split(",") if s]
     compare(config, steps, eval_every, eval_batches, lrs, seeds, abl, Path(args.out), overrides,
             mlflow=mlflow, tracking_uri=args.tracking_uri, max_windows=16 if args.quick else None,
-            jobs=args.jobs, only=[v for v in args.only.split(",") if v])  # fmt: skip
+            jobs=args.jobs, only=[v for v in args.only.split(",") if v], tag=args.tag)  # fmt: skip
