@@ -131,3 +131,22 @@ def test_partition_check_names_offenders():
 def test_muon_rejects_1d_in_muon_group():
     with pytest.raises(ValueError, match="AdamW group"):
         Muon([nn.Parameter(torch.randn(4))])
+
+
+def test_update_chunks_cut_by_size_in_shape_order_and_chunked_steps_are_identical():
+    from kimi.optim.muon import update_chunks
+
+    shapes = [(8, 8), (4, 16), (8, 8), (2, 8, 8), (4, 16), (30, 30)]
+    params = [nn.Parameter(torch.randn(s)) for s in shapes]
+    chunks = update_chunks(params, limit=130)
+    assert [[tuple(p.shape) for p in c] for c in chunks] == [
+        [(2, 8, 8)], [(4, 16), (4, 16)], [(8, 8), (8, 8)], [(30, 30)]]  # fmt: skip
+    assert sum(len(c) for c in chunks) == len(params)
+    # One chunk per parameter steps like one chunk for all (fp32 Newton-Schulz; batched vs single matmuls
+    # round differently, as in test_ns_3d_batched_equals_per_matrix_loop).
+    twins = [nn.Parameter(p.detach().clone()) for p in params]
+    grads = _grads(shapes, 3, seed=7)
+    _run(Muon(params, lr=0.02, ns_dtype=torch.float32), params, grads)
+    _run(Muon(twins, lr=0.02, ns_dtype=torch.float32, chunk_numel=1), twins, grads)
+    for a, b in zip(params, twins):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)

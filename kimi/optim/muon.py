@@ -33,6 +33,29 @@ def muon_lr_scale(shape: torch.Size) -> float:
     return 0.2 * math.sqrt(max(shape[-2], shape[-1]))
 
 
+# Muon parameters per Newton-Schulz chunk, by global element count (8M: 32 MB of fp32 updates).
+CHUNK_NUMEL = 1 << 23
+
+
+def update_chunks(params: list[Tensor], limit: int) -> list[list[Tensor]]:
+    """`params` ordered by (shape, position) and cut into runs of at most `limit` elements (a larger
+    parameter is a chunk of its own). Depends only on global shapes, so every rank cuts alike, which the
+    distributed Newton-Schulz (one collective per chunk) needs."""
+    flat = [[p] for p in params if hasattr(p, "flat_shard")]  # ZeRO partitions: alone, in their own order
+    rest = [p for p in params if not hasattr(p, "flat_shard")]
+    order = sorted(range(len(rest)), key=lambda i: (tuple(rest[i].shape), i))
+    chunks: list[list[Tensor]] = flat
+    size = limit
+    for i in order:
+        n = rest[i].numel()  # a DTensor's numel is its global count
+        if size + n > limit:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(rest[i])
+        size += n
+    return chunks
+
+
 def _local(t: Tensor) -> Tensor:
     """The rank-local data of a DTensor (a view: in-place ops write through), or the tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t
@@ -46,6 +69,8 @@ class Muon(torch.optim.Optimizer):
 
     `ns_dtype`: Newton-Schulz compute (and, when distributed, communication) dtype; None: bf16 on CUDA and
     on CPUs with native bf16 matmuls, fp32 elsewhere (newton_schulz.default_ns_dtype).
+    `chunk_numel`: Muon parameters are updated in chunks of about this many elements (`update_chunks`),
+    which bounds the step's temporary memory.
     """
 
     def __init__(
@@ -59,6 +84,7 @@ class Muon(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         ns_dtype: torch.dtype | None = None,
+        chunk_numel: int = CHUNK_NUMEL,
     ):
         if lr < 0 or weight_decay < 0 or not 0 <= momentum < 1:
             raise ValueError(
@@ -68,6 +94,7 @@ class Muon(torch.optim.Optimizer):
                         betas=tuple(betas), eps=eps, use_muon=True)  # fmt: skip
         super().__init__(params, defaults)
         self.ns_dtype = ns_dtype
+        self.chunk_numel = chunk_numel
         for group in self.param_groups:
             for p in group["params"]:
                 if group["use_muon"] and p.ndim < 2:
@@ -90,25 +117,27 @@ class Muon(torch.optim.Optimizer):
 
     def _muon_step(self, group: dict) -> None:
         lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
-        params, updates = [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p.grad)  # a DTensor when p is: checkpoints reshard
-            g, buf = _local(p.grad), _local(state["momentum_buffer"])
-            # EMA momentum (torch.optim.Muon's form); Moonlight's buf = m*buf + g differs by a constant
-            # factor (1 - m) that Newton-Schulz's normalisation removes.
-            buf.lerp_(g, 1 - mom)
-            params.append(p)
-            updates.append(g.lerp(buf, mom) if group["nesterov"] else buf)
-        orthos = orthogonalize(params, updates, steps=group["ns_steps"], dtype=self.ns_dtype)
-        for p, o in zip(params, orthos):
-            p_local = _local(p)
-            p_local.mul_(1 - lr * wd)
-            scale = 1.0 if hasattr(p, "flat_shard") else muon_lr_scale(p.shape)  # p.shape: global shape
-            p_local.add_(o.to(p_local.dtype), alpha=-lr * scale)
+        params = [p for p in group["params"] if p.grad is not None]
+        # In chunks of similar shapes, so the Nesterov copies, stacks and Newton-Schulz temporaries of one
+        # chunk are alive at a time (peak memory), while same-shape matrices still share batched calls.
+        for chunk in update_chunks(params, self.chunk_numel):
+            updates = []
+            for p in chunk:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)  # a DTensor when p is: checkpoints reshard
+                g, buf = _local(p.grad), _local(state["momentum_buffer"])
+                # EMA momentum (torch.optim.Muon's form); Moonlight's buf = m*buf + g differs by a constant
+                # factor (1 - m) that Newton-Schulz's normalisation removes.
+                buf.lerp_(g, 1 - mom)
+                updates.append(g.lerp(buf, mom) if group["nesterov"] else buf)
+            orthos = orthogonalize(chunk, updates, steps=group["ns_steps"], dtype=self.ns_dtype)
+            del updates
+            for p, o in zip(chunk, orthos):
+                p_local = _local(p)
+                p_local.mul_(1 - lr * wd)
+                scale = 1.0 if hasattr(p, "flat_shard") else muon_lr_scale(p.shape)  # p.shape: global shape
+                p_local.add_(o.to(p_local.dtype), alpha=-lr * scale)
 
     def _adamw_step(self, group: dict) -> None:
         lr, wd, (beta1, beta2), eps = group["lr"], group["weight_decay"], group["betas"], group["eps"]
