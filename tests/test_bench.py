@@ -14,7 +14,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimi.bench.compare import full_split_loss, tokens_to_reach
-from kimi.bench.variants import baseline_at_total, build_variants, matched_pair, nanogpt_overrides, param_counts
+from kimi.bench.variants import (
+    _merge,
+    _width_overrides,
+    baseline_at_total,
+    build_variants,
+    matched_pair,
+    nanogpt_overrides,
+    param_counts,
+)
 from kimi.config import ConfigError, load_config
 from kimi.data.dataset import ToyDataset
 from kimi.model import KimiModel
@@ -101,7 +109,12 @@ def test_variants_match_active_non_embedding_params():
         cfg = load_config(BYTE, v.overrides)
         assert (cfg.model.n_layer, cfg.model.n_embd) == (6, 384), v.name
         active = param_counts(cfg)["params_active_non_embedding"]
-        assert abs(active - target) / target < 0.01, (v.name, active, target)  # FFN width rounded to 8
+        # The FFN width is rounded to 8: the count lands within half of what 8 more units would add (with
+        # 8 active experts + 1 shared that is ~2% of the target, with top-2 under 1%).
+        h = cfg.model.moe.expert_hidden if cfg.model.moe.use_moe else cfg.model.intermediate_size
+        wider = _merge(v.overrides, _width_overrides(cfg, h + 8))  # the FFN widths kimi.bench solves, +8
+        step = param_counts(load_config(BYTE, wider))["params_active_non_embedding"] - active
+        assert 0 < step < 0.05 * target and abs(active - target) <= step / 2, (v.name, active, target, step)
     kimi = param_counts(load_config(BYTE, variants[3].overrides))
     assert kimi["params_total"] > 2 * kimi["params_active"]  # the MoE holds more than it uses per token
 
