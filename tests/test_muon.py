@@ -150,3 +150,14 @@ def test_update_chunks_cut_by_size_in_shape_order_and_chunked_steps_are_identica
     _run(Muon(twins, lr=0.02, ns_dtype=torch.float32, chunk_numel=1), twins, grads)
     for a, b in zip(params, twins):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+
+
+def test_optim_ns_dtype_reaches_the_optimizer():
+    from kimi.config import ConfigError, OptimConfig
+
+    model = nn.Linear(8, 8, bias=False)
+    assert build_optimizer(model, OptimConfig(ns_dtype="fp32")).ns_dtype == torch.float32
+    assert build_optimizer(model, OptimConfig(ns_dtype="bf16")).ns_dtype == torch.bfloat16
+    assert build_optimizer(model, OptimConfig()).ns_dtype is None  # auto: newton_schulz.default_ns_dtype decides
+    with pytest.raises(ConfigError, match="optim.ns_dtype='fp16' is not one of"):
+        build_optimizer(model, OptimConfig(ns_dtype="fp16"))
