@@ -535,3 +535,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
 def config_from_dict(tree: dict[str, Any]) -> Config:
     """Rebuild a Config from `Config.to_dict()` (e.g. the copy stored in a checkpoint)."""
     return from_dict(Config, _normalise(tree)).validate()
+
+
+def merge_dicts(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` merged into a copy of `base`, recursively for nested dicts."""
+    return _merge(base, over)
+
+
+def flatten_dict(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten_dict(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_help() -> str:
+    """Every config field with its type, default and doc (placeholder until the config library lands)."""
+    return ""

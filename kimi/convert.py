@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             torch.save({"config": Config(model=cfg).to_dict(), "model": sd}, args.out)
         else:
-            from kimi.checkpoint import load_weights
+            from kimi.engine import load_weights
 
             if Path(args.out).exists() and not Path(args.out).is_dir():
                 raise ConvertError(f"OUT_DIR '{args.out}' is an existing file; give a directory (new or existing)")

@@ -6,7 +6,6 @@ python -m kimi.evaluate --checkpoint out/nano --data data/shakespeare [--split v
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 import torch
@@ -22,34 +21,30 @@ class ModelEvaluator:
         self.batch_size = batch_size
         self.num_batches = num_batches
 
-    @torch.no_grad()
     def evaluate_perplexity(self, model: torch.nn.Module, dataset) -> dict[str, float]:
+        """Loss over `num_batches` fixed, evenly spaced batches of `dataset` (kimi.trainer.validator.evaluate)."""
+        from kimi.trainer.validator import evaluate
+
         if dataset.vocab_size > model.config.vocab_size:
             raise ValueError(
                 f"the dataset's vocabulary ({dataset.vocab_size}) is larger than the model's "
                 f"({model.config.vocab_size}); evaluate with data prepared for this model"
             )
-        was_training = model.training
-        model.eval()
         device = next(model.parameters()).device
-        total, tokens = 0.0, 0
-        for x, y in dataset.eval_batches(self.num_batches, self.batch_size):
-            x, y = x.to(device), y.to(device)
-            out = model(x, y)
-            total += out.ce_loss.item() * y.numel()
-            tokens += y.numel()
-        model.train(was_training)
-        loss = total / max(1, tokens)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": tokens}
+        return evaluate(model, dataset.eval_batches(self.num_batches, self.batch_size), device)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m kimi.evaluate", description="Loss and perplexity of a checkpoint.")
+    p = argparse.ArgumentParser(
+        prog="python -m kimi.evaluate",
+        description="Loss and perplexity of a checkpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--checkpoint", required=True, help="a step dir, OUT/checkpoints/latest, or a run's OUT dir")
     p.add_argument("--data", required=True, help="a directory written by python -m kimi.prepare")
     p.add_argument("--split", default="val", choices=["train", "val"])
-    p.add_argument("--batches", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batches", type=int, default=20, help="fixed, evenly spaced batches to score")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per batch")
     args = p.parse_args(argv)
     try:
         for flag, v in (("--batches", args.batches), ("--batch-size", args.batch_size)):

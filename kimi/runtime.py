@@ -12,25 +12,38 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from kimi.config import Config
+from kimi.config import ParallelConfig, TrainConfig
 
 # Dense bf16 peak of common accelerators, for the MFU estimate (FLOP/s).
 _GPU_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
 
 
-def peak_flops(device: torch.device) -> float:
-    """Peak FLOP/s of one device, for MFU. CPU: cores x ~32 fp32 FLOP/cycle (AVX2 FMA) x clock,
-    a rough upper bound that makes MFU comparable between runs, not across machines."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((v for k, v in _GPU_PEAK.items() if k in name), 0.0)
-    try:
-        import psutil
+def datasheet_peak_flops(device: torch.device) -> float:
+    """Dense bf16 datasheet peak of one GPU (0.0 when unknown, and on CPU, which has no such figure)."""
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in _GPU_PEAK.items() if k in name), 0.0)
 
-        freq = (psutil.cpu_freq().max or psutil.cpu_freq().current) * 1e6
-    except Exception:
-        freq = 2.5e9
-    return torch.get_num_threads() * 32 * freq
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, reps: int = 5) -> float:
+    """Best FLOP/s of an n x n x n matmul (2 n^3 FLOPs) over `reps` timed runs after one warm-up."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = sync_time(device)
+        a @ b
+        best = min(best, sync_time(device) - t0)
+    return 2 * n**3 / best
+
+
+def sync_time(device: torch.device) -> float:
+    """perf_counter after the device has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 @dataclass
@@ -79,12 +92,6 @@ class Runtime:
         mean, raised, bad_norms, norm_ = torch.cat([t, norm]).tolist()  # the local norm rides along unreduced
         return mean, norm_, raised > 0, bad_norms == 0
 
-    def clip_grad_norm(self, params, max_norm: float) -> torch.Tensor:
-        """Clip in place; the global norm before clipping as a device scalar (no host sync here)."""
-        from kimi.optim.grad_clip import clip_grad_norm_
-
-        return clip_grad_norm_(list(params), max_norm if max_norm > 0 else float("inf"))
-
     def max_logit_stats(self, model) -> dict:
         """Max attention logit of this step when QK-clip is off (for logging only)."""
         layers = model.attention_layers()
@@ -98,20 +105,28 @@ class Runtime:
 
     def sync_time(self) -> float:
         """perf_counter after the device has finished its queued work (for profiling only)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
+        return sync_time(self.device)
+
+    def autocast(self):
+        """The forward's precision context: bf16 autocast when train.dtype asks for it, else fp32."""
+        if self.amp_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.barrier()
 
 
-def setup_runtime(cfg: Config) -> Runtime:
-    """Device and process group from the environment (torchrun sets RANK/WORLD_SIZE/LOCAL_RANK)."""
+def setup_runtime(
+    train: TrainConfig, parallel: ParallelConfig, num_experts: int, group_at_world_1: bool = False
+) -> Runtime:
+    """Device and process group from the environment (torchrun sets RANK/WORLD_SIZE/LOCAL_RANK).
+    `num_experts` (0 for a dense model) shapes the mesh; `group_at_world_1` creates a one-process group
+    (in-memory store) when the engine needs one even alone (kimi.engine.Engine.needs_process_group)."""
     from kimi.parallel import ParallelDims, build_mesh, init_distributed
 
-    want = cfg.train.device
+    want = train.device
     use_cuda = torch.cuda.is_available() if want == "auto" else want == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise ValueError("train.device=cuda but no CUDA device is visible; use --train.device=cpu")
@@ -120,22 +135,19 @@ def setup_runtime(cfg: Config) -> Runtime:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    dims = ParallelDims.from_config(cfg.parallel, world, cfg.model.moe.num_experts if cfg.model.moe.use_moe else 0)
+    dims = ParallelDims.from_config(parallel, world, num_experts)
     rank, mesh, dp_group = 0, None, None
     if world > 1:
-        rank, world, local_rank = init_distributed(cfg.parallel.backend, "cuda" if use_cuda else "cpu")
+        rank, world, local_rank = init_distributed(parallel.backend, "cuda" if use_cuda else "cpu")
         mesh = build_mesh(dims, device.type)
         dp_group = dist.group.WORLD  # every rank is a data-parallel rank (EP borrows from FSDP's ranks)
-    if dtype_is_bf16(cfg, use_cuda):
-        amp = torch.bfloat16
-    else:
-        amp = None
+    elif group_at_world_1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", str(local_rank))):
+            os.environ.setdefault(k, v)  # DeepSpeed reads the launcher's variables even then
+    # CPU default stays fp32: bf16 autocast measured no faster on this project's CPU (docs/training.md).
+    amp = torch.bfloat16 if train.dtype == "bf16" or (train.dtype == "auto" and use_cuda) else None
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return Runtime(rank, world, local_rank, device, amp, mesh, dp_group)
-
-
-def dtype_is_bf16(cfg: Config, use_cuda: bool) -> bool:
-    # CPU default stays fp32: bf16 autocast measured no faster on this project's CPU (docs/training.md).
-    return cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and use_cuda)

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from kimi.checkpoint import Checkpointer, CheckpointError, load_model_state, verify
+from kimi.checkpoint import CheckpointError, CheckpointStore, verify
 from kimi.config import load_config
-from kimi.train import UserError, train
+from kimi.engine import read_model_state as load_model_state
+from kimi.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs" / "debug.yaml"
@@ -49,7 +50,7 @@ def _train(out: Path, *extra: str) -> dict:
 
 # ----------------------------------------------------------------------------- kill during save
 
-# The points of Checkpointer.save where the hook KIMI_TEST_PAUSE_IN_SAVE=<phase>@<step> holds the process:
+# The points of CheckpointStore.save where the hook KIMI_TEST_PAUSE_IN_SAVE=<phase>@<step> holds the process:
 # tmp dir made | every rank's files written | meta.json written | renamed to step_N | `latest` swapped.
 PHASES = ["tmp", "shards", "meta", "renamed", "linked"]
 
@@ -82,7 +83,7 @@ def test_sigkill_at_every_point_of_a_save_loses_nothing(tmp_path):
         for i, phase in enumerate(PHASES):
             step = 2 * (i + 1)  # each run resumes from an earlier step (or 0) and dies saving this one
             _kill_during_save(out, args, phase, step, tmp_path / f"kill_{phase}.log")
-            latest = Checkpointer(ckpts).latest()
+            latest = CheckpointStore(ckpts).latest()
             if latest is not None:  # whatever the kill left, the checkpoint `latest` names is whole
                 verify(latest)
         res = _cli(out, *args)
@@ -119,12 +120,12 @@ def test_missing_or_dangling_latest_resumes_from_the_newest_step(tmp_path):
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_000002", "step_000004", "step_000006"]
     # `latest` pointing to a deleted directory: the same (library-level, no process needed).
     shutil.rmtree(ckpts / "step_000006")
-    assert not (ckpts / "latest").exists() and Checkpointer(ckpts).latest().name == "step_000004"
+    assert not (ckpts / "latest").exists() and CheckpointStore(ckpts).latest().name == "step_000004"
     assert load_model_state(ckpts / "latest")[0]["train"]["max_steps"] == 4  # step_000004 was written by then
-    # Step directories that cannot be read are never trained over from step 0 (a UserError: one line).
+    # Step directories that cannot be read are never trained over from step 0 (a CheckpointError: one line).
     for p in ckpts.glob("step_*"):
         (p / "meta.json").unlink()
-    with pytest.raises(UserError, match="none is complete .*step_000002"):
+    with pytest.raises(CheckpointError, match="none is complete .*step_000002"):
         _train(out, "--train.max_steps=6")
 
 
@@ -150,7 +151,7 @@ def test_corrupt_or_missing_checkpoint_files_are_refused(tmp_path):
         _train(out, "--train.max_steps=6")
     # The advice works: with the bad step moved away, the run resumes from the older one.
     shutil.move(step4, tmp_path / "bad_step")
-    assert Checkpointer(ckpts).latest().name == "step_000002"
+    assert CheckpointStore(ckpts).latest().name == "step_000002"
     # Old checkpoints (no checksums) still load; a missing file is named with what to do.
     meta = json.loads((ckpts / "step_000002" / "meta.json").read_text())
     del meta["checksums"]
@@ -210,7 +211,7 @@ def test_disk_full_during_a_checkpoint(tmp_path):
         res = _cli(out, "--train.max_steps=4")
         _one_error_line(res, "checkpoint at step 4 could not be written (No space left on device)", "step_000002")
         ckpts = out / "checkpoints"
-        assert not list(ckpts.glob("*.tmp")) and Checkpointer(ckpts).latest().name == "step_000002"
+        assert not list(ckpts.glob("*.tmp")) and CheckpointStore(ckpts).latest().name == "step_000002"
         (fs / "ballast").unlink()
         _train(out, "--train.max_steps=4")  # the run goes on from the last good step
         assert [r["step"] for r in _rows(out)] == [1, 2, 3, 4]

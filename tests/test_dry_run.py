@@ -27,19 +27,20 @@ def test_medium_dry_run_prints_the_plan():
 
 def test_deepspeed_memory_zero2_partitions_gradients():
     cfg = load_config(ROOT / "configs" / "medium.yaml", ["--parallel.dp_shard=8", "--parallel.ep=8"])
-    z1 = memory_plan(cfg, 8)["deepspeed"]
+    z1 = memory_plan(cfg, 8)["engines"]["deepspeed"]
     cfg.parallel.zero_stage = 2
-    z2 = memory_plan(cfg, 8)["deepspeed"]
+    z2 = memory_plan(cfg, 8)["engines"]["deepspeed"]
     assert z2["grads"] < z1["grads"] / 4 and z2["params"] == z1["params"]
 
 
 def test_memory_shrinks_with_more_shards():
     p8 = memory_plan(load_config(ROOT / "configs" / "medium.yaml", ["--parallel.dp_shard=8", "--parallel.ep=8"]), 8)
     p16 = memory_plan(load_config(ROOT / "configs" / "medium.yaml", ["--parallel.dp_shard=16", "--parallel.ep=8"]), 16)
-    assert p16["grads"] < p8["grads"] and p16["optim"] < p8["optim"]
+    f8, f16 = p8["engines"]["fsdp2"], p16["engines"]["fsdp2"]
+    assert f16["grads"] < f8["grads"] and f16["optim"] < f8["optim"]
     assert p8["total"] == p16["total"]
     # Grads are fp32 shards of every parameter: total * 4 bytes / dp_shard.
-    assert abs(p8["grads"] - p8["total"] * 4 / 8) < 1
+    assert abs(f8["grads"] - p8["total"] * 4 / 8) < 1
 
 
 def test_layout_error_is_one_line():

@@ -54,6 +54,14 @@ def _cfg(out, engine="fsdp2", *extra):
     )
 
 
+def _runtime(cfg):
+    from kimi.engine import engine_class
+    from kimi.runtime import setup_runtime
+
+    experts = cfg.model.moe.num_experts if cfg.model.moe.use_moe else 0
+    return setup_runtime(cfg.train, cfg.parallel, experts, engine_class(cfg.parallel.engine).needs_process_group)
+
+
 def _build(cfg, rt):
     from kimi.data.dataset import BatchIterator, build_dataset
     from kimi.engine import build_engine
@@ -67,7 +75,7 @@ def _build(cfg, rt):
 
 
 def _train(engine, batches, rt, steps):
-    """The loop's calls to the engine (kimi/train.py train_step). Returns (losses, grad norms)."""
+    """The trainer's calls to the engine (kimi/train.py train_step). Returns (losses, grad norms)."""
     from kimi.parallel import update_router_bias
 
     losses, norms = [], []
@@ -78,7 +86,7 @@ def _train(engine, batches, rt, steps):
             out = engine.model(x, y)
             engine.backward(out.loss, i, len(micro))
             loss += out.ce_loss.detach()
-        norms.append(engine.clip_grad_norm().item())
+        norms.append(engine.grad_norm().item())
         engine.step()
         update_router_bias(engine.raw_model)
         losses.append(rt.all_reduce_mean(loss / len(micro)).item())
@@ -97,13 +105,13 @@ def _params(engine, ep_rank, ep):
 
 
 def _all(rank, world, tmp):
-    from kimi.runtime import setup_runtime
+    from kimi.checkpoint import Checkpointer
 
     res = {}
     for optim in ("muon", "adamw"):
         for engine, stage in ENGINES:
             cfg = _cfg(f"{tmp}/{optim}", engine, f"--optim.name={optim}", f"--parallel.zero_stage={stage}")
-            rt = setup_runtime(cfg)
+            rt = _runtime(cfg)
             eng, batches = _build(cfg, rt)
             initial = _params(eng, rank, 2)
             losses, norms = _train(eng, batches, rt, STEPS)
@@ -111,24 +119,25 @@ def _all(rank, world, tmp):
 
     # Checkpoint round trip (ZeRO-2, Muon): save after 2 steps, train 1 more; a fresh engine loads and repeats it.
     cfg = _cfg(f"{tmp}/ckpt", "deepspeed", "--parallel.zero_stage=2")
-    rt = setup_runtime(cfg)
+    rt = _runtime(cfg)
     eng, batches = _build(cfg, rt)
     _train(eng, batches, rt, 2)
-    state = {"step": 2, "scheduler": eng.scheduler.state_dict(), "data": batches.state_dict()}
-    saved = eng.save(2, state, cfg.to_yaml(), {"val_loss": None})
+    saved = Checkpointer(cfg, eng, {"scheduler": eng.schedule_state, "data": batches}).save(2, last=True)
     after = _train(eng, batches, rt, 1), _params(eng, rank, 2)
     eng2, batches2 = _build(cfg, rt)
     with torch.no_grad():  # whatever the fresh engine holds must be replaced by the load
         for p in eng2.raw_model.parameters():
             p.add_(0.5)
-    train_state, meta = eng2.load(eng2.latest())
-    eng2.scheduler.load_state_dict(train_state["scheduler"])
-    batches2.load_state_dict(train_state["data"])
+    ckpt2 = Checkpointer(cfg, eng2, {"scheduler": eng2.schedule_state, "data": batches2})
+    train_state = ckpt2.load()
+    meta = json.loads((saved / "meta.json").read_text())
     resumed = _train(eng2, batches2, rt, 1), _params(eng2, rank, 2)
-    res["ckpt"] = (after, resumed, meta, sorted(p.name for p in saved.iterdir()), eng2.latest() == saved)
-    other, _ = _build(_cfg(f"{tmp}/ckpt", "fsdp2"), rt)
+    res["ckpt"] = (after, resumed, meta, sorted(p.name for p in saved.iterdir()), ckpt2.latest() == saved)
+    res["ckpt_step"] = train_state["step"]
+    other_cfg = _cfg(f"{tmp}/ckpt", "fsdp2")
+    other, other_batches = _build(other_cfg, rt)
     try:
-        other.load(other.latest())
+        Checkpointer(other_cfg, other, {"scheduler": other.schedule_state, "data": other_batches}).load()
         res["wrong_engine"] = None
     except CheckpointError as e:
         res["wrong_engine"] = str(e)
@@ -139,7 +148,7 @@ def _all(rank, world, tmp):
         user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 123456}}))
     torch.distributed.barrier()
     cfg = _cfg(f"{tmp}/json", "deepspeed", "--parallel.zero_stage=2", f"--parallel.deepspeed_config={user}")
-    eng, batches = _build(cfg, rt := setup_runtime(cfg))
+    eng, batches = _build(cfg, rt := _runtime(cfg))
     res["json"] = (eng.ds.optimizer.reduce_bucket_size, eng.ds.zero_optimization_stage())
 
     # A skipped step (train.nonfinite=skip) under ZeRO-2: NaN gradients on one rank; the norm says so on
@@ -148,7 +157,7 @@ def _all(rank, world, tmp):
     _train(eng, batches, rt, 1)  # the optimizer holds state by now
 
     def snapshot():
-        state = [v.clone() for st in eng.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+        state = [v.clone() for st in eng._optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
         return [p.detach().clone() for p in eng.raw_model.parameters()] + [
             m.clone() for m in zero.single_partition_of_fp32_groups] + state  # fmt: skip
 
@@ -159,12 +168,12 @@ def _all(rank, world, tmp):
 
     before, micro = snapshot(), batches.next_step()
     backward(micro, nan_on_rank1=True)
-    nan_norm = eng.clip_grad_norm()
+    nan_norm = eng.grad_norm()
     eng.skip()
     norms = []
     for _ in range(2):  # finite gradients, skipped twice: nothing stepped, nothing left over
         backward(micro)
-        norms.append(eng.clip_grad_norm().item())
+        norms.append(eng.grad_norm().item())
         eng.skip()
     unchanged = all(torch.equal(a, b) for a, b in zip(before, snapshot()))
     res["skip"] = (nan_norm.isfinite().item(), unchanged, len(before), norms)
@@ -284,16 +293,14 @@ def test_user_json_cannot_bring_zero3_or_its_own_optimizer(tmp_path):
         (tmp_path / "ds.json").write_text(json.dumps(bad))
         cfg = _cfg(tmp_path, "deepspeed", f"--parallel.deepspeed_config={tmp_path / 'ds.json'}")
         with pytest.raises(ConfigError, match=msg):
-            ds_config(cfg, world=2, bf16=False)
+            ds_config(cfg.optim, cfg.parallel, cfg.train, world=2, bf16=False)
 
 
 def _one_process(rank, world, tmp):
-    from kimi.runtime import setup_runtime
-
     res = {}
     for engine in ("fsdp2", "deepspeed"):  # deepspeed makes its own one-rank process group
         cfg = _cfg(tmp, engine, "--parallel.ep=1")
-        rt = setup_runtime(cfg)
+        rt = _runtime(cfg)
         eng, batches = _build(cfg, rt)
         res[engine] = _train(eng, batches, rt, STEPS), _params(eng, 0, 1)
     return res

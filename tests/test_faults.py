@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kimi.checkpoint import load_model_state
 from kimi.config import load_config
-from kimi.nonfinite import NONFINITE_EXIT_CODE
+from kimi.engine import read_model_state as load_model_state
 from kimi.train import REQUEUE_EXIT_CODE, train
+from kimi.trainer.nonfinite import NONFINITE_EXIT_CODE
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "configs" / "debug.yaml"
@@ -120,25 +120,21 @@ def _nan_at(step: int, micro_per_step: int):
     return hook
 
 
-def test_skipped_step_leaves_the_state_untouched(tmp_path, monkeypatch):
+def test_skipped_step_leaves_the_state_untouched(tmp_path):
     """With NaN injected into step 3 of 3, the step-3 checkpoint must equal the step-2 checkpoint of the
     same run without the NaN (weights, Muon/AdamW state, router biases), with the data one step on."""
-    import kimi.train as kt
+    from kimi.train import Hooks
 
     def cfg(out, *extra):
         return load_config(DEBUG, [f"--train.out_dir={out}", "--logging.mlflow=false", *BASE[3:], *extra])
 
     ref, nan = tmp_path / "ref", tmp_path / "nan"
     train(cfg(ref, "--train.max_steps=3", "--train.ckpt_interval=1", "--train.keep_last=3"))
-    build = kt.build
 
-    def build_with_nan(c, rt):
-        run = build(c, rt)
-        run.raw_model.embed_tokens.register_forward_hook(_nan_at(3, micro_per_step=2))
-        return run
+    def nan_at_step_3(trainer):
+        trainer.raw_model.embed_tokens.register_forward_hook(_nan_at(3, micro_per_step=2))
 
-    monkeypatch.setattr(kt, "build", build_with_nan)
-    row = train(cfg(nan, "--train.max_steps=3", "--train.nonfinite=skip"))
+    row = train(cfg(nan, "--train.max_steps=3", "--train.nonfinite=skip"), hooks=Hooks(on_build=nan_at_step_3))
     assert row["nonfinite_skips"] == 1 and row["loss"] != row["loss"]
     a, b = _full_state(ref / "checkpoints" / "step_000002"), _full_state(nan / "checkpoints" / "step_000003")
     assert a.keys() == b.keys() and any("expert_bias" in k for k in a) and any(k.startswith("optim.") for k in a)
@@ -151,21 +147,16 @@ def test_skipped_step_leaves_the_state_untouched(tmp_path, monkeypatch):
 
 
 def _nan_on_rank1(rank: int, world: int, out: str) -> tuple[int, float]:
-    import kimi.train as kt
+    from kimi.train import Hooks
 
-    build = kt.build
-
-    def build_with_nan(c, rt):
-        run = build(c, rt)
+    def nan_on_rank1(trainer):
         if rank == 1:  # accumulation 1 on 2 ranks: one forward per step
-            run.raw_model.embed_tokens.register_forward_hook(_nan_at(2, micro_per_step=1))
-        return run
+            trainer.raw_model.embed_tokens.register_forward_hook(_nan_at(2, micro_per_step=1))
 
-    kt.build = build_with_nan
     cfg = load_config(
         DEBUG, [f"--train.out_dir={out}", *BASE[2:], "--train.max_steps=3", "--train.nonfinite=skip", "--parallel.ep=2"]
     )
-    row = kt.train(cfg)
+    row = train(cfg, hooks=Hooks(on_build=nan_on_rank1))
     return row["nonfinite_skips"], row["loss"]
 
 

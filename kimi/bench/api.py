@@ -4,21 +4,22 @@
     res = NanoGPTComparison(steps=200).compare_models(kimi_model, gpt_model, dataset, val_dataset)
     res["kimi"]["val_loss"], res["gpt"]["val_loss"], res["speedup_tokens"]
 
-Both models are trained from their current weights on the same windows of `dataset` (window j of step s
-is a function of (seed, s, j)), each with its own optimizer recipe (nanoKimi: Muon + QK-clip + the
-aux-loss-free bias update; GPT: AdamW as nanoGPT), then scored on the whole of `val_dataset` (default:
-`dataset`) in non-overlapping windows. `python -m kimi.bench compare` is the full harness (separate
-processes, lr sweep, seeds, ablations, tables, plots, MLflow); this is its in-process core.
+Both models are trained from their current weights by the real trainer (kimi.train: the engine, the
+router-bias hook, QK-clip, the same step `python -m kimi.train` runs) on the same windows of `dataset`
+(window j of step s is a function of (seed, s, j)), each with its own optimizer recipe (nanoKimi: Muon +
+QK-clip; GPT: AdamW as nanoGPT). The curve is the trainer's validation on fixed, evenly spaced windows of
+`val_dataset` (default: `dataset`); the final loss scores the whole of `val_dataset` in non-overlapping
+windows. `python -m kimi.bench compare` is the full harness (separate processes, lr sweep, seeds,
+ablations, tables, plots, MLflow); this is its in-process core.
 """
 
 from __future__ import annotations
 
-import time
-
-import torch
+import shutil
+import tempfile
 
 from kimi.bench.compare import full_split_loss, tokens_to_reach
-from kimi.config import OptimConfig
+from kimi.config import Config, DataConfig, LoggingConfig, OptimConfig, TrainConfig
 
 
 def _nanogpt_optim() -> OptimConfig:
@@ -35,37 +36,44 @@ class NanoGPTComparison:
 
     def train(self, model, optim_cfg: OptimConfig, dataset, val_dataset) -> dict:
         """Train `model` in place for self.steps; returns its curve, time and final whole-split loss."""
-        from kimi.optim import QKClip, build_optimizer, build_scheduler, clip_grad_norm_
-        from kimi.parallel.utils import update_router_bias
+        from kimi.train import Hooks, train
 
         device = next(model.parameters()).device
-        opt = build_optimizer(model, optim_cfg)
-        sched = build_scheduler(opt, optim_cfg, self.steps)
-        qk_clip = QKClip(model.attention_layers(), optim_cfg.qk_clip_tau) if optim_cfg.qk_clip else None
-        probe = val_dataset.eval_batches(1, self.eval_windows)[0]  # the fixed windows the curve is measured on
-        curve, train_s = [], 0.0
-        model.train()
-        for step in range(self.steps):
-            t0 = time.perf_counter()
-            x, y = dataset.get_batch(step, 0, self.batch_size)
-            model(x.to(device), y.to(device)).loss.backward()
-            clip_grad_norm_(model.parameters(), optim_cfg.grad_clip)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            if qk_clip:
-                qk_clip.step()
-            update_router_bias(model)
-            train_s += time.perf_counter() - t0
-            if (step + 1) % self.eval_every == 0 or step + 1 == self.steps:
-                with torch.no_grad():
-                    model.eval()
-                    loss = model(probe[0].to(device), probe[1].to(device)).ce_loss.item()
-                    model.train()
-                curve.append(((step + 1) * self.batch_size * dataset.block_size, loss))
+        out = tempfile.mkdtemp(prefix="kimi-compare-")
+        # eval_batches x batch_size evenly spaced windows: eval_windows of them when it divides
+        eval_batches = max(1, -(-self.eval_windows // self.batch_size))
+        cfg = Config(
+            model=model.config,
+            optim=optim_cfg,
+            train=TrainConfig(
+                max_steps=self.steps,
+                global_batch_size=self.batch_size,
+                micro_batch_size=self.batch_size,
+                eval_interval=self.eval_every,
+                eval_batches=eval_batches,
+                log_interval=self.steps,
+                out_dir=out,
+                resume=False,
+                device=device.type,
+                seed=dataset.seed,
+            ),  # fmt: skip
+            data=DataConfig(block_size=dataset.block_size),
+            logging=LoggingConfig(mlflow=False),
+        )
+        curve, train_s = [], [0.0]
+
+        def on_step(step: int, row: dict) -> None:
+            train_s[0] += row["step_time_s"]
+            if "val_loss" in row:
+                curve.append((step * self.batch_size * dataset.block_size, row["val_loss"]))
+
+        try:
+            train(cfg, hooks=Hooks(on_step=on_step), model=model, train_set=dataset, val_set=val_dataset)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
         final = full_split_loss(model, val_dataset)
         return {"params_total": model.num_params(), "params_active_non_embedding":
-                model.num_active_params(non_embedding=True), "curve": curve, "train_time_s": train_s,
+                model.num_active_params(non_embedding=True), "curve": curve, "train_time_s": train_s[0],
                 "val_loss": final["loss"], "val_perplexity": final["perplexity"]}  # fmt: skip
 
     def compare_models(self, kimi_model, gpt_model, dataset, val_dataset=None) -> dict:
@@ -76,3 +84,6 @@ class NanoGPTComparison:
         t_gpt, t_kimi = tokens_to_reach(gpt["curve"], target), tokens_to_reach(kimi["curve"], target)
         return {"kimi": kimi, "gpt": gpt, "target_loss": target, "kimi_tokens_to_gpt_loss": t_kimi,
                 "speedup_tokens": t_gpt / t_kimi if t_gpt and t_kimi else None}  # fmt: skip
+
+
+__all__ = ["NanoGPTComparison"]

@@ -22,7 +22,6 @@ Writes results.json, results.md, val_vs_tokens.png, val_vs_time.png under --out,
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -31,7 +30,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from kimi.bench.variants import ABLATIONS, Variant, build_variants, flatten, param_counts
@@ -43,25 +41,14 @@ QUICK_CONFIG = "configs/debug.yaml"
 # ----------------------------------------------------------------------------- measuring one model
 
 
-@torch.no_grad()
 def full_split_loss(model: torch.nn.Module, dataset, batch_size: int = 16, max_windows: int | None = None) -> dict:
     """Mean cross entropy over the whole split cut into non-overlapping block_size windows (the last
     partial window is dropped): deterministic, and every token is scored exactly once. `max_windows`
     keeps only the first windows (--quick on the 1M-token toy split; real runs score everything)."""
-    was_training = model.training
-    model.eval()
+    from kimi.trainer.validator import evaluate
+
     device = next(model.parameters()).device
-    T = dataset.block_size
-    starts = np.arange(0, dataset.num_tokens - T, T, dtype=np.int64)[:max_windows]  # window i reads [s, s+T+1)
-    total, n = 0.0, 0
-    for i in range(0, len(starts), batch_size):
-        x, y = dataset._pair(starts[i : i + batch_size])
-        out = model(x.to(device), y.to(device))
-        total += out.ce_loss.double().item() * y.numel()
-        n += y.numel()
-    model.train(was_training)
-    loss = total / max(1, n)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": n}
+    return evaluate(model, dataset.split_batches(batch_size, max_windows), device)
 
 
 def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | None:

@@ -5,9 +5,10 @@ process, on synthetic tokens (speed does not depend on the text):
   tokens/s and MFU   MFU = model FLOPs/token (KimiModel.flops_per_token) x tokens/s / peak, where the peak
                      is a dense matmul measured in this run on this machine (fp32 on CPU, bf16 on GPU;
                      on GPU the datasheet figure is printed beside it, and MFU is given for both)
-  step breakdown     forward (routing included), backward, optimizer (Muon's Newton-Schulz + AdamW), and
-                     routing: the router + top-k inside the forward plus the bias update / QK-clip after
-                     the step. Each phase ends in a device sync, so the total is a little above training's.
+  step breakdown     the trainer's own train_step (kimi/train.py, engine in the path) with train.profile on:
+                     forward (routing included), backward, optimizer (clip, the router-bias pre-step hook,
+                     Muon's Newton-Schulz + AdamW), and routing: the router + top-k inside the forward.
+                     Each phase ends in a device sync, so the total is a little above an unprofiled step's.
   MoE vs dense       one MoE layer's forward+backward against a dense SwiGLU MLP with the same active
                      FLOPs (hidden = (n_shared + top_k) * expert_hidden), at the nano and small widths.
 Medians over the steps after the first (warm-up). Numbers for docs/benchmarking.md, never for tests.
@@ -15,38 +16,22 @@ Medians over the steps after the first (warm-up). Numbers for docs/benchmarking.
 
 from __future__ import annotations
 
+import copy
+import shutil
 import statistics
-import time
+import tempfile
 
 import torch
 
 from kimi.bench.tables import md_table, save_json
 from kimi.config import Config, load_config
+from kimi.runtime import datasheet_peak_flops, matmul_peak, sync_time
 
 QUICK_CONFIG = "configs/debug.yaml"
 
 
-def _sync(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, reps: int = 5) -> float:
-    """Best FLOP/s of an n x n x n matmul (2 n^3 FLOPs) over `reps` timed runs after one warm-up."""
-    n = n or (8192 if device.type == "cuda" else 1024)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t0 = _sync(device)
-        a @ b
-        best = min(best, _sync(device) - t0)
-    return 2 * n**3 / best
-
-
 class _RouteTimer:
-    """Times every MoE layer's `_route` (router scores + top-k) by wrapping the bound method."""
+    """Times every MoE layer's `_route` (router scores + top-k, inside the forward) by wrapping the bound method."""
 
     def __init__(self, model, device):
         self.total, self.device = 0.0, device
@@ -55,64 +40,61 @@ class _RouteTimer:
 
     def _wrap(self, fn):
         def timed(*a, **k):
-            t0 = _sync(self.device)
+            t0 = sync_time(self.device)
             out = fn(*a, **k)
-            self.total += _sync(self.device) - t0
+            self.total += sync_time(self.device) - t0
             return out
 
         return timed
 
 
 def step_breakdown(cfg: Config, steps: int, device: torch.device) -> dict:
-    """Train cfg's model for `steps` steps on synthetic tokens; median per-phase times, tokens/s, peak memory."""
-    from kimi.data.dataset import BatchIterator, ToyDataset
-    from kimi.model import KimiModel
-    from kimi.optim import QKClip, build_optimizer, clip_grad_norm_
-    from kimi.parallel.utils import update_router_bias
+    """Run `python -m kimi.train`'s own trainer for `steps` steps of cfg's model on synthetic tokens, with
+    `train.profile` on (device syncs between phases), and return the median per-phase times, tokens/s and
+    peak memory. The step is the trainer's `train_step`, the engine in the path; a hook reads each row."""
+    from kimi.train import Hooks, train
 
-    torch.manual_seed(cfg.train.seed)
-    model = KimiModel(cfg.model).to(device)
-    opt = build_optimizer(model, cfg.optim)
-    qk = QKClip(model.attention_layers(), cfg.optim.qk_clip_tau) if cfg.optim.qk_clip else None
-    data = ToyDataset(cfg.model.vocab_size, cfg.block_size, cfg.train.seed, num_tokens=max(1 << 16, 4 * cfg.block_size))
-    it = BatchIterator(data, cfg.train.global_batch_size, cfg.train.micro_batch_size)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    router = _RouteTimer(model, device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    cfg = copy.deepcopy(cfg)
+    t = cfg.train
+    out = tempfile.mkdtemp(prefix="kimi-throughput-")
+    t.max_steps, t.profile, t.out_dir, t.resume = steps, True, out, False
+    t.eval_interval, t.ckpt_interval, t.log_interval, t.device = 0, 0, steps, device.type
+    cfg.data.dataset, cfg.logging.mlflow = "toy", False
+    timer: list[_RouteTimer] = []
     rows = []
-    for _ in range(steps):
-        router.total = 0.0
-        fwd = bwd = 0.0
-        t0 = _sync(device)
-        for x, y in it.next_step():
-            x, y = x.to(device), y.to(device)
-            ta = _sync(device)
-            with amp:
-                loss = model(x, y).loss / it.grad_accum
-            tb = _sync(device)
-            loss.backward()
-            tc = _sync(device)
-            fwd, bwd = fwd + tb - ta, bwd + tc - tb
-        to = _sync(device)
-        clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        tr = _sync(device)
-        if qk:
-            qk.step()
-        update_router_bias(model)
-        t1 = _sync(device)
-        rows.append({"step_s": t1 - t0, "forward_s": fwd, "backward_s": bwd, "optimizer_s": tr - to,
-                     "routing_s": router.total + (t1 - tr)})  # fmt: skip
+
+    def on_build(trainer) -> None:
+        timer.append(_RouteTimer(trainer.raw_model, device))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+
+    def on_step(step: int, row: dict) -> None:
+        rows.append({"step_s": row["step_time_s"], "forward_s": row["forward_ms"] / 1000,
+                     "backward_s": row["backward_ms"] / 1000, "optimizer_s": row.get("optim_ms", 0.0) / 1000,
+                     "routing_s": timer[0].total})  # fmt: skip
+        timer[0].total = 0.0
+
+    try:
+        train(cfg, hooks=Hooks(on_build=on_build, on_step=on_step))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
     rows = rows[1:] or rows
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    tokens = cfg.train.global_batch_size * cfg.block_size
-    out = {**med, "tokens_per_s": tokens / med["step_s"], "flops_per_token": model.flops_per_token(cfg.block_size),
+    tokens = t.global_batch_size * cfg.block_size
+    model = _meta_model(cfg)
+    res = {**med, "tokens_per_s": tokens / med["step_s"], "flops_per_token": model.flops_per_token(cfg.block_size),
            "params_total": model.num_params(), "params_active_non_embedding": model.num_active_params(True)}  # fmt: skip
     if device.type == "cuda":
-        out["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
-    return out
+        res["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+    return res
+
+
+def _meta_model(cfg: Config):
+    """The model of `cfg` on the meta device (for counting)."""
+    from kimi.model import KimiModel
+
+    with torch.device("meta"):
+        return KimiModel(cfg.model)
 
 
 def moe_vs_dense(config: str, tokens: int, reps: int, device: torch.device) -> dict:
@@ -130,11 +112,11 @@ def moe_vs_dense(config: str, tokens: int, reps: int, device: torch.device) -> d
     for name, layer in (("moe", moe), ("dense", dense)):
         times = []
         for _ in range(reps + 1):
-            t0 = _sync(device)
+            t0 = sync_time(device)
             with amp:
                 y = layer(x)
             y.float().square().mean().backward()
-            times.append(_sync(device) - t0)
+            times.append(sync_time(device) - t0)
         res[f"{name}_ms"] = 1000 * statistics.median(times[1:])
     res.update(width=cfg.n_embd, tokens=tokens, experts=moe_cfg.num_experts, top_k=moe_cfg.top_k,
                ratio=res["moe_ms"] / res["dense_ms"])  # fmt: skip
@@ -143,7 +125,6 @@ def moe_vs_dense(config: str, tokens: int, reps: int, device: torch.device) -> d
 
 def run(config: str, overrides: list[str], steps: int, quick: bool) -> dict:
     from kimi.bench.variants import matched_pair
-    from kimi.runtime import peak_flops
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -152,7 +133,7 @@ def run(config: str, overrides: list[str], steps: int, quick: bool) -> dict:
     out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads",
            "torch": torch.__version__, "config": config, "matmul_peak_flops": peak, "matmul_dtype": str(dtype)}  # fmt: skip
     if device.type == "cuda":
-        out["datasheet_peak_flops"] = peak_flops(device)
+        out["datasheet_peak_flops"] = datasheet_peak_flops(device)
     for name, cfg in (("nanokimi", kimi_cfg), ("nanogpt", base_cfg)):
         r = step_breakdown(cfg, steps, device)
         r["mfu_measured_peak"] = r["flops_per_token"] * r["tokens_per_s"] / peak

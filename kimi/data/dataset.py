@@ -20,6 +20,7 @@ windows were drawn before it, so a rank can compute its slice without drawing th
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,16 @@ class TokenDataset(ABC):
         n = n_batches * batch_size
         starts = np.linspace(0, self.num_windows - 1, n).round().astype(np.int64) if n else np.zeros(0, np.int64)
         return [self._pair(starts[i : i + batch_size]) for i in range(0, n, batch_size)]
+
+    def split_batches(
+        self, batch_size: int, max_windows: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The whole stream in non-overlapping windows (the last partial one dropped), `batch_size` at a time:
+        every token is scored exactly once. `max_windows` keeps only the first windows."""
+        T = self.block_size
+        starts = np.arange(0, self.num_tokens - T, T, dtype=np.int64)[:max_windows]  # window i reads [s, s+T+1)
+        for i in range(0, len(starts), batch_size):
+            yield self._pair(starts[i : i + batch_size])
 
 
 class ShardDataset(TokenDataset):

@@ -1,52 +1,50 @@
-"""The seam the training loop talks to: one small object that wraps the model and steps it.
+"""The seam the trainer talks to: one small object that wraps the model and steps it.
 
-    engine = build_engine(cfg, KimiModel(cfg.model).to(rt.device), rt)
+    engine = build_engine(cfg, KimiModel(cfg.model).to(rt.device), rt)      # kimi/engine/__init__.py
     for i, (x, y) in enumerate(micro):
-        with autocast(rt):
+        with rt.autocast():
             out = engine.model(x, y)
         engine.backward(out.loss, i, len(micro))     # gradient sync only on the last micro-batch
-    grad_norm_t = engine.clip_grad_norm()            # global norm before clipping, a device tensor
-    ... the loop agrees across ranks whether the step is finite (one all-reduce) ...
-    engine.step()   or   engine.skip()               # update + schedule + zero grads / schedule + zero grads
-    engine.save(step, train_state, cfg.to_yaml(), meta)   /   train_state, meta = engine.load(engine.latest())
+    grad_norm_t = engine.grad_norm()                 # global norm, a device tensor; nothing clipped yet
+    ... the trainer agrees across ranks whether the step is finite (one all-reduce) ...
+    engine.step()   or   engine.skip()               # clip + update + schedule + zero grads / schedule + zero grads
 
-The loop's decision between step() and skip() comes after clip_grad_norm(), so a NaN/inf step is never
-applied on any rank (kimi/nonfinite.py), whichever engine runs it.
+Checkpoints: kimi.checkpoint.Checkpointer calls `write(tmp)` / `read(step_dir)` inside its atomic
+sequence, and stores `checkpoint_meta()`; the lr schedule's position is `schedule_state` (a Stateful).
+Hooks that must run right before every applied update (the router-bias update) are registered with
+`register_step_pre_hook`: they fire on `step()`, never on `skip()`.
 
-Two implementations: `fsdp2` (kimi.parallel: EP + FSDP2, Muon/AdamW from kimi.optim, DCP checkpoints)
-and `deepspeed` (the same EP, then ZeRO-1/2 with the same optimizer as its client). The model is the
-same single-device KimiModel in both; nothing engine-specific goes into it.
+An engine lives in one file, kimi/engine/<name>.py, with all it knows: wrapping, the backward / clip /
+step semantics, its checkpoint format (write, read, and `read_model_state` for one process), its memory
+model for the dry run, and whether it needs a process group at world size 1. Adding one touches that
+file and the registry in kimi/engine/__init__.py.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from kimi.checkpoint import Checkpointer
-from kimi.config import Config, ConfigError
-
 
 class Engine(ABC):
-    """What the loop needs from whatever distributes and steps the model.
+    """What the trainer needs from whatever distributes and steps the model.
 
-    model      call it as model(x, y) -> ModelOutput; .train() / .eval(). Collective under EP/FSDP/ZeRO.
-    raw_model  the KimiModel (moe_layers(), attention_layers(), flops_per_token(), ...)
-    optimizer  the client optimizer (param_groups carry the lr the schedule sets)
-    scheduler  the LambdaLR over it; its state goes into train_state
-    ckpt       the Checkpointer: both engines share its atomic save/publish sequence around their `write`
+    model           call it as model(x, y) -> ModelOutput; .train() / .eval(). Collective under EP/FSDP/ZeRO.
+    raw_model       the KimiModel (moe_layers(), attention_layers(), flops_per_token(), ...)
+    schedule_state  the lr schedule's position (state_dict / load_state_dict; this run's hyperparameters hold)
     """
 
     name: str
+    needs_process_group: bool = False  # True: the runtime creates a one-process group at world size 1
     model: nn.Module
     raw_model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    ckpt: Checkpointer  # the atomic step directories under OUT/checkpoints (kimi/checkpoint.py)
+    schedule_state: Any
+    _optimizer: torch.optim.Optimizer  # the client optimizer: param_groups carry the lr the schedule sets
 
     @abstractmethod
     def backward(self, loss: Tensor, micro: int, num_micro: int) -> None:
@@ -54,18 +52,19 @@ class Engine(ABC):
         num_micro and reduces gradients across ranks once, on the last micro-batch."""
 
     @abstractmethod
-    def clip_grad_norm(self) -> Tensor:
-        """The global gradient norm before clipping, as a device scalar (same on every rank, inf/NaN when a
-        gradient is not finite), with the gradients clipped to optim.grad_clip, now or inside step()."""
+    def grad_norm(self) -> Tensor:
+        """The global gradient norm, as a device scalar (the same on every rank; inf/NaN when a gradient is
+        not finite). Nothing is clipped here: step() clips to optim.grad_clip, in every engine."""
 
     @abstractmethod
     def step(self) -> None:
-        """Apply the update: optimizer step on the clipped gradients, then the lr schedule; clear the gradients."""
+        """Apply the update: clip, optimizer step (pre-step hooks first), then the lr schedule; clear the
+        gradients."""
 
     @abstractmethod
     def skip(self) -> None:
-        """Drop this step's gradients: weights and optimizer state stay as they were; the lr schedule still
-        advances (it stays tied to the step number)."""
+        """Drop this step's gradients: weights, optimizer state and pre-step hooks untouched; the lr schedule
+        still advances (it stays tied to the step number)."""
 
     @abstractmethod
     def write(self, tmp: Path) -> None:
@@ -76,28 +75,12 @@ class Engine(ABC):
         """Collective: restore model and optimizer in place from a (verified) step directory."""
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        """What meta.json records about the engine's layout (checked by `read` where it must match)."""
+        """What meta.json records about the engine's layout (`engine` is checked on resume)."""
         return {"engine": self.name}
 
-    def save(self, step: int, train_state: dict[str, Any], config_yaml: str, meta: dict[str, Any]) -> Path:
-        """Collective: an atomic checkpoint of model, optimizer, `train_state` (same on every rank), the
-        config and `meta` under ckpt_dir/step_NNNNNN, then `latest` points to it. Returns the directory.
-        kimi.checkpoint.Checkpointer does the atomic sequence (checksums, failure handling); `write` the rest."""
-        return self.ckpt.save(step, self.write, train_state, config_yaml, {**meta, **self.checkpoint_meta()})
-
-    def load(self, path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Collective: restore model and optimizer from a checkpoint directory; returns (train_state, meta).
-        A checkpoint of the other engine is refused in one line."""
-        check_engine(path, self.name)
-        return self.ckpt.load(path, self.read)
-
-    def latest(self) -> Path | None:
-        """The checkpoint to resume from under ckpt_dir (`latest`, else the newest complete step), or None."""
-        return self.ckpt.latest()
-
-    @property
-    def ckpt_dir(self) -> Path:
-        return self.ckpt.dir
+    def register_step_pre_hook(self, hook: Callable[[], None]) -> None:
+        """`hook()` runs right before each applied optimizer update (on every rank), never on skip()."""
+        self._optimizer.register_step_pre_hook(lambda opt, args, kwargs: hook())
 
     def scale_rows_(self, p: Tensor, scale: Tensor) -> None:
         """p[i] *= scale[i] (QK-clip's edit of q/k weights after a step, `QKClip(scale_fn=...)`), applied
@@ -109,31 +92,4 @@ class Engine(ABC):
     @property
     def lr(self) -> float:
         """The lr the next step() uses (of the first param group)."""
-        return self.optimizer.param_groups[0]["lr"]
-
-
-def build_engine(cfg: Config, model: nn.Module, rt) -> Engine:
-    """The engine `cfg.parallel.engine` names, wrapping `model` (a KimiModel on rt.device, the same weights on
-    every rank) on the runtime `rt` (kimi.runtime.Runtime: device, mesh, process group)."""
-    if cfg.parallel.engine == "deepspeed":
-        try:
-            import deepspeed  # noqa: F401
-        except ImportError:
-            raise ConfigError("parallel.engine=deepspeed needs DeepSpeed: pip install -e '.[deepspeed]'") from None
-        from kimi.engine.deepspeed import DeepSpeedEngine
-
-        return DeepSpeedEngine(cfg, model, rt)
-    from kimi.engine.fsdp2 import FSDP2Engine
-
-    return FSDP2Engine(cfg, model, rt)
-
-
-def check_engine(path: str | Path, engine: str) -> None:
-    """One clear line when a checkpoint was written by the other engine (their layouts differ)."""
-    from kimi.checkpoint import CheckpointError, read_meta
-
-    wrote = read_meta(path).get("engine", "fsdp2")  # checkpoints from before engines existed are FSDP2's
-    if wrote != engine:
-        raise CheckpointError(
-            f"checkpoint '{path}' was written by the {wrote} engine; resume it with --parallel.engine={wrote}"
-        )
+        return self._optimizer.param_groups[0]["lr"]

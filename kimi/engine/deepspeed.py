@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -42,26 +41,26 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from kimi.checkpoint import Checkpointer, CheckpointError, read_meta
-from kimi.config import Config, ConfigError
+from kimi.checkpoint import CheckpointError, read_meta
+from kimi.config import ConfigError, OptimConfig, ParallelConfig, TrainConfig
 from kimi.engine.base import Engine
 
 _FORBIDDEN_KEYS = ("optimizer", "scheduler")  # ours come from optim.*; DeepSpeed's would replace them
 
 
-def ds_config(cfg: Config, world: int, bf16: bool) -> dict[str, Any]:
+def ds_config(optim: OptimConfig, parallel: ParallelConfig, t: TrainConfig, world: int, bf16: bool) -> dict[str, Any]:
     """The DeepSpeed JSON generated from our config, with `parallel.deepspeed_config` merged over it."""
-    t, accum = cfg.train, cfg.train.global_batch_size // (cfg.train.micro_batch_size * world)
+    accum = t.global_batch_size // (t.micro_batch_size * world)
     gen = {
         "train_batch_size": t.micro_batch_size * accum * world,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": max(1, accum),
-        "gradient_clipping": cfg.optim.grad_clip,
+        "gradient_clipping": optim.grad_clip,
         "bf16": {"enabled": bf16},
         # bf16 parameters, but gradients reduced in fp32, as the FSDP2 engine does
         "communication_data_type": "fp32" if bf16 else None,
         "zero_optimization": {
-            "stage": cfg.parallel.zero_stage,
+            "stage": parallel.zero_stage,
             "reduce_scatter": True,  # DeepSpeed's MoE path needs it (expert grads reduced over their group)
             "contiguous_gradients": True,
             "overlap_comm": False,
@@ -71,7 +70,7 @@ def ds_config(cfg: Config, world: int, bf16: bool) -> dict[str, Any]:
         "steps_per_print": 2**31 - 1,  # our loop logs
         "wall_clock_breakdown": False,
     }
-    path = cfg.parallel.deepspeed_config
+    path = parallel.deepspeed_config
     if path:
         try:
             user = json.loads(Path(path).read_text())
@@ -180,44 +179,39 @@ def _quiet_deepspeed() -> None:
 
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
+    needs_process_group = True  # DeepSpeed wants one even in a single process (the runtime makes it)
 
-    def __init__(self, cfg: Config, model: nn.Module, rt):
+    def __init__(self, model: nn.Module, rt, optim: OptimConfig, parallel: ParallelConfig, train: TrainConfig):
         import deepspeed
 
-        from kimi.optim import build_optimizer, build_scheduler
+        from kimi.optim import ScheduleState, build_optimizer, build_scheduler
         from kimi.parallel import ParallelDims, apply_expert_parallel, submesh
         from kimi.parallel.parallelize import apply_activation_checkpointing, apply_compile
-        from kimi.runtime import dtype_is_bf16
 
         num_experts = model.config.moe.num_experts if model.moe_layers() else None
-        dims = ParallelDims.from_config(cfg.parallel, rt.world, num_experts)
+        dims = ParallelDims.from_config(parallel, rt.world, num_experts)
         if dims.dp_replicate > 1:
             raise ConfigError(
                 "parallel.dp_replicate > 1 (HSDP) is an FSDP2 layout; the deepspeed engine shards over all ranks"
             )
-        if not dist.is_initialized():  # one process: DeepSpeed still wants a process group (in-memory store)
-            backend = "nccl" if rt.device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-            for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", str(rt.local_rank))):
-                os.environ.setdefault(k, v)  # DeepSpeed reads the launcher's variables even then
         _quiet_deepspeed()
-        self.raw_model, self.rt, self.cfg = model, rt, cfg
+        self.raw_model, self.rt = model, rt
         self.ep = dims.ep if model.moe_layers() else 1
         self.experts: list[nn.Parameter] = []
         if self.ep > 1:
-            apply_expert_parallel(model, submesh(rt.mesh, "ep"))
+            apply_expert_parallel(model, submesh(rt.mesh, "ep"), profile=train.profile)
             group_name = register_expert_groups(rt.mesh, self.ep)
             self.experts = experts_to_local(model, group_name)
-        if cfg.train.activation_checkpointing:
+        if train.activation_checkpointing:
             apply_activation_checkpointing(model)
-        if cfg.train.compile:
+        if train.compile:
             apply_compile(model)
 
-        client = build_optimizer(model, cfg.optim)
+        client = build_optimizer(model, optim)
         if self.experts:
             kw = {k: v for k, v in client.defaults.items() if k != "use_muon"}
             client = type(client)(split_expert_groups(client.param_groups), ns_dtype=client.ns_dtype, **kw)
-        self.ds_config = ds_config(cfg, rt.world, dtype_is_bf16(cfg, rt.device.type == "cuda"))
+        self.ds_config = ds_config(optim, parallel, train, rt.world, rt.amp_dtype == torch.bfloat16)
         if self.experts:
             model.add_module("_deepspeed_moe_marker", _moe_marker(num_experts))
         try:
@@ -231,10 +225,10 @@ class DeepSpeedEngine(Engine):
         # expects its own expert modules, must not be used: ours is below.
         self.ds.has_moe_layers = False
         self.model = self.ds
-        self.optimizer = client  # ZeRO steps it with the partitions; its param_groups carry the lr
-        self.scheduler = build_scheduler(client, cfg.optim, cfg.train.max_steps)
+        self._optimizer = client  # ZeRO steps it with the partitions; its param_groups carry the lr
+        self._scheduler = build_scheduler(client, optim, train.max_steps)
+        self.schedule_state = ScheduleState(client, self._scheduler)
         self._attach_flat_shards()
-        self.ckpt = Checkpointer(Path(cfg.train.out_dir) / "checkpoints", cfg.train.keep_last, cfg.train.keep_best)
 
     def _attach_flat_shards(self) -> None:
         """Record where each parameter sits in ZeRO's flat buffers, and tell Muon where its matrices sit in
@@ -251,7 +245,7 @@ class DeepSpeedEngine(Engine):
                 "data_types.grad_accum_dtype from parallel.deepspeed_config or use parallel.zero_stage=2"
             )
         self._where: dict[int, tuple[int, int]] = {}  # id(param) -> (group, offset in its flat buffer)
-        for i, group in enumerate(self.optimizer.param_groups):
+        for i, group in enumerate(self._optimizer.param_groups):
             flat, params, pg = (
                 zero.bit16_groups_flat[i],
                 zero.round_robin_bit16_groups[i],
@@ -289,15 +283,15 @@ class DeepSpeedEngine(Engine):
         self.ds.set_gradient_accumulation_boundary(micro == num_micro - 1)  # ZeRO reduces on the last one
         self.ds.backward(loss / num_micro, scale_wrt_gas=False)
 
-    def clip_grad_norm(self) -> Tensor:
-        # ZeRO clips inside its step(), from the norm it computes there; the loop needs the norm before it
+    def grad_norm(self) -> Tensor:
+        # ZeRO clips inside its step(), from the norm it computes there; the trainer needs the norm before it
         # decides to apply the step, so it is computed here once more, the same way (one more all-reduce of
         # a scalar per group). Non-finite gradients give inf (DeepSpeed's combine_grad_norm_groups).
         return self.ds.optimizer.scaled_global_norm()
 
     def step(self) -> None:
         self.ds.step()  # ZeRO: global norm, clip, client optimizer on the partitions, all-gather params, zero grads
-        self.scheduler.step()
+        self._scheduler.step()
 
     def skip(self) -> None:
         # DeepSpeed's own overflow path (the one fp16 loss scaling uses): report an overflow for this step,
@@ -311,7 +305,7 @@ class DeepSpeedEngine(Engine):
         finally:
             zero.check_grad_overflow = check
             del zero.check_overflow  # the class's method again
-        self.scheduler.step()
+        self._scheduler.step()
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -367,7 +361,10 @@ def _overflow(zero) -> None:
     zero.overflow = True
 
 
-def read_model_state(path: Path) -> dict[str, Tensor]:
+ENGINE = DeepSpeedEngine
+
+
+def read_model_state(path: Path, cfg_dict: dict[str, Any] | None = None) -> dict[str, Tensor]:
     """The full model state dict of a DeepSpeed checkpoint directory, on one process, without DeepSpeed:
     its module file (written from rank 0, holding EP rank 0's experts), with each expert weight rebuilt
     from the experts_epNNN.pt files along the expert dimension. For generate, evaluate and convert."""
@@ -381,3 +378,18 @@ def read_model_state(path: Path) -> dict[str, Tensor]:
     for name in shards[0] if shards else ():
         sd[name] = torch.cat([s[name] for s in shards], dim=0)  # (E/ep, ...) per EP rank -> (E, ...)
     return sd
+
+
+def memory_estimate(sizes: dict, dims, parallel) -> dict[str, float]:
+    """Per-GPU bytes under ZeRO-1/2 (bf16 on GPU; for --dry-run): parameters replicated in bf16 (experts over
+    ep), fp32 master weights partitioned over all ranks (experts over their replicas), gradients full bf16
+    copies under ZeRO-1 and partitioned under ZeRO-2; optimizer state and activations as FSDP2's."""
+    total, experts, muon = sizes["total"], sizes["expert_params"], sizes["muon"]
+    local = total - experts + experts / max(1, dims.ep)  # this rank's parameters: dense whole, its experts
+    partition = total / dims.world_size  # dense over all ranks, experts over their world/ep replicas
+    return {
+        "params": local * 2 + partition * 4,  # bf16 model copy + fp32 master partition
+        "grads": (local if parallel.zero_stage == 1 else partition) * 2,
+        "optim": (muon * 4 + (total - muon) * 8) / dims.dp_shard,
+        "activations": sizes["activations"],
+    }

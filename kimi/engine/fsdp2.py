@@ -1,52 +1,147 @@
-"""The FSDP2 engine: today's pieces behind the Engine interface, called, not copied.
+"""The FSDP2 engine: kimi.parallel (EP -> activation checkpointing -> compile -> FSDP2), Muon/AdamW from
+kimi.optim, the global-norm clip across meshes (kimi.optim.grad_clip), and DCP checkpoints.
 
-parallelize (EP -> activation checkpointing -> compile -> FSDP2), Muon/AdamW from kimi.optim, the
-global-norm clip across meshes (Runtime.clip_grad_norm -> kimi.optim.grad_clip), and the DCP
-Checkpointer (atomic step directories, resharding across world sizes and EP degrees).
+Checkpoint format: torch.distributed.checkpoint shards of {"model", "optim"} in the step directory. DCP
+stores tensors by fully-qualified name with their global shapes, so a checkpoint written at world size 2
+and EP 2 loads at world size 1, 4 or EP 1: each loader asks for the slices its own layout needs.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
+from typing import Any
 
+import torch
+import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 
-from kimi.checkpoint import Checkpointer, dcp_read, dcp_write
-from kimi.config import Config
+from kimi.checkpoint import CheckpointError
+from kimi.config import OptimConfig, ParallelConfig, TrainConfig
 from kimi.engine.base import Engine
 
 
 class FSDP2Engine(Engine):
     name = "fsdp2"
 
-    def __init__(self, cfg: Config, model: nn.Module, rt):
-        from kimi.optim import build_optimizer, build_scheduler
+    def __init__(self, model: nn.Module, rt, optim: OptimConfig, parallel: ParallelConfig, train: TrainConfig):
+        from kimi.optim import ScheduleState, build_optimizer, build_scheduler
         from kimi.parallel import parallelize
 
-        self.raw_model, self.rt, self.max_norm = model, rt, cfg.optim.grad_clip
-        self.model = parallelize(model, rt.mesh, cfg.parallel, cfg.train)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
-        self.ckpt = Checkpointer(Path(cfg.train.out_dir) / "checkpoints", cfg.train.keep_last, cfg.train.keep_best)
+        self.raw_model, self.max_norm = model, optim.grad_clip
+        self.model = parallelize(model, rt.mesh, parallel, train)
+        self._optimizer = build_optimizer(self.model, optim)
+        self._scheduler = build_scheduler(self._optimizer, optim, train.max_steps)
+        self.schedule_state = ScheduleState(self._optimizer, self._scheduler)
+        self._params = list(self.model.parameters())
+        self._norm: Tensor | None = None
 
     def backward(self, loss: Tensor, micro: int, num_micro: int) -> None:
         if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter once per step
             self.model.set_requires_gradient_sync(micro == num_micro - 1)
         (loss / num_micro).backward()
 
-    def clip_grad_norm(self) -> Tensor:
-        return self.rt.clip_grad_norm(self.model.parameters(), self.max_norm)
+    def grad_norm(self) -> Tensor:
+        from kimi.optim import grad_norm
+
+        self._norm = grad_norm(self._params)
+        return self._norm
 
     def step(self) -> None:
-        self.optimizer.step()
+        from kimi.optim import clip_grads_, grad_norm
+
+        norm = self._norm if self._norm is not None else grad_norm(self._params)
+        clip_grads_(self._params, self.max_norm, norm)
+        self._optimizer.step()
         self.skip()
 
     def skip(self) -> None:
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._norm = None
+        self._scheduler.step()
+        self._optimizer.zero_grad(set_to_none=True)
 
     def write(self, tmp: Path) -> None:
-        dcp_write(tmp, self.model, self.optimizer)
+        """This rank's DCP shards of {"model", "optim"}."""
+        model_sd, optim_sd = get_state_dict(self.model, self._optimizer)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
 
     def read(self, path: Path) -> None:
-        dcp_read(path, self.model, self.optimizer)
+        """Restore model and optimizer in place from DCP shards, at any world size or EP degree."""
+        model_sd, optim_sd = get_state_dict(self.model, self._optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        check_shapes(path, {"model": model_sd})
+        _dcp_load(state, path)
+        set_state_dict(self.model, self._optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+ENGINE = FSDP2Engine
+
+
+def read_model_state(path: Path, cfg_dict: dict[str, Any]) -> dict[str, Tensor]:
+    """The full model state dict of an FSDP2 (DCP) step directory, on one process."""
+    from kimi.config import config_from_dict
+    from kimi.model import KimiModel
+
+    cfg = config_from_dict(cfg_dict)
+    with torch.device("meta"):
+        model = KimiModel(cfg.model)
+    model = model.to_empty(device="cpu")
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=False))
+    _dcp_load({"model": sd}, path)
+    return sd
+
+
+def check_shapes(path: Path, state: dict[str, Any]) -> None:
+    """Compare the tensors we are about to load with the checkpoint's metadata: one clear line on mismatch."""
+    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    for section, sd in state.items():
+        for key, t in sd.items():
+            fqn = f"{section}.{key}"
+            if not isinstance(t, torch.Tensor):
+                continue
+            if fqn not in meta:
+                raise CheckpointError(
+                    f"checkpoint '{path}' has no tensor '{key}'; was it written with a different config?"
+                )
+            saved = tuple(getattr(meta[fqn], "size", ()))
+            if saved != tuple(t.shape):
+                raise CheckpointError(
+                    f"checkpoint '{path}' does not fit this model: '{key}' is {list(saved)} there and "
+                    f"{list(t.shape)} here; was it written with a different config?"
+                )
+
+
+def _dcp_load(state: dict[str, Any], path: Path) -> None:
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=str(path))
+    except (Exception, CheckpointException) as e:  # CheckpointException derives from BaseException
+        first = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"cannot load checkpoint '{path}': {first}; was it written with a different config?"
+        ) from None
+
+
+def memory_estimate(sizes: dict, dims, parallel) -> dict[str, float]:
+    """Per-GPU bytes under FSDP2 (for --dry-run; kimi/dry_run.py has the sizes). Every weight is sharded
+    over dp_shard (experts over ep inside it), fp32: 4 B, plus the largest block all-gathered in bf16;
+    gradients the same shards; Muon keeps one fp32 buffer per element, AdamW two."""
+    shard = dims.dp_shard
+    gathered = (sizes["block_params"] - sizes["block_expert"] + sizes["block_expert"] / max(1, dims.ep)) * 2
+    total, muon = sizes["total"], sizes["muon"]
+    return {
+        "params": total / shard * 4 + gathered,
+        "grads": total / shard * 4,
+        "optim": (muon * 4 + (total - muon) * 8) / shard,
+        "activations": sizes["activations"],
+    }

@@ -168,7 +168,7 @@ class KimiModel(nn.Module):
         from kimi.model.loading import load_state_strict, model_config_from, read_pt
 
         if Path(path).is_dir():
-            from kimi.checkpoint import load_model_state
+            from kimi.engine import read_model_state as load_model_state
 
             cfg_dict, state_dict = load_model_state(path)
             cfg = model_config_from(cfg_dict)

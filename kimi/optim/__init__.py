@@ -1,13 +1,14 @@
 """Optimizers: Muon + AdamW in one class, QK-clip (MuonClip), learning-rate schedules, global grad clipping."""
 
-from kimi.optim.grad_clip import clip_grad_norm_
+from kimi.optim.grad_clip import clip_grad_norm_, clip_grads_, grad_norm
 from kimi.optim.muon import Muon, build_optimizer
 from kimi.optim.newton_schulz import newton_schulz
 from kimi.optim.qk_clip import QKClip, all_reduce_max
-from kimi.optim.schedules import build_scheduler, lr_lambda
+from kimi.optim.schedules import ScheduleState, build_scheduler, lr_lambda
 
 __all__ = [
     "Muon",
+    "ScheduleState",
     "QKClip",
     "all_reduce_max",
     "build_optimizer",
@@ -15,4 +16,6 @@ __all__ = [
     "lr_lambda",
     "newton_schulz",
     "clip_grad_norm_",
+    "clip_grads_",
+    "grad_norm",
 ]

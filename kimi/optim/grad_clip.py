@@ -33,15 +33,14 @@ def grad_norm_sq_buckets(grads: list[Tensor]) -> dict[tuple, tuple[object, tuple
 
 
 @torch.no_grad()
-def clip_grad_norm_(params: Iterable[Tensor], max_norm: float) -> Tensor:
-    """Scale all gradients in place so their global L2 norm is at most `max_norm`; return the norm
-    before clipping (fp32 scalar). max_norm <= 0 only measures. Every rank must call it with its
-    parameters in the same order; the result is the same on every rank."""
+def grad_norm(params: Iterable[Tensor]) -> Tensor:
+    """The global L2 norm of all gradients (fp32 scalar, on the gradients' device; inf/NaN when one is not
+    finite). Every rank must call it with its parameters in the same order; the result is the same on
+    every rank."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.tensor(0.0)
-    locals_ = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-    device = locals_[0].device
+    device = (grads[0].to_local() if hasattr(grads[0], "to_local") else grads[0]).device
     total = torch.zeros((), dtype=torch.float32, device=device)
     for mesh, dims, ts in grad_norm_sq_buckets(grads).values():
         norms = torch._foreach_norm(ts, 2, dtype=torch.float32)
@@ -49,9 +48,23 @@ def clip_grad_norm_(params: Iterable[Tensor], max_norm: float) -> Tensor:
         for k in dims:  # sum over the ranks holding other shards; replicas along other dims already agree
             dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=mesh.get_group(k))
         total += sq
-    total = total.sqrt()
-    if max_norm > 0:
-        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for t in locals_:
-            t.mul_(coef.to(t.device, t.dtype))
+    return total.sqrt()
+
+
+@torch.no_grad()
+def clip_grads_(params: Iterable[Tensor], max_norm: float, total_norm: Tensor) -> None:
+    """Scale all gradients in place by min(1, max_norm / (total_norm + 1e-6)); max_norm <= 0 does nothing."""
+    if max_norm <= 0:
+        return
+    locals_ = [g.to_local() if hasattr(g, "to_local") else g for g in (p.grad for p in params) if g is not None]
+    coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+    for t in locals_:
+        t.mul_(coef.to(t.device, t.dtype))
+
+
+def clip_grad_norm_(params: Iterable[Tensor], max_norm: float) -> Tensor:
+    """`grad_norm` then `clip_grads_`: clip to `max_norm` now; return the norm before clipping."""
+    params = list(params)
+    total = grad_norm(params)
+    clip_grads_(params, max_norm, total)
     return total

@@ -60,3 +60,28 @@ def build_scheduler(
         return lr_lambda(step, cfg, max_steps)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+class ScheduleState:
+    """The lr schedule's position as a checkpointable state (`state_dict` / `load_state_dict`).
+
+    Loading keeps THIS run's hyperparameters: the optimizer's param groups come back from a checkpoint
+    with the old run's lr, weight decay, betas and base lrs; they are put back to the values captured
+    here at build time, and each group's lr is recomputed from the restored position (so the schedule
+    also follows a new max_steps). Load it after the optimizer's own state."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR):
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self._hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        self._base_lrs = list(scheduler.base_lrs)
+
+    def state_dict(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        sched = self.scheduler
+        sched.load_state_dict(state)
+        sched.base_lrs = list(self._base_lrs)
+        for group, h, base, fn in zip(self.optimizer.param_groups, self._hyper, self._base_lrs, sched.lr_lambdas):
+            group.update(h)
+            group["lr"] = base * fn(sched.last_epoch)

@@ -167,11 +167,12 @@ def shard_experts(experts: nn.Module, ep_mesh: DeviceMesh, num_experts: int) -> 
     experts.__class__ = _local_view_class(type(experts))
 
 
-def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> None:
+def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, profile: bool = False) -> None:
     """Shard every MoE layer's experts over the 1-D `ep_mesh` and install the all-to-all dispatcher.
 
     `model.moe_layers()` yields the MoE modules (each with `.experts` and a `.dispatcher` seam). Call before
-    activation checkpointing, torch.compile and FSDP2 (`parallelize` does). In-place.
+    activation checkpointing, torch.compile and FSDP2 (`parallelize` does). In-place. `profile` times the
+    all-to-alls (train.profile: adds device syncs, for benches).
     """
     ep = ep_mesh.size()
     for moe in model.moe_layers():
@@ -180,3 +181,4 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> None:
             raise ValueError(f"moe.num_experts={num_experts} must be divisible by parallel.ep={ep}")
         shard_experts(moe.experts, ep_mesh, num_experts)
         moe.dispatcher = AllToAllDispatcher(ep_mesh, num_experts, moe.cfg.kernels)
+        moe.dispatcher.profile = profile

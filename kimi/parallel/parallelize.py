@@ -57,7 +57,7 @@ def parallelize(
             raise ValueError(f"mesh {mesh.mesh_dim_names}={tuple(mesh.shape)} does not match parallel config {shape}")
 
     if dims.ep_enabled and model.moe_layers():
-        apply_expert_parallel(model, submesh(mesh, "ep"))
+        apply_expert_parallel(model, submesh(mesh, "ep"), profile=train_cfg.profile)
     if train_cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     if train_cfg.compile:

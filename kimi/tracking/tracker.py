@@ -266,3 +266,22 @@ class Tracker:
             if not self._write_failed:
                 self._write_failed = True
                 log.warning("tracker: cannot write %s (%s); metrics are only going to MLflow now", f.name, e)
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """On resume, drop rows a killed run logged after its last checkpoint, so steps are not doubled."""
+    if not path.exists():
+        return
+
+    def step_of(line: str) -> float:
+        try:
+            return json.loads(line).get("step", 0)
+        except ValueError:  # a line torn by the kill that interrupted the run
+            return float("inf")
+
+    lines = path.read_text().splitlines()
+    keep = [line for line in lines if line.strip() and step_of(line) <= last_step]
+    if len(keep) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)

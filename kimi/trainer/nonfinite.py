@@ -10,7 +10,6 @@ never reaches the weights. `NonFiniteGuard.check` turns that decision into "appl
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 
@@ -25,12 +24,13 @@ class NonFiniteGuard:
     """Counts non-finite steps and applies the policy: "stop" at the first, "skip" up to `max_skips`
     in a row (a finite step resets the streak; `total` counts all skipped steps of this process)."""
 
-    def __init__(self, policy: str, max_skips: int, hint: Callable[[], str]):
-        self.policy, self.max_skips, self.hint = policy, max_skips, hint  # hint() ends the stop line
+    def __init__(self, policy: str, max_skips: int):
+        self.policy, self.max_skips = policy, max_skips
         self.in_a_row, self.total = 0, 0
 
     def check(self, step: int, loss: float, grad_norm: float, grad_norm_finite: bool) -> bool:
-        """True if this step's update must be skipped; raises NonFiniteError when the run must stop."""
+        """True if this step's update must be skipped; raises NonFiniteError when the run must stop (the
+        trainer adds what to try and which checkpoint is good to its line)."""
         if math.isfinite(loss) and grad_norm_finite:
             self.in_a_row = 0
             return False
@@ -46,7 +46,7 @@ class NonFiniteGuard:
             why = f"train.max_nonfinite_skips={self.max_skips}"
         else:
             why = "train.nonfinite=stop"
-        raise NonFiniteError(f"step {step}: {what}; stopped before applying it ({why}). {self.hint()}")
+        raise NonFiniteError(f"step {step}: {what}; stopped before applying it ({why}).")
 
 
 @torch.no_grad()

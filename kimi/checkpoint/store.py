@@ -1,4 +1,8 @@
-"""Checkpoints: sharded (torch.distributed.checkpoint), atomic, resumable at any world size.
+"""The checkpoint directory: atomic step directories, checksums, `latest`/`best` links, rotation.
+
+This module knows directories and files, not formats: an engine (kimi/engine/) writes and reads the model
+and optimizer state inside a step directory; `CheckpointStore` wraps that in the atomic sequence. The
+resume policy (which step, what changed in the config, what to restore) is kimi/checkpoint/resume.py.
 
 Layout, one directory per step:
 
@@ -19,9 +23,7 @@ Integrity: meta.json lists the sha256 of every other file of the step; loading c
 checkpoints without the list still load). The step directories, not the link, are the truth: a
 missing or dangling `latest` means the newest complete step (one with meta.json).
 
-DCP stores tensors by fully-qualified name with their global shapes, so a checkpoint written with
-FSDP2 at world size 2 and EP 2 loads at world size 1, 4 or EP 1: each loader asks for the slices its
-own layout needs.
+Steps are ordered by their number, never as strings (step_1000000 comes after step_999999).
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ import os
 import random
 import shutil
 import time
-import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,14 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
 
 from kimi.data.shards import sha256_file
 from kimi.tracking.system import git_state  # provenance (commit, dirty) lives with tracking
@@ -119,14 +113,25 @@ def checksums(step_dir: Path) -> dict[str, str]:
     return {str(p.relative_to(step_dir)): h for p, h in zip(files, sums)}
 
 
+def step_number(step_dir: Path) -> int:
+    """The step of a `step_NNNNNN` directory (-1 for a name that holds no number)."""
+    digits = step_dir.name.removeprefix(STEP_PREFIX)
+    return int(digits) if digits.isdigit() else -1
+
+
+def step_dirs(ckpt_dir: Path) -> list[Path]:
+    """Step directories that are not `.tmp`, oldest step first (by number, not by name)."""
+    steps = (p for p in ckpt_dir.glob(f"{STEP_PREFIX}*") if p.is_dir() and not p.name.endswith(".tmp"))
+    return sorted(steps, key=step_number)
+
+
 def complete_steps(ckpt_dir: Path) -> list[Path]:
     """Finished step directories (renamed from .tmp, with meta.json), oldest first."""
-    steps = (p for p in ckpt_dir.glob(f"{STEP_PREFIX}*") if p.is_dir() and not p.name.endswith(".tmp"))
-    return sorted(p for p in steps if (p / META).is_file())
+    return [p for p in step_dirs(ckpt_dir) if (p / META).is_file()]
 
 
 def _older_advice(step_dir: Path) -> str:
-    older = [p for p in complete_steps(step_dir.parent) if p.name < step_dir.name]
+    older = [p for p in complete_steps(step_dir.parent) if step_number(p) < step_number(step_dir)]
     if not older:
         return "there is no older checkpoint next to it; start a new --out-dir"
     return (
@@ -183,7 +188,7 @@ def resolve(path: str | Path) -> Path:
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     if p.is_dir() and not (p / META).exists():
         for d in (p, p / "checkpoints"):
-            found = Checkpointer(d).latest()
+            found = CheckpointStore(d).latest()
             if found is not None:
                 return found
         raise CheckpointError(f"'{path}' holds no checkpoint (no meta.json, no latest link)")
@@ -194,8 +199,8 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return json.loads((resolve(path) / META).read_text())
 
 
-class Checkpointer:
-    """Saves and restores a training run's full state under `ckpt_dir`."""
+class CheckpointStore:
+    """The step directories under `ckpt_dir`: atomic saves around an engine's writer, verified loads."""
 
     def __init__(self, ckpt_dir: str | Path, keep_last: int = 2, keep_best: bool = True):
         self.dir = Path(ckpt_dir)
@@ -221,7 +226,7 @@ class Checkpointer:
         return [p for p in self._steps() if p not in done]
 
     def _steps(self) -> list[Path]:
-        return sorted(p for p in self.dir.glob(f"{STEP_PREFIX}*") if p.is_dir() and not p.name.endswith(".tmp"))
+        return step_dirs(self.dir)
 
     # ------------------------------------------------------------------ save
     def save(
@@ -233,7 +238,7 @@ class Checkpointer:
         meta: dict[str, Any],
     ) -> Path:
         """Collective: every rank calls it. `write(tmp)` is the engine's writer (model and optimizer state,
-        each rank its part; `dcp_write` for FSDP2); this method wraps it in the atomic sequence: the tmp
+        each rank its part); this method wraps it in the atomic sequence: the tmp
         directory, RNG streams, `train_state` (the same on all ranks; rank 0 writes it), the config, then
         meta.json with checksums, rename, `latest`. Returns the final step directory. A failed write (e.g.
         a full disk) removes the partial directory and raises CheckpointError on every rank."""
@@ -334,7 +339,7 @@ class Checkpointer:
     # ------------------------------------------------------------------ load
     def load(self, path: str | Path, read: Callable[[Path], None]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Collective: check the step's files against its checksums, let the engine's `read(step_dir)`
-        restore model and optimizer in place (`dcp_read` for FSDP2), restore this rank's RNG stream
+        restore model and optimizer in place, restore this rank's RNG stream
         where one was saved (same world size); returns (train_state, meta)."""
         path = resolve(path)
         verify(path, collective=True)
@@ -344,141 +349,3 @@ class Checkpointer:
         if rng_file.exists():
             set_rng_state(torch.load(rng_file, weights_only=False))
         return train_state, json.loads((path / META).read_text())
-
-
-def dcp_write(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """The FSDP2 engine's part of a save: this rank's DCP shards of {"model", "optim"}."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-
-
-def dcp_read(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Restore model and optimizer in place from DCP shards, at any world size or EP degree."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    check_shapes(path, {"model": model_sd})
-    _dcp_load(state, path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-
-
-def load_model_state(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config dict, full model state dict) from a checkpoint directory, on one process, whatever
-    engine, world size or EP degree wrote it. Used by KimiModel.from_checkpoint (generate, evaluate) and convert."""
-    import yaml
-
-    from kimi.config import config_from_dict
-    from kimi.model import KimiModel
-
-    path = resolve(path)
-    cfg_file = path / "config.yaml"
-    if not cfg_file.exists():
-        raise CheckpointError(f"checkpoint '{path}' has no config.yaml; is it a nanoKimi checkpoint?")
-    if (path / META).is_file():
-        verify(path)
-    cfg_dict = yaml.safe_load(cfg_file.read_text())
-    if read_meta(path).get("engine") == "deepspeed":
-        from kimi.engine.deepspeed import read_model_state  # its files, not DCP's; DeepSpeed is not needed
-
-        return cfg_dict, read_model_state(path)
-    cfg = config_from_dict(cfg_dict)
-    with torch.device("meta"):
-        model = KimiModel(cfg.model)
-    model = model.to_empty(device="cpu")
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=False))
-    _dcp_load({"model": sd}, path)
-    return cfg_dict, sd
-
-
-def load_weights(path: str | Path):
-    """(KimiConfig, state dict) from a `.pt` file or a checkpoint directory (for kimi.convert)."""
-    from kimi.model.loading import model_config_from, read_pt
-
-    if Path(path).is_file():
-        return read_pt(path)
-    cfg_dict, sd = load_model_state(path)
-    return model_config_from(cfg_dict), sd
-
-
-def check_shapes(path: Path, state: dict[str, Any]) -> None:
-    """Compare the tensors we are about to load with the checkpoint's metadata: one clear line on mismatch."""
-    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    for section, sd in state.items():
-        for key, t in sd.items():
-            fqn = f"{section}.{key}"
-            if not isinstance(t, torch.Tensor):
-                continue
-            if fqn not in meta:
-                raise CheckpointError(
-                    f"checkpoint '{path}' has no tensor '{key}'; was it written with a different config?"
-                )
-            saved = tuple(getattr(meta[fqn], "size", ()))
-            if saved != tuple(t.shape):
-                raise CheckpointError(
-                    f"checkpoint '{path}' does not fit this model: '{key}' is {list(saved)} there and "
-                    f"{list(t.shape)} here; was it written with a different config?"
-                )
-
-
-def _dcp_load(state: dict[str, Any], path: Path) -> None:
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=str(path))
-    except (Exception, CheckpointException) as e:  # CheckpointException derives from BaseException
-        first = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"cannot load checkpoint '{path}': {first}; was it written with a different config?"
-        ) from None
-
-
-# Fields a resumed run cannot change: the parameters' shapes and meaning, and the data stream's windows.
-# (data.dataset is checked by the data stream's own identity, so a moved data directory still resumes.)
-FROZEN_ON_RESUME = ("model.", "data.block_size", "data.tokenizer_name", "train.seed", "optim.name")
-# ... except model fields that pick how the same math runs, or tune routing without changing shapes.
-RESUMABLE_MODEL_FIELDS = (
-    "model.moe.kernels",
-    "model.moe.bias_update_rate",
-    "model.moe.seq_aux_loss_coef",
-    "model.moe.aux_loss_coef",
-)
-_NOT_COMPARED = ("train.out_dir", "train.resume")  # where and how this invocation runs, not the run
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def config_changes(step_dir: Path, cfg: Any) -> list[str]:
-    """`field old -> new` for each config field where `cfg` (a kimi.config.Config) differs from the one
-    stored in `step_dir`; CheckpointError (one line) when a field in FROZEN_ON_RESUME differs. Fields the
-    stored config lacks (added to the code since) count as unchanged."""
-    import yaml
-
-    from kimi.config import ConfigError, config_from_dict
-
-    cfg_file = step_dir / "config.yaml"
-    if not cfg_file.is_file():
-        return []
-    old = yaml.safe_load(cfg_file.read_text()) or {}
-    try:
-        old = config_from_dict(old).to_dict()  # defaults filled in, as this code reads it
-    except ConfigError:
-        pass  # a field since removed: compare what both know
-    old_flat, new_flat = _flat(old), _flat(cfg.to_dict())
-    changed = [k for k in new_flat if k in old_flat and old_flat[k] != new_flat[k] and k not in _NOT_COMPARED]
-    frozen = [k for k in changed if k.startswith(FROZEN_ON_RESUME) and k not in RESUMABLE_MODEL_FIELDS]
-    if frozen:
-        what = ", ".join(f"{k} {old_flat[k]} -> {new_flat[k]}" for k in frozen)
-        raise CheckpointError(
-            f"cannot resume '{step_dir}' with a different config: {what} (the model or its data stream "
-            f"would change); drop the override, or start a new --out-dir"
-        )
-    return [f"{k} {old_flat[k]} -> {new_flat[k]}" for k in changed]
