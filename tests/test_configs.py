@@ -106,3 +106,26 @@ def test_summary_cli(capsys):
 
 def test_full_tree_defaults_validate():
     assert Config().validate().model.moe.expert_hidden is not None
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+# tests/fixtures/config_a916084.yaml: the config.yaml inside a checkpoint written by commit a916084 (before the
+# config tree moved onto pydantic and DeepSpeed's fields into parallel.deepspeed), from
+#   python -m kimi.train --config configs/debug.yaml --train.max_steps=1 --logging.mlflow=false \
+#       --train.out_dir=/tmp/cfgfix
+OLD_RUN = ["--train.max_steps=1", "--logging.mlflow=false", "--train.out_dir=/tmp/cfgfix"]
+
+
+def test_config_stored_by_an_old_checkpoint_still_loads(tmp_path):
+    from kimi.checkpoint import config_changes
+
+    old = FIXTURES / "config_a916084.yaml"
+    now = load_config(CONFIGS / "debug.yaml", OLD_RUN)
+    assert config_from_dict(yaml.safe_load(old.read_text())) == now
+    # Resuming it with the same settings reports no change (a renamed field is no spurious difference) ...
+    (tmp_path / "config.yaml").write_text(old.read_text())
+    assert config_changes(tmp_path, now) == []
+    # ... and a real change is still seen.
+    assert config_changes(tmp_path, load_config(CONFIGS / "debug.yaml", [*OLD_RUN, "--optim.lr=0.001"])) == [
+        "optim.lr 0.003 -> 0.001"
+    ]
