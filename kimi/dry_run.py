@@ -76,7 +76,7 @@ def memory_plan(cfg: Config, world: int) -> dict[str, float]:
         "optim": (muon * 4 + adamw * 8) / shard,
         "activations": act + logits,
         "flops_per_step": flops_step,
-        "deepspeed": deepspeed_memory(total, expert_params, dims, cfg.parallel.zero_stage),
+        "deepspeed": deepspeed_memory(total, expert_params, dims, cfg.parallel.deepspeed.zero_stage),
     }
 
 
@@ -116,7 +116,7 @@ def dry_run(cfg: Config) -> dict[str, float]:
         f"gradient accumulation {accum}"
     )
     ds = {**{k: plan[k] for k in ("optim", "activations")}, **plan["deepspeed"]}
-    zero = f"deepspeed ZeRO-{cfg.parallel.zero_stage}"
+    zero = f"deepspeed ZeRO-{cfg.parallel.deepspeed.zero_stage}"
     chosen = {"fsdp2": 0, "deepspeed": 1}[cfg.parallel.engine]
     heads = [f"{h}{' *' if i == chosen else ''}" for i, h in enumerate(("fsdp2", zero))]
     print(f"per-GPU memory (estimate; * = parallel.engine):  {heads[0]:>12} {heads[1]:>20}")

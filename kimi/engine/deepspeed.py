@@ -61,7 +61,7 @@ def ds_config(cfg: Config, world: int, bf16: bool) -> dict[str, Any]:
         # bf16 parameters, but gradients reduced in fp32, as the FSDP2 engine does
         "communication_data_type": "fp32" if bf16 else None,
         "zero_optimization": {
-            "stage": cfg.parallel.zero_stage,
+            "stage": cfg.parallel.deepspeed.zero_stage,
             "reduce_scatter": True,  # DeepSpeed's MoE path needs it (expert grads reduced over their group)
             "contiguous_gradients": True,
             "overlap_comm": False,
@@ -71,7 +71,7 @@ def ds_config(cfg: Config, world: int, bf16: bool) -> dict[str, Any]:
         "steps_per_print": 2**31 - 1,  # our loop logs
         "wall_clock_breakdown": False,
     }
-    path = cfg.parallel.deepspeed_config
+    path = cfg.parallel.deepspeed.config
     if path:
         try:
             user = json.loads(Path(path).read_text())
