@@ -1,5 +1,6 @@
 """The config tree (precedence, aliases, errors) and the shipped configs (complete, within 15% of their size)."""
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from kimi.config import (
     merge_dicts,
     parse_overrides,
 )
+from kimi.config_help import config_help, field_docs, sections
 from kimi.summary import main as summary_main
 from kimi.summary import summary_lines
 
@@ -212,6 +214,28 @@ def test_deepspeed_fields_live_in_their_own_section_and_the_old_spelling_still_r
         load_config(None, ["--parallel.zero_stage=3"])
     with pytest.raises(ConfigError, match=r"^parallel.deepspeed.zero_stage=3 is not supported"):
         load_config(None, ["--parallel.deepspeed.zero_stage=3"])
+
+
+def test_config_help_lists_every_field_with_type_default_and_doc():
+    text = config_help()
+    lines = text.splitlines()
+    n = 0
+    for name, cls in sections():
+        short = {"model.attention": "attention", "model.moe": "moe"}.get(name, name)
+        assert any(ln.startswith(f"{short}") and ln.endswith(cls.__doc__.splitlines()[0]) for ln in lines), name
+        default = cls()
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(getattr(default, f.name)):
+                continue
+            doc = field_docs(cls).get(f.name, "")
+            assert doc, f"{name}.{f.name} has no comment beside it (its --help text)"
+            row = next((ln for ln in lines if ln.split()[:1] == [f"--{short}.{f.name}"]), None)
+            assert row is not None, f"--{short}.{f.name}"
+            shown = yaml.safe_load(row.split("(default ", 1)[1].split(")  ", 1)[0])
+            want = list(f.default) if isinstance(f.default, tuple) else f.default  # leaves have plain defaults
+            assert shown == want and row.endswith(doc), row
+            n += 1
+    assert n > 80
 
 
 def test_merge_and_flatten_dicts():
