@@ -23,6 +23,7 @@ setup(
         "matplotlib",  # loss-curve and expert-load plots logged as MLflow artifacts
         "tqdm",  # progress bars for data preparation
         "safetensors",  # Hugging Face export in kimi.convert
+        "pydantic>=2.7",  # kimi/config.py: checks and converts the config tree (mlflow already pulls it in)
     ],
     extras_require={
         # deepspeed: tests/test_engine.py checks the DeepSpeed engine against FSDP2 (pure Python, no CUDA needed);

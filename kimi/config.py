@@ -7,46 +7,115 @@
       optim: OptimConfig          Muon/AdamW, QK-clip, schedule
       train: TrainConfig          steps, batch, eval, checkpoints
       data: DataConfig            dataset, tokenizer
-      parallel: ParallelConfig    dp_replicate x dp_shard, ep
+      parallel: ParallelConfig    dp_replicate x dp_shard, ep, engine
+        deepspeed: DeepSpeedConfig  ZeRO stage, user JSON
       logging: LoggingConfig      metrics.jsonl, MLflow
 
 Filled from defaults < YAML (`configs/*.yaml`) < command line (`--section.key=value`).
 `attention` and `moe` are also accepted as top-level sections (short for `model.attention`,
 `model.moe`), so `--moe.num_experts=16` works. Each component receives only its own sub-config.
 
-Unknown keys and wrong types raise `ConfigError` naming the key and the nearest valid one.
+The sections are pydantic dataclasses: plain dataclasses to the code that reads them (`cfg.train.max_steps`,
+`dataclasses.asdict`, equality), checked and converted by pydantic wherever they are built, from a YAML
+tree or as `KimiConfig(n_layer=4)`. Unknown keys and wrong types raise `ConfigError`, one line naming the
+key and the nearest valid one. The one-line comment beside each field is its `--help` text (kimi/config_help.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import importlib.util
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import yaml
+from pydantic_core import PydanticCustomError
 
 
 class ConfigError(ValueError):
     """A config problem, phrased as one line that says what is wrong and how to fix it."""
 
 
+# ----------------------------------------------------------------------------- how a section is built
+
+# extra="forbid": an unknown key is an error, never ignored. coerce_numbers_to_str: `run_name: 123` is "123".
+_PYDANTIC = pydantic.ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+
+def _read_text(cls: type, value: Any, info: pydantic.ValidationInfo) -> Any:
+    """What YAML and the command line leave as text, read as the field's type before pydantic checks it:
+    'none' -> None for an optional field, '5e7' -> 50000000 for an int, '0.9,0.95' -> a tuple. And no bool
+    where a number belongs: pydantic's lax mode would read `n_layer: true` as 1."""
+    tp = cls.__pydantic_fields__[info.field_name].annotation
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    base = next(a for a in args if a is not type(None))
+    if isinstance(value, str):
+        if type(None) in args and value.lower() in ("none", "null"):
+            return None
+        if typing.get_origin(base) is tuple:
+            try:
+                return yaml.safe_load(value if value.startswith("[") else f"[{value}]")
+            except yaml.YAMLError:
+                return value
+        if base is int:
+            try:
+                return int(value)
+            except ValueError:
+                return int(float(value)) if _is_integral(value) else value
+    if isinstance(value, bool) and base in (int, float):
+        raise PydanticCustomError(f"{base.__name__}_type", "a bool where a number belongs")
+    return value
+
+
+def _is_integral(text: str) -> bool:
+    try:
+        return float(text).is_integer()
+    except ValueError:
+        return False
+
+
+def section(name: str) -> typing.Callable[[type], type]:
+    """Make `cls` a config section: a pydantic dataclass whose direct construction (`KimiConfig(n_layer="four")`)
+    raises a one-line ConfigError naming `name.key`, as building it from a YAML tree does."""
+
+    def wrap(cls: type) -> type:
+        cls._read_text = pydantic.field_validator("*", mode="before")(_read_text)
+        cls = pydantic.dataclasses.dataclass(cls, config=_PYDANTIC)
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            try:
+                init(self, *args, **kwargs)
+            except pydantic.ValidationError as e:
+                raise config_error(e, cls, name) from None
+
+        cls.__init__ = __init__
+        return cls
+
+    return wrap
+
+
 # ----------------------------------------------------------------------------- sections
 
 
-@dataclass
+@section("attention")
 class AttentionConfig:
+    """Attention: MLA (Kimi K2 / DeepSeek-V3) or plain MHA."""
+
     type: str = "mla"  # "mla" (Kimi K2 / DeepSeek-V3) or "mha" (nanoGPT baseline)
     q_lora_rank: int | None = None  # None: plain q projection; else low-rank q with RMSNorm on the latent
     kv_lora_rank: int = 64  # compressed KV latent width (what the inference cache stores)
     qk_nope_head_dim: int = 32  # per-head q/k dims that carry no position
     qk_rope_head_dim: int = 16  # decoupled RoPE dims; the RoPE key is shared by all heads
-    v_head_dim: int = 32
-    rope_theta: float = 10000.0
+    v_head_dim: int = 32  # per-head value dims
+    rope_theta: float = 10000.0  # RoPE base frequency
     rope_interleave: bool = True  # DeepSeek-V3 checkpoints store RoPE dims interleaved
     bias: bool = False  # biases on the attention projections (MHA baseline only)
     track_max_logits: bool = True  # record per-head max pre-softmax logit (needed by QK-clip)
@@ -82,11 +151,13 @@ class AttentionConfig:
                 )
 
 
-@dataclass
+@section("moe")
 class MoEConfig:
+    """Mixture of experts: routed + shared experts, aux-loss-free routing."""
+
     use_moe: bool = True  # False: every layer is a dense SwiGLU MLP
     num_experts: int = 8  # routed experts
-    top_k: int = 2
+    top_k: int = 2  # routed experts per token
     expert_hidden: int | None = None  # F, each expert's SwiGLU width; None -> model.intermediate_size // top_k
     n_shared_experts: int = 1  # always-on experts, fused into one SwiGLU of n_shared * expert_hidden
     score_func: str = "sigmoid"  # "sigmoid" (K2 / V3) or "softmax"
@@ -125,32 +196,27 @@ class MoEConfig:
             raise ConfigError(f"moe.first_k_dense_replace={self.first_k_dense_replace} must be in [0, {n_layer}]")
 
 
-@dataclass
+@section("model")
 class KimiConfig:
     """The model's config: everything `KimiModel` needs, and nothing else."""
 
-    n_layer: int = 2
-    n_head: int = 4
-    n_embd: int = 128
-    vocab_size: int = 512
+    n_layer: int = 2  # transformer blocks
+    n_head: int = 4  # attention heads
+    n_embd: int = 128  # model width D
+    vocab_size: int = 512  # embedding rows; must cover the tokenizer's ids (gpt2: 50257, byte: 257)
     block_size: int = 128  # longest context (RoPE table and KV cache size)
     intermediate_size: int | None = None  # dense SwiGLU hidden; None -> 4 * n_embd (rounded)
-    rms_norm_eps: float = 1e-6
-    tie_embeddings: bool = False
-    init_std: float = 0.02
+    rms_norm_eps: float = 1e-6  # RMSNorm epsilon
+    tie_embeddings: bool = False  # share the input embedding with the output head
+    init_std: float = 0.02  # std of the normal init of weights
     # Baseline switches (kimi.bench builds the nanoGPT / GPT-2 equivalent from these); defaults are K2's.
     mlp: str = "swiglu"  # "swiglu" or "gelu" (GPT-2: down(gelu(up(x))), hidden 4 * n_embd by default)
     pos_emb: str = "rope"  # "rope" or "learned" (a block_size x n_embd position table added to the input)
     norm: str = "rmsnorm"  # "rmsnorm" or "layernorm" (no bias, eps 1e-5, as nanoGPT with bias=False)
-    attention: AttentionConfig = field(default_factory=AttentionConfig)
-    moe: MoEConfig = field(default_factory=MoEConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)  # takes a dict too
+    moe: MoEConfig = field(default_factory=MoEConfig)  # takes a dict too
 
     def __post_init__(self) -> None:
-        # The programmatic form `KimiConfig(..., moe={"use_moe": True, ...})` takes dicts too.
-        if isinstance(self.attention, dict):
-            self.attention = from_dict(AttentionConfig, self.attention, "attention")
-        if isinstance(self.moe, dict):
-            self.moe = from_dict(MoEConfig, self.moe, "moe")
         if self.intermediate_size is None:  # GELU: GPT-2's 4x; SwiGLU: its 4x-equivalent in parameters
             self.intermediate_size = 4 * self.n_embd if self.mlp == "gelu" else _round_up(int(8 * self.n_embd / 3), 64)
         if self.moe.expert_hidden is None:
@@ -179,23 +245,25 @@ class KimiConfig:
         return self.moe.use_moe and layer_idx >= self.moe.first_k_dense_replace
 
 
-@dataclass
+@section("optim")
 class OptimConfig:
+    """Optimizer: Muon/AdamW, QK-clip, learning-rate schedule."""
+
     name: str = "muon"  # "muon" (Muon for hidden matrices + AdamW for the rest) or "adamw"
-    lr: float = 3e-3
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    momentum: float = 0.95  # Muon
-    nesterov: bool = True
-    ns_steps: int = 5
+    lr: float = 3e-3  # peak learning rate
+    weight_decay: float = 0.1  # decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas (on the command line: [0.9,0.95] or 0.9,0.95)
+    eps: float = 1e-8  # AdamW epsilon
+    momentum: float = 0.95  # Muon momentum
+    nesterov: bool = True  # Muon: Nesterov momentum
+    ns_steps: int = 5  # Muon: Newton-Schulz iterations
     ns_dtype: str = "auto"  # Newton-Schulz dtype: "auto" (bf16 on CUDA and CPUs with native bf16), "bf16", "fp32"
     qk_clip: bool = True  # MuonClip: rescale q/k weights of heads whose max logit exceeds tau
-    qk_clip_tau: float = 100.0
+    qk_clip_tau: float = 100.0  # QK-clip threshold on the max pre-softmax logit
     schedule: str = "cosine"  # "cosine", "wsd" (warmup-stable-decay, K2) or "constant"
-    warmup_steps: int = 10
+    warmup_steps: int = 10  # linear warmup from 0
     decay_fraction: float = 0.2  # WSD: the last fraction of training decays
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
     grad_clip: float = 1.0  # global-norm clip; 0 disables
 
     def validate(self) -> None:
@@ -209,31 +277,33 @@ class OptimConfig:
             raise ConfigError(f"optim.ns_dtype={self.ns_dtype!r} is not one of 'auto', 'bf16', 'fp32'")
 
 
-@dataclass
+@section("train")
 class TrainConfig:
-    max_steps: int = 20
+    """The run: steps, batch, device, evaluation, checkpoints."""
+
+    max_steps: int = 20  # optimizer steps
     global_batch_size: int = 8  # sequences per optimizer step, whatever the number of processes
     micro_batch_size: int = 8  # sequences per forward; accumulation = global / (micro * dp)
-    seed: int = 1337
+    seed: int = 1337  # model init and data order
     device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda"
     dtype: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16", "fp32"
-    compile: bool = False
-    activation_checkpointing: bool = False
-    log_interval: int = 1
+    compile: bool = False  # torch.compile each block
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
+    log_interval: int = 1  # steps between log lines
     eval_interval: int = 0  # 0: no validation
-    eval_batches: int = 4
+    eval_batches: int = 4  # validation batches per evaluation
     ckpt_interval: int = 0  # 0: only at the end
-    keep_last: int = 2
-    keep_best: bool = True
-    out_dir: str = "out/debug"
+    keep_last: int = 2  # step checkpoints kept
+    keep_best: bool = True  # also keep the checkpoint with the best validation loss
+    out_dir: str = "out/debug"  # checkpoints, metrics.jsonl, plots
     profile: bool = False  # time the all-to-alls and the optimizer step per step (adds syncs; for benches)
     resume: bool | None = None  # None: resume when out_dir has a checkpoint; True: must; False: must not
     # A step whose loss or gradient norm is NaN/inf (on any rank) never reaches the weights. "stop": end the
     # run there with one line and exit code 4 (checkpoints/latest stays on the last good checkpoint).
     # "skip": drop that step's update (no optimizer step, QK-clip or router-bias update; the data and the
     # lr schedule still advance) and go on; stop as above after more than max_nonfinite_skips in a row.
-    nonfinite: str = "stop"
-    max_nonfinite_skips: int = 3
+    nonfinite: str = "stop"  # a NaN/inf step: "stop" the run (exit code 4) or "skip" its update
+    max_nonfinite_skips: int = 3  # "skip": stop after more than this many in a row
 
     def validate(self) -> None:
         if self.micro_batch_size < 1 or self.global_batch_size < 1:
@@ -254,8 +324,10 @@ class TrainConfig:
             raise ConfigError(f"train.max_nonfinite_skips={self.max_nonfinite_skips} must be >= 0")
 
 
-@dataclass
+@section("data")
 class DataConfig:
+    """Training data: dataset, tokenizer, and how `kimi.prepare` writes shards."""
+
     dataset: str = "toy"  # "toy" (random tokens, zero setup) or a directory written by `kimi.prepare`
     tokenizer_name: str = "gpt2"  # "gpt2" or "byte" (257 ids); must match what `kimi.prepare --tokenizer` used
     block_size: int | None = None  # training window; None -> model.block_size
@@ -265,37 +337,51 @@ class DataConfig:
     # Check each shard's sha256 against the manifest: the first open of a file reads it all (seconds per GB),
     # later opens reuse the cached verdict while its size and mtime are unchanged. Sizes and headers are
     # always checked.
-    verify_shards: bool = True
+    verify_shards: bool = True  # check each shard's sha256 against the manifest
 
 
-@dataclass
+@section("parallel.deepspeed")
+class DeepSpeedConfig:
+    """DeepSpeed ZeRO (read when parallel.engine=deepspeed)."""
+
+    zero_stage: int = 1  # ZeRO stage 1 (optimizer state) or 2 (+ gradients) partitioned over ranks
+    config: str | None = None  # a JSON file merged over the DeepSpeed config generated from ours
+
+    def __post_init__(self) -> None:
+        if self.zero_stage == 3:
+            # DeepSpeed's MoE refuses ZeRO-3 (it points to AutoEP), and AutoEP's presets reject aux-loss-free bias.
+            raise ConfigError(
+                "parallel.deepspeed.zero_stage=3 is not supported (DeepSpeed ZeRO-3 does not take our "
+                "expert-parallel MoE); use 1 or 2"
+            )
+        if self.zero_stage not in (1, 2):
+            raise ConfigError(f"parallel.deepspeed.zero_stage={self.zero_stage} must be 1 or 2")
+
+
+@section("parallel")
 class ParallelConfig:
+    """Parallelism: the process mesh and the engine that wraps the model."""
+
     dp_replicate: int = 1  # HSDP replicas (groups that each hold a full FSDP-sharded copy)
     dp_shard: int = -1  # FSDP degree; -1: the rest of the world
     ep: int = 1  # expert-parallel degree (divides num_experts)
     backend: str = "auto"  # "auto" (nccl on CUDA, gloo on CPU), "nccl", "gloo"
     engine: str = "fsdp2"  # what wraps the model and steps it: "fsdp2" or "deepspeed" (kimi/engine/)
-    zero_stage: int = 1  # deepspeed: ZeRO stage 1 (optimizer state) or 2 (+ gradients) partitioned over ranks
-    deepspeed_config: str | None = None  # deepspeed: a JSON file merged over the config generated from ours
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)  # takes a dict too
 
     def __post_init__(self) -> None:
         if self.engine not in ("fsdp2", "deepspeed"):
             raise ConfigError(f"parallel.engine={self.engine!r} is not one of 'fsdp2', 'deepspeed'")
-        if self.zero_stage == 3:
-            # DeepSpeed's MoE refuses ZeRO-3 (it points to AutoEP), and AutoEP's presets reject aux-loss-free bias.
-            raise ConfigError(
-                "parallel.zero_stage=3 is not supported (DeepSpeed ZeRO-3 does not take our expert-parallel MoE); use 1 or 2"
-            )
-        if self.zero_stage not in (1, 2):
-            raise ConfigError(f"parallel.zero_stage={self.zero_stage} must be 1 or 2")
 
 
-@dataclass
+@section("logging")
 class LoggingConfig:
-    mlflow: bool = True
+    """Experiment tracking: MLflow, plots."""
+
+    mlflow: bool = True  # log params, metrics and plots to MLflow (metrics.jsonl is always written)
     tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///<out_dir>/mlflow.db
-    experiment: str = "nanokimi"
-    run_name: str | None = None
+    experiment: str = "nanokimi"  # MLflow experiment name
+    run_name: str | None = None  # MLflow run name; None: MLflow picks one
     system_metrics_interval: float = 10.0  # seconds between CPU/RSS/GPU-memory samples
     flush_interval: float = 5.0  # seconds between MLflow log_batch calls
     retry_interval: float = 60.0  # after an MLflow failure (warned once), seconds between reconnection attempts
@@ -303,8 +389,10 @@ class LoggingConfig:
     plot_log_y: bool = False  # log-scale y axis for the loss curve drawn at the end of the run
 
 
-@dataclass
+@section("")
 class Config:
+    """The whole tree."""
+
     model: KimiConfig = field(default_factory=KimiConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -339,6 +427,14 @@ class Config:
 
 # Top-level sections that live inside another one.
 _ALIASES = {"attention": ("model", "attention"), "moe": ("model", "moe")}
+# Keys that moved, old spelling -> new. The old one still reads (command line, YAML, configs inside old
+# checkpoints), and errors name the key as the user spelled it.
+_MOVED = {
+    "parallel.zero_stage": "parallel.deepspeed.zero_stage",
+    "parallel.deepspeed_config": "parallel.deepspeed.config",
+}
+# pydantic's error types -> what the value should have been.
+_EXPECTED = {"int": "an integer", "float": "a number", "bool": "true or false", "string": "a string"}
 
 
 def _round_up(x: int, m: int) -> int:
@@ -358,97 +454,77 @@ def _suggest(key: str, valid: typing.Iterable[str]) -> str:
     return f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(sorted(valid))}"
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check (and, for strings from the command line, parse) `value` against the annotation `tp`."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: cannot be None")
-    if origin is tuple:
-        if isinstance(value, str):
-            value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}={value!r} should be a list like [0.9, 0.95]")
-        inner = typing.get_args(tp)
-        if len(inner) != len(value):
-            raise ConfigError(f"{key}={value!r} should have {len(inner)} entries")
-        return tuple(_coerce(v, t, key) for v, t in zip(value, inner))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return value.lower() in ("true", "1", "yes", "on")
-        raise ConfigError(f"{key}={value!r} should be true or false")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} should be an integer")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(float(value)) if float(value).is_integer() else int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}={value!r} should be an integer")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} should be a number")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}={value!r} should be a number")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}={value!r} should be a string")
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if isinstance(value, dict):
-            return from_dict(tp, value, key)
-        raise ConfigError(f"{key} should be a mapping of {tp.__name__} fields")
-    return value
+def config_error(err: pydantic.ValidationError, root: type, prefix: str = "") -> ConfigError:
+    """pydantic's multi-line ValidationError for section `root` as one ConfigError line: the dotted key
+    (under `prefix`), the bad value and what was expected; a ConfigError raised by a section's own checks
+    comes back as it was."""
+    e = err.errors(include_url=False)[0]
+    if isinstance((e.get("ctx") or {}).get("error"), ConfigError):
+        return e["ctx"]["error"]
+    keys, owner, tp = [], root, root
+    for part in e["loc"]:  # the field names, down to the first non-section (a tuple's index)
+        if not (isinstance(part, str) and dataclasses.is_dataclass(tp)):
+            break
+        owner, fields = tp, tp.__pydantic_fields__
+        keys.append(part)
+        tp = fields[part].annotation if part in fields else None
+    key = ".".join([prefix, *keys] if prefix else keys) or root.__name__
+    value, kind = e["input"], e["type"]
+    if kind == "unexpected_keyword_argument":
+        valid = list(owner.__pydantic_fields__)
+        if owner is Config:
+            return ConfigError(f"unknown config section '{keys[-1]}'{_suggest(keys[-1], valid + list(_ALIASES))}")
+        return ConfigError(f"unknown config key '{key}'{_suggest(keys[-1], valid)}")
+    if kind in ("dataclass_type", "dataclass_args_type"):
+        return ConfigError(f"{key} should be a mapping of {getattr(tp, '__name__', 'config')} fields, got {value!r}")
+    if typing.get_origin(tp) is tuple and kind in ("tuple_type", "missing", "too_short", "too_long"):
+        n = len(typing.get_args(tp))
+        return ConfigError(f"{key}={value!r} should be a list of {n} entries like {_plain(_default(owner, keys[-1]))}")
+    expected = _EXPECTED.get(kind.split("_")[0])
+    if expected:
+        return ConfigError(f"{key}={value!r} should be {expected}")
+    return ConfigError(f"{key}={value!r}: {e['msg']}")
 
 
-def _fields(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+def _default(cls: type, name: str) -> Any:
+    f = cls.__pydantic_fields__[name]
+    return f.default_factory() if f.default_factory else f.default
 
 
-def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass `cls` from a (nested) dict, checking every key and type."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or cls.__name__} should be a mapping, got {type(data).__name__}")
-    fields = _fields(cls)
-    kwargs = {}
-    for key, value in data.items():
-        name = f"{prefix}.{key}" if prefix else key
-        if key not in fields:
-            raise ConfigError(f"unknown config key '{name}'{_suggest(key, fields)}")
-        kwargs[key] = _coerce(value, fields[key], name)
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build section `cls` from a (nested) dict, checking every key and type; `prefix` names it in errors."""
     try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except TypeError as e:
-        raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+        return _adapter(cls).validate_python(data)
+    except pydantic.ValidationError as e:
+        raise config_error(e, cls, prefix) from None
+
+
+@functools.cache
+def _adapter(cls: type) -> pydantic.TypeAdapter:
+    return pydantic.TypeAdapter(cls)
+
+
+def merge_dicts(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `base` with `over` merged in: nested dicts merge key by key, anything else in `over` wins."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def flatten_dict(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"model": {"moe": {"top_k": 2}}} -> {"model.moe.top_k": 2}; a non-empty `prefix` goes before each key."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        out.update(flatten_dict(v, key) if isinstance(v, dict) else {key: v})
+    return out
+
+
+def _nested(dotted: str, value: Any) -> dict[str, Any]:
+    for part in reversed(dotted.split(".")):
+        value = {part: value}
+    return value
 
 
 def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
@@ -462,24 +538,17 @@ def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
 def _normalise(tree: dict[str, Any]) -> dict[str, Any]:
-    """Move top-level `attention:` / `moe:` sections under `model:`."""
+    """Move top-level `attention:` / `moe:` sections under `model:`, and moved keys to their new place
+    (where a tree holds both spellings, the new one wins)."""
     out: dict[str, Any] = {}
     for k, v in tree.items():
-        if k in _ALIASES:
-            out = _merge(out, {_ALIASES[k][0]: {_ALIASES[k][1]: v}})
-        else:
-            out = _merge(out, {k: v})
+        out = merge_dicts(out, {_ALIASES[k][0]: {_ALIASES[k][1]: v}} if k in _ALIASES else {k: v})
+    for old, new in _MOVED.items():
+        section, key = old.split(".")
+        if isinstance(out.get(section), dict) and key in out[section]:
+            out[section] = dict(out[section])  # the caller's tree stays as it was
+            out = merge_dicts(_nested(new, out[section].pop(key)), out)
     return out
 
 
@@ -499,7 +568,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
-    """`['--moe.num_experts=16', '--train.compile', 'true']` -> nested dict (values still strings)."""
+    """`['--moe.num_experts=16', '--train.compile', 'true']` -> nested dict (values as YAML reads them)."""
     tree: dict[str, Any] = {}
     i = 0
     while i < len(args):
@@ -517,42 +586,28 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return tree
 
 
+def _build(*trees: dict[str, Any]) -> Config:
+    """Defaults < trees[0] < trees[1] < ..., validated; errors name moved keys as the trees spell them."""
+    merged: dict[str, Any] = {}
+    for tree in trees:
+        merged = merge_dicts(merged, _normalise(tree))
+    try:
+        return from_dict(Config, merged).validate()
+    except ConfigError as e:
+        msg = str(e)
+        for old, new in _MOVED.items():
+            if any(old in flatten_dict(tree) for tree in trees):
+                msg = msg.replace(new, old)
+        raise ConfigError(msg) from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
     """Defaults < YAML file < overrides (a list of `--section.key=value` or a nested dict)."""
-    tree = _normalise(load_yaml(path)) if path else {}
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
-    if overrides:
-        tree = _merge(tree, _normalise(overrides))
-    for section in tree:
-        if section not in _fields(Config):
-            raise ConfigError(
-                f"unknown config section '{section}'{_suggest(section, list(_fields(Config)) + list(_ALIASES))}"
-            )
-    return from_dict(Config, tree).validate()
+    return _build(load_yaml(path) if path else {}, overrides or {})
 
 
 def config_from_dict(tree: dict[str, Any]) -> Config:
-    """Rebuild a Config from `Config.to_dict()` (e.g. the copy stored in a checkpoint)."""
-    return from_dict(Config, _normalise(tree)).validate()
-
-
-def merge_dicts(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """`over` merged into a copy of `base`, recursively for nested dicts."""
-    return _merge(base, over)
-
-
-def flatten_dict(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flatten_dict(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def config_help() -> str:
-    """Every config field with its type, default and doc (placeholder until the config library lands)."""
-    return ""
+    """Rebuild a Config from `Config.to_dict()` (e.g. the copy stored in a checkpoint, old spellings included)."""
+    return _build(tree)

@@ -94,7 +94,7 @@ def dry_run(cfg: Config) -> dict[str, float]:
         f"gradient accumulation {accum}"
     )
     names = list(plan["engines"])
-    heads = [f"{n}{' ZeRO-' + str(cfg.parallel.zero_stage) if n == 'deepspeed' else ''}" for n in names]
+    heads = [f"{n}{' ZeRO-' + str(cfg.parallel.deepspeed.zero_stage) if n == 'deepspeed' else ''}" for n in names]
     heads = [f"{h}{' *' if n == cfg.parallel.engine else ''}" for h, n in zip(heads, names)]
     print("per-GPU memory (estimate; * = parallel.engine):  " + " ".join(f"{h:>20}" for h in heads))
     for k in ("params", "grads", "optim", "activations", "total"):

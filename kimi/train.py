@@ -30,7 +30,8 @@ import torch
 import torch.distributed as dist
 
 from kimi.checkpoint import Checkpointer, CheckpointError
-from kimi.config import Config, ConfigError, config_help, load_config
+from kimi.config import Config, ConfigError, load_config
+from kimi.config_help import config_help
 from kimi.engine import build_engine, engine_class
 from kimi.runtime import datasheet_peak_flops, setup_runtime
 from kimi.trainer.console import StepLogger

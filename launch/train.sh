@@ -4,7 +4,7 @@
 #
 #   NGPU=8 CONFIG=configs/small.yaml ./launch/train.sh --train.max_steps=1000 --parallel.ep=8
 #   ./launch/train.sh --train.max_steps=5            # CPU-only machine: 2 processes, configs/debug.yaml
-#   ENGINE=deepspeed ./launch/train.sh --parallel.zero_stage=2 --parallel.ep=2   # DeepSpeed ZeRO-2 + our EP
+#   ENGINE=deepspeed ./launch/train.sh --parallel.deepspeed.zero_stage=2 --parallel.ep=2   # DeepSpeed ZeRO-2 + our EP
 #
 # This is launch/multinode.sh with NNODES=1 and no MASTER_ADDR; its knobs follow.
 set -euo pipefail

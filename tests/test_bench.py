@@ -15,7 +15,6 @@ from torch import nn
 
 from kimi.bench.compare import full_split_loss, tokens_to_reach
 from kimi.bench.variants import (
-    _merge,
     _width_overrides,
     baseline_at_total,
     build_variants,
@@ -23,7 +22,7 @@ from kimi.bench.variants import (
     nanogpt_overrides,
     param_counts,
 )
-from kimi.config import ConfigError, load_config
+from kimi.config import ConfigError, load_config, merge_dicts
 from kimi.data.dataset import ToyDataset
 from kimi.model import KimiModel
 
@@ -112,7 +111,7 @@ def test_variants_match_active_non_embedding_params():
         # The FFN width is rounded to 8: the count lands within half of what 8 more units would add (with
         # 8 active experts + 1 shared that is ~2% of the target, with top-2 under 1%).
         h = cfg.model.moe.expert_hidden if cfg.model.moe.use_moe else cfg.model.intermediate_size
-        wider = _merge(v.overrides, _width_overrides(cfg, h + 8))  # the FFN widths kimi.bench solves, +8
+        wider = merge_dicts(v.overrides, _width_overrides(cfg, h + 8))  # the FFN widths kimi.bench solves, +8
         step = param_counts(load_config(BYTE, wider))["params_active_non_embedding"] - active
         assert 0 < step < 0.05 * target and abs(active - target) <= step / 2, (v.name, active, target, step)
     kimi = param_counts(load_config(BYTE, variants[3].overrides))

@@ -1,12 +1,27 @@
 """The config tree (precedence, aliases, errors) and the shipped configs (complete, within 15% of their size)."""
 
+import dataclasses
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from kimi.config import Config, ConfigError, KimiConfig, config_from_dict, load_config, parse_overrides
+from kimi.config import (
+    Config,
+    ConfigError,
+    DeepSpeedConfig,
+    KimiConfig,
+    MoEConfig,
+    OptimConfig,
+    TrainConfig,
+    config_from_dict,
+    flatten_dict,
+    load_config,
+    merge_dicts,
+    parse_overrides,
+)
+from kimi.config_help import config_help, field_docs, sections
 from kimi.summary import main as summary_main
 from kimi.summary import summary_lines
 
@@ -106,3 +121,126 @@ def test_summary_cli(capsys):
 
 def test_full_tree_defaults_validate():
     assert Config().validate().model.moe.expert_hidden is not None
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+# tests/fixtures/config_a916084.yaml: the config.yaml inside a checkpoint written by commit a916084 (before the
+# config tree moved onto pydantic and DeepSpeed's fields into parallel.deepspeed), from
+#   python -m kimi.train --config configs/debug.yaml --train.max_steps=1 --logging.mlflow=false \
+#       --train.out_dir=/tmp/cfgfix
+OLD_RUN = ["--train.max_steps=1", "--logging.mlflow=false", "--train.out_dir=/tmp/cfgfix"]
+
+
+def test_config_stored_by_an_old_checkpoint_still_loads(tmp_path):
+    from kimi.checkpoint import config_changes
+
+    old = FIXTURES / "config_a916084.yaml"
+    now = load_config(CONFIGS / "debug.yaml", OLD_RUN)
+    assert config_from_dict(yaml.safe_load(old.read_text())) == now
+    # Resuming it with the same settings reports no change (a renamed field is no spurious difference) ...
+    (tmp_path / "config.yaml").write_text(old.read_text())
+    assert config_changes(tmp_path, now) == []
+    # ... and a real change is still seen.
+    assert config_changes(tmp_path, load_config(CONFIGS / "debug.yaml", [*OLD_RUN, "--optim.lr=0.001"])) == [
+        "optim.lr 0.003 -> 0.001"
+    ]
+
+
+@pytest.mark.parametrize(
+    "build, needle",
+    [
+        (lambda: KimiConfig(n_layer="four"), "model.n_layer='four' should be an integer"),
+        (lambda: KimiConfig(moe={"top_k": "two"}), "model.moe.top_k='two' should be an integer"),
+        (lambda: MoEConfig(top_kk=2), "unknown config key 'moe.top_kk'; did you mean 'top_k'?"),
+        (lambda: OptimConfig(lr="fast"), "optim.lr='fast' should be a number"),
+        (lambda: TrainConfig(compile="maybe"), "train.compile='maybe' should be true or false"),
+        (lambda: DeepSpeedConfig(zero_stage=3), "parallel.deepspeed.zero_stage=3 is not supported"),
+    ],
+    ids=["model", "nested-dict", "unknown-key", "optim", "train", "deepspeed"],
+)
+def test_sections_built_in_python_raise_one_line_config_errors(build, needle):
+    with pytest.raises(ConfigError) as e:
+        build()
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_command_line_text_reads_as_the_fields_type():
+    cfg = load_config(
+        None,
+        [
+            "--model.n_layer=3",
+            "--optim.lr=1e-3",
+            "--data.shard_tokens=5e7",
+            "--optim.betas=0.8,0.9",
+            "--logging.run_name=123",
+            "--logging.tracking_uri=none",
+            "--attention.q_lora_rank=null",
+            "--train.resume=None",
+        ],
+    )
+    assert (cfg.model.n_layer, cfg.optim.lr, cfg.data.shard_tokens, cfg.optim.betas) == (
+        3,
+        1e-3,
+        50_000_000,
+        (0.8, 0.9),
+    )
+    assert cfg.logging.run_name == "123"
+    assert cfg.logging.tracking_uri is None and cfg.model.attention.q_lora_rank is None and cfg.train.resume is None
+    for word, value in {
+        "true": True,
+        "yes": True,
+        "on": True,
+        "1": True,
+        "false": False,
+        "no": False,
+        "0": False,
+    }.items():
+        assert load_config(None, [f"--train.compile={word}"]).train.compile is value, word
+    with pytest.raises(ConfigError, match="model.n_layer=True should be an integer"):  # not 1
+        load_config(None, ["--model.n_layer=true"])
+    with pytest.raises(ConfigError, match=r"optim.betas=\[0.8\] should be a list of 2 entries"):
+        load_config(None, ["--optim.betas=[0.8]"])
+
+
+def test_deepspeed_fields_live_in_their_own_section_and_the_old_spelling_still_reads(tmp_path):
+    new = load_config(None, ["--parallel.deepspeed.zero_stage=2", "--parallel.deepspeed.config=ds.json"])
+    assert new.parallel.deepspeed == DeepSpeedConfig(zero_stage=2, config="ds.json")
+    assert "zero_stage" not in new.to_dict()["parallel"]  # stored in the new place only
+    old = load_config(write(tmp_path, "parallel:\n  zero_stage: 2\n"), ["--parallel.deepspeed_config=ds.json"])
+    assert old == new
+    assert config_from_dict({"parallel": {"zero_stage": 2, "deepspeed_config": "ds.json"}}) == new
+    # An error names the key as it was spelled.
+    with pytest.raises(ConfigError, match=r"^parallel.zero_stage=3 is not supported"):
+        load_config(None, ["--parallel.zero_stage=3"])
+    with pytest.raises(ConfigError, match=r"^parallel.deepspeed.zero_stage=3 is not supported"):
+        load_config(None, ["--parallel.deepspeed.zero_stage=3"])
+
+
+def test_config_help_lists_every_field_with_type_default_and_doc():
+    text = config_help()
+    lines = text.splitlines()
+    n = 0
+    for name, cls in sections():
+        short = {"model.attention": "attention", "model.moe": "moe"}.get(name, name)
+        assert any(ln.startswith(f"{short}") and ln.endswith(cls.__doc__.splitlines()[0]) for ln in lines), name
+        default = cls()
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(getattr(default, f.name)):
+                continue
+            doc = field_docs(cls).get(f.name, "")
+            assert doc, f"{name}.{f.name} has no comment beside it (its --help text)"
+            row = next((ln for ln in lines if ln.split()[:1] == [f"--{short}.{f.name}"]), None)
+            assert row is not None, f"--{short}.{f.name}"
+            shown = yaml.safe_load(row.split("(default ", 1)[1].split(")  ", 1)[0])
+            want = list(f.default) if isinstance(f.default, tuple) else f.default  # leaves have plain defaults
+            assert shown == want and row.endswith(doc), row
+            n += 1
+    assert n > 80
+
+
+def test_merge_and_flatten_dicts():
+    base = {"a": {"b": 1, "c": 2}, "d": 3}
+    assert merge_dicts(base, {"a": {"c": 9}, "e": {"f": 1}}) == {"a": {"b": 1, "c": 9}, "d": 3, "e": {"f": 1}}
+    assert base == {"a": {"b": 1, "c": 2}, "d": 3}  # untouched
+    assert flatten_dict({"a": {"b": {"c": 1}, "d": None}, "e": (1, 2)}) == {"a.b.c": 1, "a.d": None, "e": (1, 2)}
+    assert flatten_dict({"x": 1}, "p") == {"p.x": 1}

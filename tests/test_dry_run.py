@@ -28,7 +28,7 @@ def test_medium_dry_run_prints_the_plan():
 def test_deepspeed_memory_zero2_partitions_gradients():
     cfg = load_config(ROOT / "configs" / "medium.yaml", ["--parallel.dp_shard=8", "--parallel.ep=8"])
     z1 = memory_plan(cfg, 8)["engines"]["deepspeed"]
-    cfg.parallel.zero_stage = 2
+    cfg.parallel.deepspeed.zero_stage = 2
     z2 = memory_plan(cfg, 8)["engines"]["deepspeed"]
     assert z2["grads"] < z1["grads"] / 4 and z2["params"] == z1["params"]
 

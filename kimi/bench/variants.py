@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from kimi.config import Config, load_config
+from kimi.config import Config, flatten_dict, load_config, merge_dicts
 
 
 def nanogpt_overrides(cfg: Config, lr: float) -> dict[str, Any]:
@@ -67,22 +67,12 @@ class Variant:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> list[str]:
+def flatten(tree: dict[str, Any]) -> list[str]:
     """{'moe': {'top_k': 2}} -> ['--moe.top_k=2'] (lists as [a,b], None as null)."""
     out = []
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out += flatten(v, f"{prefix}{k}.")
-        else:
-            val = "null" if v is None else (f"[{','.join(map(str, v))}]" if isinstance(v, (list, tuple)) else v)
-            out.append(f"--{prefix}{k}={val}")
+    for key, v in flatten_dict(tree).items():
+        val = "null" if v is None else (f"[{','.join(map(str, v))}]" if isinstance(v, (list, tuple)) else v)
+        out.append(f"--{key}={val}")
     return out
 
 
@@ -126,12 +116,12 @@ def match_active(
     cfg = load_config(config_path, overrides)
 
     def count(h: int) -> int:
-        return measure(load_config(config_path, _merge(overrides, _width_overrides(cfg, h))))
+        return measure(load_config(config_path, merge_dicts(overrides, _width_overrides(cfg, h))))
 
     a, b = count(multiple), count(2 * multiple)
     slope = (b - a) / multiple
     h = max(multiple, round((multiple + (target - a) / slope) / multiple) * multiple)
-    return _merge(overrides, _width_overrides(cfg, h))
+    return merge_dicts(overrides, _width_overrides(cfg, h))
 
 
 def build_variants(
@@ -147,7 +137,11 @@ def build_variants(
         raise ValueError(f"unknown ablation(s) {', '.join(unknown)}; choose from {', '.join(ABLATIONS)}")
     out = [
         Variant(
-            f"nanogpt_lr{lr:g}", _merge(base, nanogpt_overrides(cfg, lr)), "nanoGPT-equivalent baseline", "nanogpt", lr
+            f"nanogpt_lr{lr:g}",
+            merge_dicts(base, nanogpt_overrides(cfg, lr)),
+            "nanoGPT-equivalent baseline",
+            "nanogpt",
+            lr,
         )
         for lr in baseline_lrs
     ]
@@ -156,7 +150,7 @@ def build_variants(
         ("kimi", ({}, "nanoKimi recipe (the bench config)")),
         *((a, ABLATIONS[a]) for a in ablations),
     ]:
-        ov = _merge(base, ov)
+        ov = merge_dicts(base, ov)
         out.append(Variant(name, match_active(config_path, ov, target) if match else ov, about, name))
     return out, target
 

@@ -15,7 +15,7 @@ What is ours and what is DeepSpeed's:
   partition per group: AdamW and momentum are elementwise, and Newton-Schulz runs on whole matrices cut
   from an all-gather of the partitions (kimi/optim/zero_muon.py), so the update is the FSDP2 engine's.
 - The lr schedule, gradient clipping value, accumulation and batch sizes come from our config; the JSON
-  DeepSpeed reads is generated from it (`ds_config`), and `parallel.deepspeed_config` may override it.
+  DeepSpeed reads is generated from it (`ds_config`), and `parallel.deepspeed.config` may override it.
 - Precision: bf16 on GPU (DeepSpeed casts parameters, keeps fp32 master weights in the ZeRO partitions
   and fp32 buffers), fp32 on CPU.
 - Checkpoints: DeepSpeed's save_checkpoint/load_checkpoint as the writer/reader inside our atomic step
@@ -25,7 +25,7 @@ What is ours and what is DeepSpeed's:
   rank); `read_model_state` reads the weights on one process (generate, evaluate, convert).
 - A NaN/inf step (train.nonfinite=skip) goes through DeepSpeed's own overflow path: nothing is stepped.
 
-Refused: ZeRO-3 (parallel.zero_stage=3: DeepSpeed's native MoE refuses it, AutoEP rejects aux-loss-free
+Refused: ZeRO-3 (parallel.deepspeed.zero_stage=3: DeepSpeed's native MoE refuses it, AutoEP rejects aux-loss-free
 bias), HSDP (dp_replicate > 1), a user JSON that sets its own optimizer or scheduler, or ZeRO offload. DeepSpeed's
 MuonWithAuxAdam is not offered: it has no QK-clip and had silent-correctness bugs; ours runs instead.
 """
@@ -42,14 +42,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from kimi.checkpoint import CheckpointError, read_meta
-from kimi.config import ConfigError, OptimConfig, ParallelConfig, TrainConfig
+from kimi.config import ConfigError, OptimConfig, ParallelConfig, TrainConfig, merge_dicts
 from kimi.engine.base import Engine
 
 _FORBIDDEN_KEYS = ("optimizer", "scheduler")  # ours come from optim.*; DeepSpeed's would replace them
 
 
 def ds_config(optim: OptimConfig, parallel: ParallelConfig, t: TrainConfig, world: int, bf16: bool) -> dict[str, Any]:
-    """The DeepSpeed JSON generated from our config, with `parallel.deepspeed_config` merged over it."""
+    """The DeepSpeed JSON generated from our config, with `parallel.deepspeed.config` merged over it."""
     accum = t.global_batch_size // (t.micro_batch_size * world)
     gen = {
         "train_batch_size": t.micro_batch_size * accum * world,
@@ -60,7 +60,7 @@ def ds_config(optim: OptimConfig, parallel: ParallelConfig, t: TrainConfig, worl
         # bf16 parameters, but gradients reduced in fp32, as the FSDP2 engine does
         "communication_data_type": "fp32" if bf16 else None,
         "zero_optimization": {
-            "stage": parallel.zero_stage,
+            "stage": parallel.deepspeed.zero_stage,
             "reduce_scatter": True,  # DeepSpeed's MoE path needs it (expert grads reduced over their group)
             "contiguous_gradients": True,
             "overlap_comm": False,
@@ -70,35 +70,28 @@ def ds_config(optim: OptimConfig, parallel: ParallelConfig, t: TrainConfig, worl
         "steps_per_print": 2**31 - 1,  # our loop logs
         "wall_clock_breakdown": False,
     }
-    path = parallel.deepspeed_config
+    path = parallel.deepspeed.config
     if path:
         try:
             user = json.loads(Path(path).read_text())
         except FileNotFoundError:
-            raise ConfigError(f"parallel.deepspeed_config: file '{path}' does not exist") from None
+            raise ConfigError(f"parallel.deepspeed.config: file '{path}' does not exist") from None
         except ValueError as e:
-            raise ConfigError(f"parallel.deepspeed_config: '{path}' is not valid JSON: {e}") from None
+            raise ConfigError(f"parallel.deepspeed.config: '{path}' is not valid JSON: {e}") from None
         bad = [k for k in _FORBIDDEN_KEYS if k in user]
         if bad:
-            raise ConfigError(f"parallel.deepspeed_config sets {', '.join(bad)}; these come from optim.* (remove them)")
-        gen = _merge(gen, user)
+            raise ConfigError(f"parallel.deepspeed.config sets {', '.join(bad)}; these come from optim.* (remove them)")
+        gen = merge_dicts(gen, user)
     zero = gen.get("zero_optimization", {})
     if zero.get("stage", 0) not in (1, 2):
         raise ConfigError(
-            f"ZeRO stage {zero.get('stage', 0)} from parallel.deepspeed_config is not supported; use 1 or 2"
+            f"ZeRO stage {zero.get('stage', 0)} from parallel.deepspeed.config is not supported; use 1 or 2"
         )
     for k in ("offload_optimizer", "offload_param"):
         if (zero.get(k) or {}).get("device", "none") != "none":
             # Our Muon all-gathers its partitions on the accelerator; offloaded (CPU) partitions are untested.
-            raise ConfigError(f"zero_optimization.{k} in parallel.deepspeed_config is not supported by this engine")
+            raise ConfigError(f"zero_optimization.{k} in parallel.deepspeed.config is not supported by this engine")
     return gen
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 # ----------------------------------------------------------------------------- experts as DeepSpeed MoE params
@@ -242,7 +235,7 @@ class DeepSpeedEngine(Engine):
         if not isinstance(zero, DeepSpeedZeroOptimizer):  # e.g. BF16_Optimizer: bf16 ZeRO-1 + fp32 grad accumulation
             raise ConfigError(
                 f"DeepSpeed chose {type(zero).__name__}, whose layout this engine does not know; drop "
-                "data_types.grad_accum_dtype from parallel.deepspeed_config or use parallel.zero_stage=2"
+                "data_types.grad_accum_dtype from parallel.deepspeed.config or use parallel.zero_stage=2"
             )
         self._where: dict[int, tuple[int, int]] = {}  # id(param) -> (group, offset in its flat buffer)
         for i, group in enumerate(self._optimizer.param_groups):
@@ -389,7 +382,7 @@ def memory_estimate(sizes: dict, dims, parallel) -> dict[str, float]:
     partition = total / dims.world_size  # dense over all ranks, experts over their world/ep replicas
     return {
         "params": local * 2 + partition * 4,  # bf16 model copy + fp32 master partition
-        "grads": (local if parallel.zero_stage == 1 else partition) * 2,
+        "grads": (local if parallel.deepspeed.zero_stage == 1 else partition) * 2,
         "optim": (muon * 4 + (total - muon) * 8) / dims.dp_shard,
         "activations": sizes["activations"],
     }

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from kimi.config import LoggingConfig
+from kimi.config import LoggingConfig, flatten_dict
 from kimi.tracking.mlflow_sink import MlflowSink
 from kimi.tracking.plots import normalise_loads, plot_expert_load, plot_loss_curve, read_expert_loads
 from kimi.tracking.system import SystemSampler, current_cuda_device, provenance_tags
@@ -46,14 +46,7 @@ def resolve_tracking_uri(cfg: LoggingConfig, out_dir: str | Path) -> tuple[str, 
 
 def flatten_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """{"model": {"moe": {"top_k": 2}}} -> {"model.moe.top_k": "2"} (MLflow params are flat strings)."""
-    out: dict[str, str] = {}
-    for k, v in tree.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, dict):
-            out.update(flatten_params(v, key))
-        else:
-            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
-    return out
+    return {k: json.dumps(v) if isinstance(v, (list, tuple)) else str(v) for k, v in flatten_dict(tree, prefix).items()}
 
 
 class Tracker:
