@@ -50,7 +50,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from kimi.data.shards import sha256_file
+from kimi.files import sha256_file
 from kimi.tracking.system import git_state  # provenance (commit, dirty) lives with tracking
 
 STEP_PREFIX = "step_"
