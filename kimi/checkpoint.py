@@ -50,8 +50,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from kimi.files import sha256_file
-from kimi.tracking.system import git_state  # provenance (commit, dirty) lives with tracking
+from kimi.files import git_state, sha256_file  # leaf helpers: checkpoints import neither data nor tracking
 
 STEP_PREFIX = "step_"
 META = "meta.json"

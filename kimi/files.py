@@ -1,12 +1,14 @@
-"""Small file helpers more than one layer needs: a file's sha256 and the nanoKimi cache dir. A leaf: it
-imports nothing from kimi, so data and checkpoint can both use it without importing each other (it ended
-the kimi.data.corpora <-> kimi.data.shards import cycle).
+"""Small file helpers more than one layer needs: a file's sha256, the nanoKimi cache dir, and the git state
+of the source tree. A leaf: it imports nothing from kimi, so data, checkpoint, tracking and bench can all
+use it without importing each other (it ended the kimi.data.corpora <-> kimi.data.shards import cycle,
+and spares checkpoint.py matplotlib, which importing kimi.tracking pulls in).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 from pathlib import Path
 
 
@@ -27,3 +29,20 @@ def cache_dir(override: str | os.PathLike | None = None) -> Path:
         return Path(os.environ["NANOKIMI_CACHE"]).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanokimi"
 
+
+def git_state(where: Path) -> tuple[str | None, bool]:
+    """(HEAD commit, has uncommitted changes) of the repo holding `where`, or (None, False) outside git."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout
+        return head or None, bool(status.strip())
+    except (OSError, subprocess.SubprocessError):
+        return None, False

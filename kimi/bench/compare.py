@@ -352,11 +352,11 @@ def write_results(runs: list[dict], out: Path, config: str, budget: str, trackin
 
 
 def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return None
+    """The short commit of the code that ran (not of the cwd's repo), "-dirty" with uncommitted changes."""
+    from kimi.files import git_state
+
+    commit, dirty = git_state(Path(__file__).resolve().parent)
+    return commit and commit[:9] + ("-dirty" if dirty else "")
 
 
 def add_args(p) -> None:
