@@ -12,7 +12,7 @@ import pytest
 from kimi.config import DataConfig
 from kimi.data import corpora, shards
 from kimi.data.dataset import ShardDataset, build_dataset
-from kimi.data.prepare import TextDataProcessor, chunk_text, prepare_corpus, prepare_files
+from kimi.data.pipeline import TextDataProcessor, chunk_text, prepare_corpus, prepare_files
 from kimi.data.tokenizer import get_tokenizer
 from kimi.data.wikitext import wiki_to_text
 from kimi.files import sha256_file

@@ -36,7 +36,7 @@ class NanoGPTComparison:
     def train(self, model, optim_cfg: OptimConfig, dataset, val_dataset) -> dict:
         """Train `model` in place for self.steps; returns its curve, time and final whole-split loss."""
         from kimi.optim import QKClip, build_optimizer, build_scheduler, clip_grad_norm_
-        from kimi.parallel.utils import update_router_bias
+        from kimi.parallel.routing import update_router_bias
 
         device = next(model.parameters()).device
         opt = build_optimizer(model, optim_cfg)

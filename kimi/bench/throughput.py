@@ -68,7 +68,7 @@ def step_breakdown(cfg: Config, steps: int, device: torch.device) -> dict:
     from kimi.data.dataset import BatchIterator, ToyDataset
     from kimi.model import KimiModel
     from kimi.optim import QKClip, build_optimizer, clip_grad_norm_
-    from kimi.parallel.utils import update_router_bias
+    from kimi.parallel.routing import update_router_bias
 
     torch.manual_seed(cfg.train.seed)
     model = KimiModel(cfg.model).to(device)

@@ -1,4 +1,4 @@
-"""The on-disk token format, shared by the writer (`prepare.py`) and the reader (`dataset.py`).
+"""The on-disk token format, shared by the writer (`pipeline.py`) and the reader (`dataset.py`).
 
     OUT/train/shard_00000.bin   256-byte header + token ids (little-endian uint16, or uint32 for big vocabularies)
     OUT/train/manifest.json     each shard's file name, token count and sha256; tokenizer, vocab, corpus, sources

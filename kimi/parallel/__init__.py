@@ -10,7 +10,7 @@ parallelize(model, mesh, cfg.parallel, cfg.train)          # EP -> checkpointing
 from kimi.parallel.expert_parallel import AllToAllDispatcher, apply_expert_parallel
 from kimi.parallel.mesh import DistInfo, ParallelDims, build_mesh, init_distributed, submesh
 from kimi.parallel.parallelize import parallelize
-from kimi.parallel.utils import all_reduce_routing_counts, update_router_bias
+from kimi.parallel.routing import all_reduce_routing_counts, update_router_bias
 
 __all__ = [
     "AllToAllDispatcher",
