@@ -43,7 +43,7 @@ def memory_plan(cfg: Config, world: int) -> dict[str, float]:
     from kimi.parallel import ParallelDims
 
     m = cfg.model
-    dims = ParallelDims.from_config(cfg.parallel, world, m.moe.num_experts if m.moe.use_moe else 0)
+    dims = ParallelDims.for_model(cfg.parallel, m, world)
     with torch.device("meta"):
         model = KimiModel(m)
     expert_params = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
