@@ -26,9 +26,18 @@ setup(
         "pydantic>=2.7",  # kimi/config.py: checks and converts the config tree (mlflow already pulls it in)
     ],
     extras_require={
+        # import-linter: .ci/lint-imports checks the import layers in pyproject.toml (2.17: the version the
+        # contracts were written against; exhaustive layers and acyclic_siblings are recent)
         # deepspeed: tests/test_engine.py checks the DeepSpeed engine against FSDP2 (pure Python, no CUDA needed);
         # kimi/engine/deepspeed.py reads ZeRO-1/2's flat layout, checked against the 0.19 series
-        "dev": ["pytest", "ruff", "transformers", "triton; platform_system == 'Linux'", "deepspeed>=0.19,<0.20"],
+        "dev": [
+            "pytest",
+            "ruff",
+            "import-linter>=2.17,<3",
+            "transformers",
+            "triton; platform_system == 'Linux'",
+            "deepspeed>=0.19,<0.20",
+        ],
         "deepspeed": ["deepspeed"],
     },
 )

@@ -2,7 +2,7 @@
 
 from kimi.config import Config, KimiConfig, load_config
 
-__all__ = ["Config", "KimiConfig", "KimiModel", "Generator", "load_config"]
+__all__ = ["Config", "KimiConfig", "KimiModel", "Generator", "load_config", "load_model"]
 
 
 def __getattr__(name):  # lazy, so `import kimi` stays light for tools that only need the config
@@ -14,4 +14,8 @@ def __getattr__(name):  # lazy, so `import kimi` stays light for tools that only
         from kimi.generate import Generator
 
         return Generator
+    if name == "load_model":
+        from kimi.loading import load_model
+
+        return load_model
     raise AttributeError(name)

@@ -304,11 +304,11 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             torch.save({"config": Config(model=cfg).to_dict(), "model": sd}, args.out)
         else:
-            from kimi.engine import load_weights
+            from kimi.loading import read_weights
 
             if Path(args.out).exists() and not Path(args.out).is_dir():
                 raise ConvertError(f"OUT_DIR '{args.out}' is an existing file; give a directory (new or existing)")
-            cfg, sd = load_weights(args.to_hf)
+            cfg, sd = read_weights(args.to_hf)
             to_hf(cfg, sd, args.out)
     except ValueError as e:  # ConvertError, ConfigError and checkpoint errors are all one-liners
         print(f"error: {e}", file=sys.stderr)

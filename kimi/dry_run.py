@@ -37,7 +37,7 @@ def memory_plan(cfg: Config, world: int) -> dict:
     from kimi.parallel import ParallelDims
 
     m = cfg.model
-    dims = ParallelDims.from_config(cfg.parallel, world, m.moe.num_experts if m.moe.use_moe else 0)
+    dims = ParallelDims.for_model(cfg.parallel, m, world)
     with torch.device("meta"):
         model = KimiModel(m)
     T, D = cfg.block_size, m.n_embd

@@ -52,9 +52,9 @@ def main(argv: list[str] | None = None) -> None:
                 raise ValueError(f"{flag}={v} must be >= 1")
         from kimi.config import DataConfig
         from kimi.data.dataset import build_dataset
-        from kimi.model import KimiModel
+        from kimi.loading import load_model
 
-        model = KimiModel.from_checkpoint(args.checkpoint)
+        model = load_model(args.checkpoint)
         if torch.cuda.is_available():
             model.cuda()
         cfg = model.config

@@ -3,8 +3,8 @@
     python -m kimi.generate --checkpoint out/nano/checkpoints/latest --prompt "ROMEO:" --stream
     python -m kimi.generate --checkpoint out/nano --interactive
 
-    from kimi import Generator, KimiModel
-    gen = Generator(KimiModel.from_checkpoint("out/nano"))
+    from kimi import Generator, load_model
+    gen = Generator(load_model("out/nano"))
     print(gen.generate_text("ROMEO:", max_new_tokens=50))
 
 With `use_cache=True` (the default) decoding uses the model's MLA latent cache: per token and layer it
@@ -160,10 +160,10 @@ class Generator:
 
 def load_generator(checkpoint: str, device: str = "auto") -> Generator:
     from kimi.checkpoint import read_meta, resolve
-    from kimi.model import KimiModel
+    from kimi.loading import load_model
 
     path = resolve(checkpoint)
-    model = KimiModel.from_checkpoint(str(path))
+    model = load_model(path)
     dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     model.to(dev)
     meta = read_meta(path) if path.is_dir() else {}

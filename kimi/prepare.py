@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.val_files and not args.files:
         p.error("--val-files goes with --files")
-    from kimi.data.prepare import TextDataProcessor
+    from kimi.data.pipeline import TextDataProcessor
 
     cfg = DataConfig(tokenizer_name=args.tokenizer, num_workers=args.num_workers, shard_tokens=args.shard_tokens,
                      cache_dir=args.cache_dir)  # fmt: skip

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from kimi.config import ParallelConfig, TrainConfig
+from kimi.config import KimiConfig, ParallelConfig, TrainConfig
 
 # Dense bf16 peak of common accelerators, for the MFU estimate (FLOP/s).
 _GPU_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
@@ -119,10 +119,10 @@ class Runtime:
 
 
 def setup_runtime(
-    train: TrainConfig, parallel: ParallelConfig, num_experts: int, group_at_world_1: bool = False
+    train: TrainConfig, parallel: ParallelConfig, model: KimiConfig, group_at_world_1: bool = False
 ) -> Runtime:
     """Device and process group from the environment (torchrun sets RANK/WORLD_SIZE/LOCAL_RANK).
-    `num_experts` (0 for a dense model) shapes the mesh; `group_at_world_1` creates a one-process group
+    `model` says how many experts the mesh's ep must divide; `group_at_world_1` creates a one-process group
     (in-memory store) when the engine needs one even alone (kimi.engine.Engine.needs_process_group)."""
     from kimi.parallel import ParallelDims, build_mesh, init_distributed
 
@@ -135,7 +135,7 @@ def setup_runtime(
     if use_cuda:
         torch.cuda.set_device(local_rank)
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    dims = ParallelDims.from_config(parallel, world, num_experts)
+    dims = ParallelDims.for_model(parallel, model, world)
     rank, mesh, dp_group = 0, None, None
     if world > 1:
         rank, world, local_rank = init_distributed(parallel.backend, "cuda" if use_cuda else "cpu")

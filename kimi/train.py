@@ -141,8 +141,7 @@ class Trainer:
         t, m = cfg.train, cfg.model
         self.cfg, self.hooks = cfg, hooks or Hooks()
         check_out_dir(t.out_dir)  # before minutes of building: a bad path is one line, not a traceback
-        experts = m.moe.num_experts if m.moe.use_moe else 0
-        self.rt = rt = setup_runtime(t, cfg.parallel, experts, engine_class(cfg.parallel.engine).needs_process_group)
+        self.rt = rt = setup_runtime(t, cfg.parallel, m, engine_class(cfg.parallel.engine).needs_process_group)
         data = (cfg.data, cfg.block_size, m.vocab_size, t.seed)
         train_set = train_set or build_dataset(*data, split="train")
         if val_set is None and t.eval_interval > 0:

@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kimi import load_model
 from kimi.config import AttentionConfig, KimiConfig, MoEConfig, ParallelConfig, TrainConfig, load_config
 from kimi.generate import Generator
 from kimi.model import KimiModel
@@ -298,14 +299,14 @@ def _teacher_forced_logits(model, ids_T: list[int], prefill: int):
 
 @torch.no_grad()
 def test_generation_from_bf16_checkpoint(single):
-    model = KimiModel.from_checkpoint(str(single["bf16"] / "checkpoints" / "latest")).eval()
+    model = load_model(str(single["bf16"] / "checkpoints" / "latest")).eval()
     ids_T = torch.randint(0, model.config.vocab_size, (40,), generator=torch.Generator().manual_seed(0)).tolist()
     ref_cached, ref_full = _teacher_forced_logits(model, ids_T, prefill=8)
     assert rel(ref_cached, ref_full) < 1e-5  # fp32: the absorbed decode path is the same function
 
     with bf16_autocast():
         ac_cached, ac_full = _teacher_forced_logits(model, ids_T, prefill=8)
-    bf16_model = KimiModel.from_checkpoint(str(single["bf16"] / "checkpoints" / "latest")).eval().bfloat16()
+    bf16_model = load_model(str(single["bf16"] / "checkpoints" / "latest")).eval().bfloat16()
     bf_cached, bf_full = _teacher_forced_logits(bf16_model, ids_T, prefill=8)
     assert bf16_model.new_cache(1, 4).layers[0].c_kv_BSC.dtype == torch.bfloat16  # a bf16 latent cache
     errs = {

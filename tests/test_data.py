@@ -18,6 +18,7 @@ from kimi.data.dataset import (
     build_dataset,
     window_starts,
 )
+from kimi.files import sha256_file
 
 
 def make_split(split_dir, tokens, shard_tokens, vocab_size=50257, corpus="unit", split="train"):
@@ -55,7 +56,7 @@ def test_shard_round_trip(tmp_path, vocab, high):
     tokens = np.random.default_rng(1).integers(0, high, 1000).astype(shards.dtype_for_vocab(vocab))
     assert tokens.dtype == (np.uint16 if vocab <= 65536 else np.uint32)
     sha = shards.write_shard(tmp_path / "s.bin", tokens)
-    assert sha == shards.sha256_file(tmp_path / "s.bin")
+    assert sha == sha256_file(tmp_path / "s.bin")
     assert (tmp_path / "s.bin").stat().st_size == shards.HEADER_BYTES + tokens.nbytes
     head = (tmp_path / "s.bin").read_bytes()[: shards.HEADER_BYTES]
     assert head[:8] == b"NKSHARD\0" and head[24:] == bytes(shards.HEADER_BYTES - 24)

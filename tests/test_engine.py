@@ -58,8 +58,7 @@ def _runtime(cfg):
     from kimi.engine import engine_class
     from kimi.runtime import setup_runtime
 
-    experts = cfg.model.moe.num_experts if cfg.model.moe.use_moe else 0
-    return setup_runtime(cfg.train, cfg.parallel, experts, engine_class(cfg.parallel.engine).needs_process_group)
+    return setup_runtime(cfg.train, cfg.parallel, cfg.model, engine_class(cfg.parallel.engine).needs_process_group)
 
 
 def _build(cfg, rt):

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kimi import load_model
 from kimi.config import KimiConfig, load_config
 from kimi.evaluate import ModelEvaluator
 from kimi.generate import Generator, PromptError
@@ -143,7 +144,7 @@ def test_evaluate_cli_and_api(gpt2_run):
     from kimi.config import DataConfig
     from kimi.data.dataset import build_dataset
 
-    model = KimiModel.from_checkpoint(str(gpt2_run / "run"))
+    model = load_model(str(gpt2_run / "run"))
     ds = build_dataset(DataConfig(dataset=str(gpt2_run / "data")), 64, 50257, seed=0, split="val")
     out = ModelEvaluator(batch_size=2, num_batches=2).evaluate_perplexity(model, ds)
     assert out["tokens"] == 2 * 2 * 64

@@ -16,6 +16,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from kimi import load_model  # noqa: E402
 from kimi.config import KimiConfig  # noqa: E402
 from kimi.convert import main as convert_main  # noqa: E402
 from kimi.model import KimiModel  # noqa: E402
@@ -108,7 +109,7 @@ def test_from_hf_then_back_to_hf(tmp_path, q_lora_rank, interleave, routing):
     hf = random_hf_model(hf_config(q_lora_rank, interleave, **routing))
     hf.save_pretrained(tmp_path / "hf")
     assert convert_main(["--from-hf", str(tmp_path / "hf"), str(tmp_path / "kimi.pt")]) == 0
-    ours = KimiModel.from_checkpoint(tmp_path / "kimi.pt").eval()
+    ours = load_model(tmp_path / "kimi.pt").eval()
     assert ours.moe_layers()[0].router.expert_bias.abs().sum() > 0
     idx = tokens()
     with torch.no_grad():
@@ -196,7 +197,7 @@ def test_fused_in_memory_expert_layout_converts(tmp_path):
     save_file({k: v.contiguous() for k, v in sd.items()}, str(d / "model.safetensors"))
     (d / "config.json").write_text(hf.config.to_json_string())
     assert convert_main(["--from-hf", str(d), str(tmp_path / "k.pt")]) == 0
-    ours = KimiModel.from_checkpoint(tmp_path / "k.pt").eval()
+    ours = load_model(tmp_path / "k.pt").eval()
     idx = tokens()
     with torch.no_grad():
         assert rel_err(ours(idx).logits, hf(idx).logits) <= TOL

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from kimi.config import ConfigError, KimiConfig
+from kimi.config import ConfigError, KimiConfig, MoEConfig, ParallelConfig
 from kimi.parallel import ParallelDims, build_mesh, init_distributed
 from tests.dist_utils import RankFailed, run_distributed
 
@@ -47,6 +47,15 @@ def test_parallel_dims_resolve(args, resolved):
 def test_parallel_dims_errors(args, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         ParallelDims(*args)
+
+
+def test_for_model_checks_ep_against_the_models_experts_only_when_it_has_them():
+    pcfg = ParallelConfig(dp_shard=-1, ep=4)
+    moe6 = KimiConfig(moe=MoEConfig(num_experts=6, n_group=1, topk_group=1, top_k=2))
+    with pytest.raises(ConfigError, match="moe.num_experts=6 must be divisible by parallel.ep=4"):
+        ParallelDims.for_model(pcfg, moe6, 8)
+    dense = KimiConfig(moe=MoEConfig(use_moe=False, num_experts=6, n_group=1, topk_group=1, top_k=2))
+    assert ParallelDims.for_model(pcfg, dense, 8).ep == 4  # a dense model has no experts to divide
 
 
 def test_world_size_one_is_a_no_op(monkeypatch):

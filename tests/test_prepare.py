@@ -12,9 +12,10 @@ import pytest
 from kimi.config import DataConfig
 from kimi.data import corpora, shards
 from kimi.data.dataset import ShardDataset, build_dataset
-from kimi.data.prepare import TextDataProcessor, chunk_text, prepare_corpus, prepare_files
+from kimi.data.pipeline import TextDataProcessor, chunk_text, prepare_corpus, prepare_files
 from kimi.data.tokenizer import get_tokenizer
 from kimi.data.wikitext import wiki_to_text
+from kimi.files import sha256_file
 from kimi.prepare import main
 
 ENC = get_tokenizer()
@@ -74,9 +75,9 @@ def test_files_folders_and_jsonl(inputs, tmp_path):
         "uint16",
     )
     assert m["num_documents"] == 3 and m["num_tokens"] == info["train"].num_tokens == len(expected_tokens(DOCS))
-    assert m["sources"][str(inputs / "a.txt")] == shards.sha256_file(inputs / "a.txt")
+    assert m["sources"][str(inputs / "a.txt")] == sha256_file(inputs / "a.txt")
     assert [s["file"] for s in m["shards"]] == ["shard_00000.bin"]
-    assert m["shards"][0]["sha256"] == shards.sha256_file(out / "train" / "shard_00000.bin")
+    assert m["shards"][0]["sha256"] == sha256_file(out / "train" / "shard_00000.bin")
 
 
 def test_without_val_files_the_tail_is_held_out(inputs, tmp_path):

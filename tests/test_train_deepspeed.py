@@ -4,7 +4,7 @@
 - Preemption: a real `torch.distributed.run ... -m kimi.train` job, SIGTERM to its whole process group
   mid-run, checkpoints and exits; the rerun resumes and reproduces the uninterrupted DeepSpeed losses bit
   for bit (same layout, same reduction order).
-- generate / evaluate / convert read the DeepSpeed checkpoint on one process (KimiModel.from_checkpoint -> kimi.checkpoint.load_model_state).
+- generate / evaluate / convert read the DeepSpeed checkpoint on one process (kimi.load_model -> kimi.checkpoint.load_model_state).
 
 Tolerance DeepSpeed vs FSDP2: 1e-5 relative per step. Measured (2-core CPU, fp32): losses <= 1.3e-7 and
 grad norms <= 3.4e-7 relative over the 20 steps (the first 7 losses equal bit for bit). What limits it: the engines reduce gradients in a different order (FSDP2's reduce-scatter vs ZeRO's
@@ -72,11 +72,11 @@ def test_deepspeed_loop_matches_fsdp2(runs):
 
 
 def test_deepspeed_checkpoint_reads_on_one_process(runs, tmp_path):
+    from kimi import load_model
     from kimi.convert import main as convert_main
-    from kimi.model import KimiModel
 
-    a = KimiModel.from_checkpoint(str(runs["deepspeed"][0]))
-    b = KimiModel.from_checkpoint(str(runs["fsdp2"][0]))
+    a = load_model(str(runs["deepspeed"][0]))
+    b = load_model(str(runs["fsdp2"][0]))
     idx = torch.randint(0, a.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         la, lb = a(idx).logits, b(idx).logits

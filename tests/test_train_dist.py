@@ -4,7 +4,7 @@
 - Resharding: a run stopped at one layout resumes at another (2 -> 1, 1 -> 4, ep 2 -> ep 1) and
   continues the same loss curve, optimizer and data position included.
 - A killed torchrun job resumes from its last checkpoint and reproduces the uninterrupted losses.
-- convert / from_checkpoint read the sharded checkpoints on one process.
+- convert / kimi.load_model read the sharded checkpoints on one process.
 
 Tolerances: same layout -> bit for bit; different layouts sum in a different order, fp32 -> 2e-5 relative.
 """
@@ -116,11 +116,11 @@ def test_resharded_resume_continues_the_run(tmp_path, reference, first, second):
 
 
 def test_sharded_checkpoint_reads_on_one_process(reference, ep2_run, tmp_path):
+    from kimi import load_model
     from kimi.convert import main as convert_main
-    from kimi.model import KimiModel
 
-    a = KimiModel.from_checkpoint(str(ep2_run[0]))
-    b = KimiModel.from_checkpoint(str(reference[0]))
+    a = load_model(str(ep2_run[0]))
+    b = load_model(str(reference[0]))
     idx = torch.randint(0, a.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         la, lb = a(idx).logits, b(idx).logits

@@ -95,7 +95,7 @@ def _run_training(cmd: list[str], log_path: Path, env: dict) -> tuple[int, float
 def run_one(config: str, v: Variant, seed: int, steps: int, eval_every: int, eval_batches: int,
             out: Path, tracking_uri: str | None, max_windows: int | None = None) -> dict:  # fmt: skip
     from kimi.data.dataset import build_dataset
-    from kimi.model import KimiModel
+    from kimi.loading import load_model
 
     run_dir = out / "runs" / f"{v.name}-s{seed}"
     args = [
@@ -134,7 +134,7 @@ def run_one(config: str, v: Variant, seed: int, steps: int, eval_every: int, eva
         if "val_loss" in r:
             curve.append((r["step"] * tok_per_step, r["val_loss"]))
             curve_time.append((t_cum, r["val_loss"]))
-    model = KimiModel.from_checkpoint(run_dir / "checkpoints" / "latest")
+    model = load_model(run_dir / "checkpoints" / "latest")
     val = build_dataset(cfg.data, cfg.block_size, cfg.model.vocab_size, seed, split="val")
     final = full_split_loss(model, val, max_windows=max_windows)
     train_time = sum(r.get("step_time_s", 0.0) for r in rows)
@@ -339,11 +339,11 @@ def write_results(runs: list[dict], out: Path, config: str, budget: str, trackin
 
 
 def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return None
+    """The short commit of the code that ran (not of the cwd's repo), "-dirty" with uncommitted changes."""
+    from kimi.files import git_state
+
+    commit, dirty = git_state(Path(__file__).resolve().parent)
+    return commit and commit[:9] + ("-dirty" if dirty else "")
 
 
 def add_args(p) -> None:

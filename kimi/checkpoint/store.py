@@ -44,8 +44,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from kimi.data.shards import sha256_file
-from kimi.tracking.system import git_state  # provenance (commit, dirty) lives with tracking
+from kimi.files import git_state, sha256_file  # leaf helpers: checkpoints import neither data nor tracking
 
 STEP_PREFIX = "step_"
 META = "meta.json"

@@ -14,9 +14,9 @@ _WHERE = {
     "TokenDataset": "dataset",
     "ToyDataset": "dataset",
     "build_dataset": "dataset",
-    "TextDataProcessor": "prepare",
-    "prepare_corpus": "prepare",
-    "prepare_files": "prepare",
+    "TextDataProcessor": "pipeline",
+    "prepare_corpus": "pipeline",
+    "prepare_files": "pipeline",
     "get_tokenizer": "tokenizer",
 }
 __all__ = sorted(_WHERE)

@@ -34,8 +34,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from kimi.data.shards import sha256_file
 from kimi.data.wikitext import iter_articles
+from kimi.files import cache_dir, sha256_file
 
 
 class CorpusError(ValueError):
@@ -69,15 +69,6 @@ DOWNLOADS = {
 }  # fmt: skip
 SHAKESPEARE_VAL = ("macbeth", "sonnets", "tempest")  # a tragedy, the poems, a late romance: ~6 % of the text
 TINY_SHAKESPEARE_CHARS = 1_115_394  # the size of nanoGPT's tiny-shakespeare input.txt
-
-
-def cache_dir(override: str | os.PathLike | None = None) -> Path:
-    """Downloads live in `override`, else $NANOKIMI_CACHE, else $XDG_CACHE_HOME/nanokimi (~/.cache/nanokimi)."""
-    if override:
-        return Path(override).expanduser()
-    if os.environ.get("NANOKIMI_CACHE"):
-        return Path(os.environ["NANOKIMI_CACHE"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nanokimi"
 
 
 def fetch(dl: Download, cache: Path) -> Path:

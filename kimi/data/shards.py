@@ -1,4 +1,4 @@
-"""The on-disk token format, shared by the writer (`prepare.py`) and the reader (`dataset.py`).
+"""The on-disk token format, shared by the writer (`pipeline.py`) and the reader (`dataset.py`).
 
     OUT/train/shard_00000.bin   256-byte header + token ids (little-endian uint16, or uint32 for big vocabularies)
     OUT/train/manifest.json     each shard's file name, token count and sha256; tokenizer, vocab, corpus, sources
@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from kimi.files import cache_dir, sha256_file
+
 MAGIC = b"NKSHARD\0"
 VERSION = 1
 HEADER_BYTES = 256
@@ -52,14 +54,6 @@ def _dtype_code(dtype: np.dtype) -> int:
         if np.dtype(dtype) == dt:
             return code
     raise ValueError(f"shards hold uint16 or uint32 tokens, not {dtype}")
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def atomic_write_bytes(path: Path, parts: list[bytes | memoryview]) -> None:
@@ -157,8 +151,6 @@ VERIFIED = ".verified.json"
 
 def _verdict_files(split_dir: Path) -> list[Path]:
     """Where verdicts are cached, in order of preference: next to the shards, else the user's cache dir."""
-    from kimi.data.corpora import cache_dir
-
     key = hashlib.sha256(str(split_dir.resolve()).encode()).hexdigest()[:16]
     return [split_dir / VERIFIED, cache_dir() / "verified" / f"{key}.json"]
 

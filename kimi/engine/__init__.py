@@ -61,13 +61,3 @@ def read_model_state(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor
 
 
 __all__ = ["ENGINES", "Engine", "build_engine", "engine_class", "read_model_state"]
-
-
-def load_weights(path: str | Path):
-    """(KimiConfig, state dict) from a `.pt` file or a checkpoint directory (for kimi.convert)."""
-    from kimi.model.loading import model_config_from, read_pt
-
-    if Path(path).is_file():
-        return read_pt(path)
-    cfg_dict, sd = read_model_state(path)
-    return model_config_from(cfg_dict), sd

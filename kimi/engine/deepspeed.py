@@ -182,7 +182,7 @@ class DeepSpeedEngine(Engine):
         from kimi.parallel.parallelize import apply_activation_checkpointing, apply_compile
 
         num_experts = model.config.moe.num_experts if model.moe_layers() else None
-        dims = ParallelDims.from_config(parallel, rt.world, num_experts)
+        dims = ParallelDims.for_model(parallel, model.config, rt.world)
         if dims.dp_replicate > 1:
             raise ConfigError(
                 "parallel.dp_replicate > 1 (HSDP) is an FSDP2 layout; the deepspeed engine shards over all ranks"

@@ -1,5 +1,6 @@
-"""Reading model weights: `.pt` files ({"config": ..., "model": state_dict}) and checking a state dict against
-a model. Checkpoint directories are kimi.checkpoint's (`load_model_state`), next to the code that writes them.
+"""The model's side of loading weights: `.pt` files ({"config": ..., "model": state_dict}) and checking a
+state dict against a model. The public entry is `kimi.load_model` (kimi/loading.py), which also reads
+checkpoint directories through the code that writes them; kimi.model imports no checkpoint code.
 
 Every failure is a ValueError with one line saying what is wrong (missing file, foreign format,
 key or shape mismatch), never a traceback from deep inside load_state_dict.
@@ -31,11 +32,10 @@ def model_config_from(cfg: Any) -> KimiConfig:
 
 def read_pt(path, map_location="cpu") -> tuple[KimiConfig, dict[str, torch.Tensor]]:
     """(model config, state dict) from a `.pt` file ({"config": ..., "model": state_dict}). Checkpoint
-    directories (DCP or DeepSpeed) are read by kimi.checkpoint.load_model_state, which lives with the
-    code that writes them (KimiModel.from_checkpoint takes both)."""
+    directories (DCP or DeepSpeed) are not model code: kimi.load_model takes both."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"'{path}' is a checkpoint directory; read it with KimiModel.from_checkpoint")
+        raise ValueError(f"'{path}' is a checkpoint directory; read it with kimi.load_model")
     if not path.is_file():
         raise ValueError(f"checkpoint '{path}' does not exist")
     try:

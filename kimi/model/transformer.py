@@ -158,26 +158,6 @@ class KimiModel(nn.Module):
     def attention_layers(self) -> list[nn.Module]:
         return [b.attn for b in self.layers]
 
-    @classmethod
-    def from_checkpoint(cls, path, map_location="cpu") -> KimiModel:
-        """Load a `.pt` ({"config", "model"}) or a training checkpoint directory of either engine. Directories
-        are read by `kimi.checkpoint.load_model_state`, next to the code that writes them, imported here
-        lazily: this public entry point is the one place kimi.model hands on to training code."""
-        from pathlib import Path
-
-        from kimi.model.loading import load_state_strict, model_config_from, read_pt
-
-        if Path(path).is_dir():
-            from kimi.engine import read_model_state as load_model_state
-
-            cfg_dict, state_dict = load_model_state(path)
-            cfg = model_config_from(cfg_dict)
-        else:
-            cfg, state_dict = read_pt(path, map_location)
-        model = cls(cfg)
-        load_state_strict(model, state_dict)
-        return model
-
     # ------------------------------------------------------------------ counting
 
     def num_params(self, non_embedding: bool = False) -> int:

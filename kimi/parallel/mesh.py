@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from kimi.config import ConfigError, ParallelConfig
+from kimi.config import ConfigError, KimiConfig, ParallelConfig
 
 MESH_DIMS = ("dp_replicate", "dp_shard_mod_ep", "dp_shard_in_ep")
 
@@ -78,6 +78,13 @@ class ParallelDims:
     @classmethod
     def from_config(cls, cfg: ParallelConfig, world_size: int, num_experts: int | None = None) -> ParallelDims:
         return cls(cfg.dp_replicate, cfg.dp_shard, cfg.ep, world_size, num_experts)
+
+    @classmethod
+    def for_model(cls, parallel_cfg: ParallelConfig, model_cfg: KimiConfig, world_size: int) -> ParallelDims:
+        """from_config with the model's routed-expert count (which parallel.ep must divide); a dense model
+        (moe.use_moe false) has none to check."""
+        moe = model_cfg.moe
+        return cls.from_config(parallel_cfg, world_size, moe.num_experts if moe.use_moe else None)
 
     @property
     def dp_shard_mod_ep(self) -> int:

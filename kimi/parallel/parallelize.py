@@ -48,9 +48,7 @@ def parallelize(
     FSDP: all ranks must run the same number of forwards (eval and generation included).
     `compile_backend` is for tests ("aot_eager" traces like inductor without the C++ codegen).
     """
-    num_experts = model.config.moe.num_experts if model.config.moe.use_moe else None
-    world = 1 if mesh is None else mesh.size()
-    dims = ParallelDims.from_config(parallel_cfg, world, num_experts)
+    dims = ParallelDims.for_model(parallel_cfg, model.config, 1 if mesh is None else mesh.size())
     if mesh is not None:
         shape = (dims.dp_replicate, dims.dp_shard_mod_ep, dims.ep)
         if tuple(mesh.shape) != shape or mesh.mesh_dim_names != MESH_DIMS:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 import platform
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import psutil
+
+from kimi.files import git_state
 
 _GB = 1024**3
 
@@ -79,21 +80,3 @@ def provenance_tags() -> dict[str, str]:
         tags["git_commit"] = commit
         tags["git_dirty"] = str(dirty).lower()
     return tags
-
-
-def git_state(where: Path) -> tuple[str | None, bool]:
-    """(HEAD commit, has uncommitted changes) of the repo holding `where`, or (None, False) outside git."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5, check=True
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=where,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout
-        return head or None, bool(status.strip())
-    except (OSError, subprocess.SubprocessError):
-        return None, False

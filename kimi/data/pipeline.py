@@ -1,4 +1,5 @@
-"""Text -> token shards: tokenise in worker processes, write memory-mappable shards and a manifest.
+"""Text -> token shards: tokenise in worker processes, write memory-mappable shards and a manifest. The
+library behind `python -m kimi.prepare` (the CLI, kimi/prepare.py).
 
     prepare(corpus, "data/shakespeare", data_cfg)  ->  {"train": SplitInfo, "val": SplitInfo}
     TextDataProcessor(DataConfig()).process_dataset("mine", train_files=[...])  ->  (train_dir, val_dir)
