@@ -28,7 +28,7 @@ setup(
     extras_require={
         # import-linter: .ci/lint-imports checks the import layers in pyproject.toml (2.17: the version the
         # contracts were written against; exhaustive layers and acyclic_siblings are recent)
-        # deepspeed: tests/test_engine.py checks the DeepSpeed engine against FSDP2 (pure Python, no CUDA needed);
+        # deepspeed: tests/unit/test_engine.py checks the DeepSpeed engine against FSDP2 (pure Python, no CUDA needed);
         # kimi/engine/deepspeed.py reads ZeRO-1/2's flat layout, checked against the 0.19 series
         "dev": [
             "pytest",

@@ -7,7 +7,7 @@ folder; setup.py maps it with package_dir, so it never shadows the unrelated PyP
     unpermute          expert rows -> per-token weighted sum over K, fp32                   (dispatch.py)
 
 Each comes with a plain PyTorch reference (`*_reference`) and is tested against it under the Triton
-interpreter (tests/test_kernels.py); `python -m kimi.bench kernels` times them on a GPU. Depends on torch
+interpreter (tests/unit/test_kernels.py); `python -m kimi.bench kernels` times them on a GPU. Depends on torch
 and triton only. Triton is optional: without it `HAS_TRITON` is False and nothing else is exported.
 On CPU the kernels run only in Triton's interpreter: set TRITON_INTERPRET=1 before importing this package.
 """

@@ -15,7 +15,7 @@ Layout, one directory per step:
 Atomicity: every rank writes into `step_000400.tmp/`; after a barrier rank 0 hashes every file into
 meta.json, renames the directory to `step_000400/` (a POSIX rename of a directory is atomic) and then
 swaps the `latest` symlink with `os.replace`. A kill at any moment leaves either the old `latest` or the
-new one, never a half checkpoint behind a pointer (tests/test_checkpoint_faults.py kills a real run at
+new one, never a half checkpoint behind a pointer (tests/e2e/test_checkpoint_faults.py kills a real run at
 each of these points). Leftover `*.tmp` directories are removed at the next save. A save that fails
 (e.g. a full disk) removes its `.tmp` directory and raises CheckpointError; `latest` is untouched.
 
@@ -95,7 +95,7 @@ def _save_file(obj: Any, path: Path) -> None:
 
 
 def _pause_for_test(phase: str, step: int, out_dir: Path) -> None:
-    """Test hook for tests/test_checkpoint_faults.py: with KIMI_TEST_PAUSE_IN_SAVE=<phase>@<step>, the
+    """Test hook for tests/e2e/test_checkpoint_faults.py: with KIMI_TEST_PAUSE_IN_SAVE=<phase>@<step>, the
     save of that step writes OUT/paused_in_save and sleeps at <phase>, so the test can send a real
     SIGKILL exactly there. The kill is real; the hook only holds the window open. Unset: a no-op."""
     if os.environ.get("KIMI_TEST_PAUSE_IN_SAVE") == f"{phase}@{step}":

@@ -9,7 +9,7 @@
 #   compile                    nano with torch.compile: tokens/s against eager
 #   throughput                 python -m kimi.bench throughput (measured bf16 peak + datasheet MFU, breakdown)
 #   memory                     python -m kimi.bench memory: KV cache 1k-32k MLA vs MHA, cached generation
-#   kernel_tests / kernels     pytest tests/test_kernels.py and python -m kimi.bench kernels
+#   kernel_tests / kernels     pytest tests/unit/test_kernels.py and python -m kimi.bench kernels
 # Written without a GPU to run it on (none was lent to the session that wrote it): expect to fix a detail
 # the first time. Knobs: PY (python), BUDGET_S, NANO_STEPS, SMALL_STEPS, NANO_CONFIG, SMALL_CONFIG.
 set -euo pipefail
@@ -97,7 +97,7 @@ assert err < 5e-2, f"grouped_mm differs from the loop by {err}"
 PYEOF
 section throughput 90 "$PY" -m kimi.bench throughput --config configs/nano.yaml --steps 10 --json "$DIR/throughput.json"
 section memory 90 "$PY" -m kimi.bench memory --config configs/nano.yaml --json "$DIR/memory.json"
-section kernel_tests 120 "$PY" -m pytest -q tests/test_kernels.py
+section kernel_tests 120 "$PY" -m pytest -q tests/unit/test_kernels.py
 section kernels 90 "$PY" -m kimi.bench kernels
 
 # Assemble: each section's status, its JSON (if it wrote one), training medians, the tail of failed logs.

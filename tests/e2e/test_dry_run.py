@@ -7,7 +7,7 @@ from pathlib import Path
 from kimi.config import load_config
 from kimi.dry_run import memory_plan
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(*args):

@@ -28,7 +28,7 @@ from tests.dist_utils import free_port, run_distributed
 
 pytest.importorskip("deepspeed")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = 20
 RTOL = 1e-5
 

@@ -11,7 +11,7 @@ import pytest
 
 from kimi.data import tokenizer as tk
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TEXT = (
     "Hello world  I'm 12345 héllo\n\n\n  x\t\ty 😀 don't ＡＢＣ naïve — 'tis they'll we've  \n"
     "Ελληνικά 日本語のテキスト <|endoftext|> trailing   "

@@ -23,7 +23,7 @@ from kimi.config import OptimConfig
 from kimi.optim.grad_clip import clip_grad_norm_
 from kimi.optim.muon import Muon, build_optimizer
 from kimi.optim.qk_clip import QKClip, all_reduce_max
-from tests.test_qk_clip import StandInMLA
+from tests.unit.test_qk_clip import StandInMLA
 
 TOL = dict(rtol=1e-6, atol=1e-6)
 STEPS = 3

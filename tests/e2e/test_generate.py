@@ -14,7 +14,7 @@ from kimi.generate import Generator, PromptError
 from kimi.model import KimiModel
 from kimi.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("attention", ["mla", "mha"])

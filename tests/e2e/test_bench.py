@@ -26,7 +26,7 @@ from kimi.config import ConfigError, load_config, merge_dicts
 from kimi.data.dataset import ToyDataset
 from kimi.model import KimiModel
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BYTE = str(ROOT / "configs" / "bench" / "byte.yaml")
 
 

@@ -12,7 +12,7 @@ import torch
 from kimi import load_model
 from kimi.config import Config
 from kimi.model import KimiModel
-from tests.test_model import cfg, tokens
+from tests.unit.test_model import cfg, tokens
 
 
 @pytest.mark.parametrize("as_full_tree", [True, False])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODULE = "kimi.train"
 CONFIG = "configs/debug.yaml"
 # 2 processes split the debug global batch of 8; no MLflow store or validation, to keep the runs short.

@@ -13,7 +13,7 @@ from kimi.config import load_config
 from kimi.engine import read_model_state as load_model_state
 from kimi.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEBUG = ROOT / "configs" / "debug.yaml"
 
 

@@ -43,7 +43,7 @@ from kimi.model.router import Router, route
 from kimi.train import train
 from tests.dist_utils import run_distributed
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = 10
 BF16_RTOL, EP_RTOL, GEN_RTOL = 2e-3, 3e-4, 2e-2
 # Low enough (debug max logits are ~0.15-0.2) that QK-clip rescales heads on most steps, in bf16 too.

@@ -25,7 +25,7 @@ from kimi.config_help import config_help, field_docs, sections
 from kimi.summary import main as summary_main
 from kimi.summary import summary_lines
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 SHIPPED = ["debug", "nano", "small", "medium"]
 
 
@@ -123,7 +123,7 @@ def test_full_tree_defaults_validate():
     assert Config().validate().model.moe.expert_hidden is not None
 
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 # tests/fixtures/config_a916084.yaml: the config.yaml inside a checkpoint written by commit a916084 (before the
 # config tree moved onto pydantic and DeepSpeed's fields into parallel.deepspeed), from
 #   python -m kimi.train --config configs/debug.yaml --train.max_steps=1 --logging.mlflow=false \

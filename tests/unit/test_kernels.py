@@ -25,7 +25,7 @@ from kimi.config import ConfigError, MoEConfig  # noqa: E402
 from kimi.model.kernel_choice import kernel_module  # noqa: E402
 from kimi.model.moe import GroupedExperts, MoE, grouped_swiglu, looped_swiglu, permute  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # On a GPU machine the same tests run the compiled kernels on CUDA tensors (inputs are drawn on the CPU, then moved).
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -232,7 +232,7 @@ def _train_rank(rank, world, out):
     from kimi.config import load_config
     from kimi.parallel.expert_parallel import AllToAllDispatcher
     from kimi.train import train
-    from tests.test_expert_parallel import ROUTINGS, check_routings
+    from tests.unit.test_expert_parallel import ROUTINGS, check_routings
 
     check_routings(dist.group.WORLD, ROUTINGS[2], lambda group, E: AllToAllDispatcher(group, E, "triton"))
     overrides = [f"--train.out_dir={out}", "--logging.mlflow=false", "--train.eval_interval=0"]

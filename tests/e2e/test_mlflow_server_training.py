@@ -7,7 +7,7 @@ from kimi.config import load_config
 from kimi.train import train
 from tests.dist_utils import run_distributed
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _rank(rank, world, out, uri):

@@ -24,7 +24,7 @@ from kimi.config import load_config
 from kimi.train import train
 from tests.dist_utils import free_port, run_distributed
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden" / "debug_losses.json"
 STEPS = 20
 RTOL = 2e-5

@@ -30,7 +30,7 @@ from tests.dist_utils import run_distributed
 
 pytest.importorskip("deepspeed")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEPS = 3
 ENGINES = [("fsdp2", 1), ("deepspeed", 1), ("deepspeed", 2)]
 PARAM_ATOL = 5e-6

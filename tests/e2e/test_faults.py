@@ -26,7 +26,7 @@ from kimi.engine import read_model_state as load_model_state
 from kimi.train import REQUEUE_EXIT_CODE, train
 from kimi.trainer.nonfinite import NONFINITE_EXIT_CODE
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEBUG = ROOT / "configs" / "debug.yaml"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 BASE = ["--config", "configs/debug.yaml", "--logging.mlflow=false", "--train.eval_interval=0"]

@@ -1,0 +1,1 @@
+"""End-to-end tests: real processes (python -m kimi.X, torchrun, signals) and real services (MLflow)."""

@@ -1,0 +1,1 @@
+"""One-process tests of the library, each against a reference (distributed paths against one process)."""
