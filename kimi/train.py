@@ -143,12 +143,13 @@ class Trainer:
         check_out_dir(t.out_dir)  # before minutes of building: a bad path is one line, not a traceback
         self.rt = rt = setup_runtime(t, cfg.parallel, m, engine_class(cfg.parallel.engine).needs_process_group)
         data = (cfg.data, cfg.block_size, m.vocab_size, t.seed)
-        train_set = train_set or build_dataset(*data, split="train")
+        if train_set is None:
+            train_set = build_dataset(*data, split="train")
         if val_set is None and t.eval_interval > 0:
             val_set = build_dataset(*data, split="val")
         self.batches = BatchIterator(train_set, t.global_batch_size, t.micro_batch_size, rt.rank, rt.world)
         torch.manual_seed(t.seed)  # identical initial weights on every rank
-        self.engine = build_engine(cfg, (model or KimiModel(m)).to(rt.device), rt)
+        self.engine = build_engine(cfg, (KimiModel(m) if model is None else model).to(rt.device), rt)
         self.raw_model = self.engine.raw_model
         self.qk_clip = None
         if cfg.optim.qk_clip:
