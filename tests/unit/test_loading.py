@@ -60,15 +60,15 @@ def test_load_model_errors_are_one_line(tmp_path):
         load_model(tmp_path / "cfg.pt")
 
 
-def test_load_model_reads_directories_through_kimi_checkpoint(tmp_path, monkeypatch):
+def test_load_model_reads_directories_through_the_engines_reader(tmp_path, monkeypatch):
     m = KimiModel(cfg())
     seen = []
 
-    def load_model_state(path):
+    def read_model_state(path):
         seen.append(Path(path))
         return Config(model=m.config).to_dict(), {"_orig_mod." + k: v for k, v in m.state_dict().items()}
 
-    monkeypatch.setitem(sys.modules, "kimi.checkpoint", types.SimpleNamespace(load_model_state=load_model_state))
+    monkeypatch.setitem(sys.modules, "kimi.engine", types.SimpleNamespace(read_model_state=read_model_state))
     m2 = load_model(tmp_path)
     assert seen == [tmp_path]
     assert torch.equal(m2.lm_head.weight, m.lm_head.weight)
