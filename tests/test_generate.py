@@ -118,6 +118,22 @@ def test_generate_cli(gpt2_run):
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
 
 
+def test_interactive_session_survives_empty_lines(gpt2_run):
+    """An empty or blank line asks again; 'quit' ends the session with exit code 0; EOF too."""
+    args = [sys.executable, "-m", "kimi.generate", "--checkpoint", str(gpt2_run / "run"), "--interactive"]
+    args += ["--max-new-tokens", "3", "--seed", "1"]
+    res = subprocess.run(
+        args, cwd=ROOT, input="ROMEO:\n\n   \nJULIET:\nquit\nNEVER:\n", capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr
+    assert "error" not in res.stderr
+    out = res.stdout
+    assert "ROMEO:" in out and "JULIET:" in out and "NEVER:" not in out
+    assert out.count("prompt> ") == 5  # ROMEO, the empty line, the blank one, JULIET, quit
+    eof = subprocess.run(args, cwd=ROOT, input="\nROMEO:\n", capture_output=True, text=True, timeout=300)
+    assert eof.returncode == 0 and "ROMEO:" in eof.stdout, eof.stderr
+
+
 def test_evaluate_cli_and_api(gpt2_run):
     res = subprocess.run(
         [
