@@ -173,13 +173,20 @@ def load_generator(checkpoint: str, device: str = "auto") -> Generator:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m kimi.generate", description="Sample text from a nanoKimi checkpoint.")
     p.add_argument("--checkpoint", required=True, help="a step dir, OUT/checkpoints/latest, or a run's OUT dir")
-    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--max-new-tokens", type=int, default=200, help=">= 1")
-    p.add_argument("--temperature", type=float, default=0.8, help=">= 0; 0 = greedy (top-k/top-p then do nothing)")
-    p.add_argument("--top-k", type=int, default=200, help="sample from the k likeliest tokens; 0 = no limit")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]; default: off")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--num-samples", type=int, default=1, help=">= 1")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: %(default)r)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help=">= 1 (default: %(default)s)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.8,
+        help=">= 0; 0 = greedy, top-k/top-p then do nothing (default: %(default)s)",
+    )
+    p.add_argument(
+        "--top-k", type=int, default=200, help="sample from the k likeliest tokens; 0 = no limit (default: %(default)s)"
+    )
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1] (default: off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: none, a different sample each run)")
+    p.add_argument("--num-samples", type=int, default=1, help=">= 1 (default: %(default)s)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context each token")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument(
@@ -187,7 +194,9 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="read prompts from stdin, one per line; an empty line asks again; EOF (Ctrl-D) or 'quit' ends",
     )
-    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:N, or auto = cuda when available (default: %(default)s)"
+    )
     args = p.parse_args(argv)
     try:
         check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, cli=True)

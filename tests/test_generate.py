@@ -10,6 +10,7 @@ import torch
 from kimi.config import KimiConfig, load_config
 from kimi.evaluate import ModelEvaluator
 from kimi.generate import Generator, PromptError
+from kimi.generate import main as generate_main
 from kimi.model import KimiModel
 from kimi.train import train
 
@@ -55,6 +56,14 @@ def test_prompt_errors():
         gen.generate(list(range(16)), 5)
     with pytest.raises(PromptError, match="smaller than the gpt2 tokenizer"):
         gen.generate_text("hello")
+
+
+def test_generate_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        generate_main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for default in ("(default: 200)", "(default: 0.8)", "(default: auto)", "(default: '\\n')"):
+        assert default in out, default
 
 
 @pytest.fixture(scope="module")
