@@ -81,7 +81,7 @@ def test_shipped_config_is_complete_and_within_15_percent_of_its_size(name):
     advertised = float(m.group(1)) * {"M": 1e6, "K": 1e3}[m.group(2)]
     cfg = load_config(path)
     lines = summary_lines(cfg.model)
-    n = int(next(ln for ln in lines if ln.startswith("non-embedding params: ")).split(": ")[1])
+    n = int(next(ln for ln in lines if ln.startswith("non-embedding params: ")).split(": ")[1].replace(",", ""))
     assert abs(n - advertised) <= 0.15 * advertised, f"{name}: {n} params vs advertised {advertised:.0f}"
 
 
@@ -96,9 +96,10 @@ def test_debug_config_is_small_and_fast():
 def test_summary_cli(capsys):
     assert summary_main(["--config", str(CONFIGS / "debug.yaml"), "--moe.num_experts=8"]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"^non-embedding params: \d+$", out, re.M)
-    for key in ("total params", "active params", "KV-cache bytes per token", "training FLOPs per token"):
-        assert re.search(rf"^{key}: \d+$", out, re.M), key
+    grouped = r"\d{1,3}(,\d{3})+"  # thousands separators, as the dry run prints them
+    for key in ("non-embedding params", "total params", "active params", "training FLOPs per token"):
+        assert re.search(rf"^{key}: {grouped}$", out, re.M), key
+    assert re.search(r"^KV-cache bytes per token: \d{1,3}(,\d{3})*$", out, re.M)
     assert "8 experts" in out
     assert summary_main(["--config", str(CONFIGS / "debug.yaml"), "--moe.num_expert=8"]) == 2
     assert "did you mean 'num_experts'" in capsys.readouterr().err
