@@ -23,7 +23,11 @@
 #   RDZV_ID      rendezvous id, the same on every node of one job   [nanokimi-$MASTER_PORT]
 #   OMP_NUM_THREADS  threads per process                            [CPUs on this node / NPROC, at least 1]
 #   MODULE       Python module to run                               [kimi.train]
-#   TORCHRUN     the launcher command                               [torchrun; $PYTHON -m torch.distributed.run if PYTHON is set]
+#   TORCHRUN     the launcher command                               [see below]
+#   PYTHON       run `$PYTHON -m torch.distributed.run`             [unset]
+#   VENV         the project's virtual environment                  [.venv]
+#                Without TORCHRUN or PYTHON: $VENV/bin/torchrun unless another virtual environment is
+#                active, else torchrun from PATH; so .venv need not be activated (launch/torchrun.sh).
 set -euo pipefail
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
@@ -48,8 +52,10 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_PORT=${MASTER_PORT:-29500}
 RDZV_ID=${RDZV_ID:-nanokimi-$MASTER_PORT}
 MODULE=${MODULE:-kimi.train}
-TORCHRUN=${TORCHRUN:-${PYTHON:+$PYTHON -m torch.distributed.run}}
-TORCHRUN=${TORCHRUN:-torchrun}
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=launch/torchrun.sh
+source "$root/launch/torchrun.sh"
+find_torchrun "$root" || exit 2
 
 found=$(gpus_here)
 if [[ "$found" -gt 0 ]]; then
@@ -75,7 +81,6 @@ if [[ -n "${ENGINE:-}" ]]; then
     esac
 fi
 
-read -r -a launcher <<<"$TORCHRUN"
 if [[ "$NNODES" == 1 && -z "${MASTER_ADDR:-}" ]]; then
     rdzv=(--standalone)
 else
@@ -84,6 +89,6 @@ else
     rdzv=(--nnodes="$NNODES" --node_rank="$NODE_RANK" --rdzv_id="$RDZV_ID" --rdzv_backend=c10d
         --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT")
 fi
-cmd=("${launcher[@]}" "${rdzv[@]}" --nproc_per_node="$NPROC" -m "$MODULE" --config "$CONFIG" ${engine[@]+"${engine[@]}"} "$@")
+cmd=("${TORCHRUN_CMD[@]}" "${rdzv[@]}" --nproc_per_node="$NPROC" -m "$MODULE" --config "$CONFIG" ${engine[@]+"${engine[@]}"} "$@")
 echo "+ ${cmd[*]}" >&2
 exec "${cmd[@]}"
