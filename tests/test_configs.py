@@ -107,3 +107,14 @@ def test_summary_cli(capsys):
 
 def test_full_tree_defaults_validate():
     assert Config().validate().model.moe.expert_hidden is not None
+
+
+def test_readme_use_it_reads_what_the_quickstart_writes():
+    """README's generate/evaluate/mlflow lines open the directory launch/quickstart.sh (its first command)
+    trains into, and that is configs/quickstart.yaml's train.out_dir too."""
+    root = CONFIGS.parent
+    out = re.search(r"^OUT=\$\{OUT:-(\S+)\}$", (root / "launch" / "quickstart.sh").read_text(), re.M).group(1)
+    assert load_config(CONFIGS / "quickstart.yaml").train.out_dir == out
+    use_it = (root / "README.md").read_text().split("## Use it", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    dirs = [a or b for a, b in re.findall(r"--checkpoint (\S+)|sqlite:///(\S+)/mlflow\.db", use_it)]
+    assert len(dirs) == 3 and set(dirs) == {out}, dirs
