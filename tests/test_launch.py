@@ -77,6 +77,7 @@ def test_multinode_sh_one_node_c10d(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"--rdzv_backend=c10d --rdzv_endpoint=127.0.0.1:{port}" in proc.stderr
+    assert "the training log appears on the node that c10d makes rank 0" in proc.stderr  # not NODE_RANK=0
     assert last_row(tmp_path)["step"] == 2
 
 
