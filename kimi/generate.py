@@ -173,54 +173,83 @@ def load_generator(checkpoint: str, device: str = "auto") -> Generator:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m kimi.generate", description="Sample text from a nanoKimi checkpoint.")
     p.add_argument("--checkpoint", required=True, help="a step dir, OUT/checkpoints/latest, or a run's OUT dir")
-    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--max-new-tokens", type=int, default=200, help=">= 1")
-    p.add_argument("--temperature", type=float, default=0.8, help=">= 0; 0 = greedy (top-k/top-p then do nothing)")
-    p.add_argument("--top-k", type=int, default=200, help="sample from the k likeliest tokens; 0 = no limit")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]; default: off")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--num-samples", type=int, default=1, help=">= 1")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: %(default)r)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help=">= 1 (default: %(default)s)")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.8,
+        help=">= 0; 0 = greedy, top-k/top-p then do nothing (default: %(default)s)",
+    )
+    p.add_argument(
+        "--top-k", type=int, default=200, help="sample from the k likeliest tokens; 0 = no limit (default: %(default)s)"
+    )
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1] (default: off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: none, a different sample each run)")
+    p.add_argument("--num-samples", type=int, default=1, help=">= 1 (default: %(default)s)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context each token")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    p.add_argument("--interactive", action="store_true", help="read prompts from stdin until EOF")
-    p.add_argument("--device", default="auto")
+    p.add_argument(
+        "--interactive",
+        action="store_true",
+        help="read prompts from stdin, one per line; an empty line asks again; EOF (Ctrl-D) or 'quit' ends",
+    )
+    p.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:N, or auto = cuda when available (default: %(default)s)"
+    )
     args = p.parse_args(argv)
     try:
         check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, cli=True)
         if args.num_samples < 1:
             raise ValueError(f"--num-samples={args.num_samples} must be >= 1")
         gen = load_generator(args.checkpoint, args.device)
-        prompts = iter(lambda: input("prompt> "), None) if args.interactive else [args.prompt]
-        for prompt in _safe(prompts):
-            for i in range(args.num_samples):
-                seed = None if args.seed is None else args.seed + i
-                kw = dict(
-                    temperature=args.temperature,
-                    top_k=args.top_k,
-                    top_p=args.top_p,
-                    seed=seed,
-                    use_cache=not args.no_cache,
-                )
-                if args.stream or args.interactive:
-                    sys.stdout.write(prompt)
-                    gen.generate_text(
-                        prompt, args.max_new_tokens, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()), **kw
-                    )
-                    sys.stdout.write("\n")
-                else:
-                    print(prompt + gen.generate_text(prompt, args.max_new_tokens, **kw))
-                if args.num_samples > 1:
-                    print("-" * 40)
+        prompts = read_prompts() if args.interactive else [args.prompt]
+        for prompt in prompts:
+            try:
+                sample(gen, prompt, args, stream=args.stream or args.interactive)
+            except PromptError as e:
+                if not args.interactive:
+                    raise
+                print(f"error: {e}", file=sys.stderr)  # a bad prompt in a session: say so, ask for the next
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
-def _safe(prompts):
-    try:
-        yield from prompts
-    except (EOFError, KeyboardInterrupt):
-        return
+def sample(gen: Generator, prompt: str, args: argparse.Namespace, stream: bool) -> None:
+    """Print `args.num_samples` continuations of `prompt` (token by token when `stream`)."""
+    for i in range(args.num_samples):
+        seed = None if args.seed is None else args.seed + i
+        kw = dict(
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=seed, use_cache=not args.no_cache
+        )
+        if stream:
+            sys.stdout.write(prompt)
+            gen.generate_text(
+                prompt, args.max_new_tokens, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()), **kw
+            )
+            sys.stdout.write("\n")
+        else:
+            print(prompt + gen.generate_text(prompt, args.max_new_tokens, **kw))
+        if args.num_samples > 1:
+            print("-" * 40)
+
+
+QUIT_WORDS = ("quit",)  # not "exit": "Exit" is a stage direction a Shakespeare prompt may start with
+
+
+def read_prompts() -> Iterator[str]:
+    """Prompts typed at `prompt> `: an empty (or blank) line asks again; EOF, Ctrl-C or "quit" ends."""
+    while True:
+        try:
+            line = input("prompt> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)  # leave the terminal on a fresh line
+            return
+        if line.strip().lower() in QUIT_WORDS:
+            return
+        if line.strip():
+            yield line
 
 
 if __name__ == "__main__":

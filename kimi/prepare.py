@@ -28,19 +28,23 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--list", action="store_true", help="list the named corpora and exit")
     p.add_argument("--val-files", nargs="+", help="validation inputs (default: the last 5%% of --files)")
     p.add_argument("--out", help="output directory (default: data/<corpus or name>)")
-    p.add_argument("--name", default="custom", help="label of --files data in the manifest")
+    p.add_argument("--name", default="custom", help="label of --files data in the manifest (default: %(default)s)")
     p.add_argument(
         "--tokenizer",
         default="gpt2",
         choices=["gpt2", "byte"],
         help="gpt2 (50257 BPE tokens) or byte (257: one token per UTF-8 byte, like nanoGPT's shakespeare_char; "
-        "train it with --data.tokenizer_name=byte --model.vocab_size=257)",
+        "train it with --data.tokenizer_name=byte --model.vocab_size=257) (default: %(default)s)",
     )
-    p.add_argument("--num-workers", type=int, default=DataConfig.num_workers)
-    p.add_argument("--shard-tokens", type=int, default=DataConfig.shard_tokens)
+    p.add_argument(
+        "--num-workers", type=int, default=DataConfig.num_workers, help="tokenising processes (default: %(default)s)"
+    )
+    p.add_argument(
+        "--shard-tokens", type=int, default=DataConfig.shard_tokens, help="tokens per shard file (default: %(default)s)"
+    )
     p.add_argument("--cache-dir", help="download cache (default: $NANOKIMI_CACHE or ~/.cache/nanokimi)")
     p.add_argument("--force", action="store_true", help="rewrite even if the existing shards are up to date")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.list:
         print("\n".join(CORPORA))

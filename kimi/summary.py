@@ -2,7 +2,8 @@
 
     python -m kimi.summary --config configs/nano.yaml [--section.key=value ...]
 
-The model is built on the meta device, so even medium is instant. Lines (parsed by tests and scripts):
+The model is built on the meta device, so even medium is instant. Numbers carry thousands separators,
+as in the dry run's (`int(n.replace(",", ""))` reads them back). Lines (parsed by tests and scripts):
     non-embedding params: N      everything except embed_tokens and lm_head (all experts included)
     total params: N
     active params: N             per token (routed experts count top_k of num_experts)
@@ -40,19 +41,23 @@ def summary_lines(cfg: KimiConfig) -> list[str]:
     return [
         f"model: {cfg.n_layer} layers x {cfg.n_embd}, {cfg.n_head} heads, {attn}; {ffn}",
         f"vocab: {cfg.vocab_size}, block_size: {cfg.block_size}",
-        f"non-embedding params: {m.num_params(non_embedding=True)}",
-        f"total params: {m.num_params()}",
-        f"active params: {m.num_active_params()}",
-        f"active non-embedding params: {m.num_active_params(non_embedding=True)}",
-        f"KV-cache bytes per token: {m.kv_cache_bytes_per_token(torch.bfloat16)}",
-        f"training FLOPs per token: {m.flops_per_token(cfg.block_size)}",
+        f"non-embedding params: {m.num_params(non_embedding=True):,}",
+        f"total params: {m.num_params():,}",
+        f"active params: {m.num_active_params():,}",
+        f"active non-embedding params: {m.num_active_params(non_embedding=True):,}",
+        f"KV-cache bytes per token: {m.kv_cache_bytes_per_token(torch.bfloat16):,}",
+        f"training FLOPs per token: {m.flops_per_token(cfg.block_size):,}",
     ]
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(prog="python -m kimi.summary", description=__doc__.split("\n")[0])
-    p.add_argument("--config", help="YAML file (configs/*.yaml); defaults when omitted")
+    p = argparse.ArgumentParser(
+        prog="python -m kimi.summary",
+        description=__doc__.split("\n")[0],
+        epilog="Any --section.key=value after the options overrides the config, as for kimi.train.",
+    )
+    p.add_argument("--config", help="YAML file (configs/*.yaml); default: the defaults of kimi/config.py")
     args, overrides = p.parse_known_args(argv)
     try:
         cfg = load_config(args.config, overrides)

@@ -10,6 +10,13 @@
 # Without GPUs (no nvidia-smi, or it lists none) it starts NPROC CPU processes; the trainer then picks
 # gloo and the CPU itself (train.device=auto, parallel.backend=auto), so the same line runs anywhere.
 #
+# Where the output appears: only global rank 0 prints the training log (and writes metrics.jsonl and
+# to MLflow), and c10d, not NODE_RANK, decides which node hosts it: torchrun ignores
+# --node_rank with c10d (it says so in a warning), and torch (2.13: dynamic_rendezvous.py sorts the
+# nodes) gives rank 0 to the node whose host name (FQDN) sorts first. So NODE_RANK=0 may print nothing
+# but torchrun's own lines; each node says so in one line at launch. Only torchrun's static rendezvous
+# honours --node_rank, at the cost of c10d's restarts; this script keeps c10d.
+#
 # Knobs (environment variables, default in brackets):
 #   CONFIG       YAML config                                        [configs/debug.yaml]
 #   ENGINE       fsdp2 or deepspeed: --parallel.engine=$ENGINE      [the config's; fsdp2 by default]
@@ -23,7 +30,11 @@
 #   RDZV_ID      rendezvous id, the same on every node of one job   [nanokimi-$MASTER_PORT]
 #   OMP_NUM_THREADS  threads per process                            [CPUs on this node / NPROC, at least 1]
 #   MODULE       Python module to run                               [kimi.train]
-#   TORCHRUN     the launcher command                               [torchrun; $PYTHON -m torch.distributed.run if PYTHON is set]
+#   TORCHRUN     the launcher command                               [see below]
+#   PYTHON       run `$PYTHON -m torch.distributed.run`             [unset]
+#   VENV         the project's virtual environment                  [.venv]
+#                Without TORCHRUN or PYTHON: $VENV/bin/torchrun unless another virtual environment is
+#                active, else torchrun from PATH; so .venv need not be activated (launch/torchrun.sh).
 set -euo pipefail
 
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
@@ -48,8 +59,10 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_PORT=${MASTER_PORT:-29500}
 RDZV_ID=${RDZV_ID:-nanokimi-$MASTER_PORT}
 MODULE=${MODULE:-kimi.train}
-TORCHRUN=${TORCHRUN:-${PYTHON:+$PYTHON -m torch.distributed.run}}
-TORCHRUN=${TORCHRUN:-torchrun}
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=launch/torchrun.sh
+source "$root/launch/torchrun.sh"
+find_torchrun "$root" || exit 2
 
 found=$(gpus_here)
 if [[ "$found" -gt 0 ]]; then
@@ -75,15 +88,16 @@ if [[ -n "${ENGINE:-}" ]]; then
     esac
 fi
 
-read -r -a launcher <<<"$TORCHRUN"
 if [[ "$NNODES" == 1 && -z "${MASTER_ADDR:-}" ]]; then
     rdzv=(--standalone)
 else
     : "${MASTER_ADDR:?set MASTER_ADDR (the host of node 0) when NNODES > 1}"
-    # --node_rank only orders the log prefixes: c10d assigns the ranks itself.
+    # --node_rank only orders the log prefixes: c10d assigns the ranks itself (see the header).
     rdzv=(--nnodes="$NNODES" --node_rank="$NODE_RANK" --rdzv_id="$RDZV_ID" --rdzv_backend=c10d
         --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT")
+    echo "launch: node $NODE_RANK of $NNODES ($(hostname -f 2>/dev/null || hostname)): the training log appears" \
+        "on the node that c10d makes rank 0, the one whose host name sorts first, not necessarily NODE_RANK=0" >&2
 fi
-cmd=("${launcher[@]}" "${rdzv[@]}" --nproc_per_node="$NPROC" -m "$MODULE" --config "$CONFIG" ${engine[@]+"${engine[@]}"} "$@")
+cmd=("${TORCHRUN_CMD[@]}" "${rdzv[@]}" --nproc_per_node="$NPROC" -m "$MODULE" --config "$CONFIG" ${engine[@]+"${engine[@]}"} "$@")
 echo "+ ${cmd[*]}" >&2
 exec "${cmd[@]}"

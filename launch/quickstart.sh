@@ -33,6 +33,6 @@ cat <<MSG
 
 Done. To see the run (loss curves, expert-load heatmap, config, system metrics) in the MLflow UI:
     . $VENV/bin/activate && mlflow ui --backend-store-uri sqlite:///$OUT/mlflow.db --port 5000
-and open http://127.0.0.1:5000 . More samples:
+and open http://127.0.0.1:5000/#/?workflowType=machine_learning (MLflow's "Model training" view). More samples:
     python -m kimi.generate --checkpoint $OUT --prompt "JULIET:" --stream
 MSG

@@ -8,7 +8,8 @@
 #   GPUS_PER_NODE       GPUs per node                  [from --gpus-per-node; else nvidia-smi; 0 = CPU]
 #   NPROC               processes per node             [GPUS_PER_NODE; 2 on CPU-only nodes]
 #   OMP_NUM_THREADS     threads per process            [cpus-per-task / NPROC, at least 1]
-#   PYTHON              run `$PYTHON -m torch.distributed.run`  [torchrun from PATH]
+#   PYTHON              run `$PYTHON -m torch.distributed.run`  [see launch/torchrun.sh: TORCHRUN,
+#                       PYTHON, else $VENV/bin/torchrun (.venv) unless a venv is active, else PATH]
 #   MODULE              module to run                  [kimi.train]
 #   MASTER_PORT         rendezvous port                [20000 + job id % 20000]
 #   REQUEUE_EXIT_CODE   the trainer's "checkpoint written, requeue me" exit code [3]
@@ -70,8 +71,9 @@ if [[ ! -f "$CONFIG" ]]; then
     echo "slurm: CONFIG=$CONFIG not found from $PWD (submit from the repository root)" >&2
     exit 2
 fi
-read -r -a torchrun <<<"${PYTHON:+$PYTHON -m torch.distributed.run}"
-[[ ${#torchrun[@]} -gt 0 ]] || torchrun=(torchrun)
+# shellcheck source=launch/torchrun.sh
+source "$ROOT/launch/torchrun.sh"
+find_torchrun "$ROOT" || exit 2
 read -r -a extra <<<"$EXTRA"
 if [[ -n "${ENGINE:-}" ]]; then
     case "$ENGINE" in
@@ -81,7 +83,7 @@ if [[ -n "${ENGINE:-}" ]]; then
 fi
 # srun in 22.05 does not inherit --cpus-per-task from sbatch: pass it, or all workers share one CPU.
 cmd=(srun --ntasks-per-node=1 --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK}
-    "${torchrun[@]}" --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node="$NPROC"
+    "${TORCHRUN_CMD[@]}" --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node="$NPROC"
     --rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT"
     -m "$MODULE" --config "$CONFIG" --train.out_dir="$OUT_DIR" "${extra[@]}" "$@")
 

@@ -97,6 +97,17 @@ def stop(proc: subprocess.Popen, timeout_s: float = 10.0) -> None:
         pass
 
 
+def ui_chart_sections(names) -> list[tuple[str, list[str]]]:
+    """MLflow's UI chart sections for these metric names, in the UI's order (mlflow/server/js, 3.x:
+    extractChartSectionName): a metric's section is its name before the last "/"; named sections come
+    sorted, then the unprefixed ("Model metrics"), then "system" ("System metrics")."""
+    by_section: dict[str, list[str]] = {}
+    for n in sorted(names):
+        by_section.setdefault(n.rpartition("/")[0], []).append(n.rpartition("/")[2])
+    order = sorted(s for s in by_section if s not in ("", "system")) + [s for s in ("", "system") if s in by_section]
+    return [(s, by_section[s]) for s in order]
+
+
 def _tail(path: Path, n: int = 2000) -> str:
     try:
         return path.read_text(errors="replace")[-n:]

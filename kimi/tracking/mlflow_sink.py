@@ -39,6 +39,18 @@ ENV_DEFAULTS = {  # applied with setdefault: a value the user exported wins
 }
 _MAX_PARAMS_PER_BATCH, _MAX_PARAM_VALUE, _MAX_KEY = 100, 6000, 250  # MLflow's limits
 
+# MLflow's UI (3.x) opens an experiment in its GenAI view ("Traces", "Evaluations") or its
+# model-training view ("Runs", charts) after the experiment tag below; kimi's experiments are training.
+# Set when the tracker creates or first reuses an experiment; a kind someone chose in the UI is kept.
+KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+
+# The UI groups a run's charts into sections by the metric name before its last "/", shows the named
+# sections in alphabetical order and only then the unprefixed ones ("Model metrics") and "system/"
+# ("System metrics") (extractChartSectionName and the section sort in mlflow/server/js). So that the
+# curves one looks at first open the page, they alone get a prefix on the MLflow side; every other
+# metric the trainer logs is unprefixed. metrics.jsonl keeps the plain names.
+TRAIN_SECTION = ("loss", "val_loss", "val_ppl", "lr", "grad_norm")
+
 
 class MlflowSink:
     """Ships metrics/params/tags/artifacts to one MLflow run from a daemon thread. Never raises."""
@@ -203,6 +215,7 @@ class MlflowSink:
             return None
         if run.info.status != "RUNNING":
             self._client.update_run(run.info.run_id, status="RUNNING")
+        self._mark_training(self._client.get_experiment(run.info.experiment_id))
         old = run.data.params
         changed = sorted(k for k, v in self._params.items() if k in old and old[k] != v)
         new = {k: v for k, v in self._params.items() if k not in old}
@@ -216,17 +229,25 @@ class MlflowSink:
     def _create(self):
         exp = self._client.get_experiment_by_name(self.experiment)
         if exp is None:
-            exp_id = self._client.create_experiment(self.experiment, artifact_location=self._artifact_location)
+            exp_id = self._client.create_experiment(
+                self.experiment, artifact_location=self._artifact_location, tags={KIND_TAG: TRAINING_KIND}
+            )
         else:
             exp_id = exp.experiment_id
             if exp.lifecycle_stage == "deleted":
                 self._client.restore_experiment(exp_id)
+            self._mark_training(exp)
         tags = self._tags_fn() if self._tags_fn else {}
         if self._resume_id:
             tags["resumed_from_run_id"] = self._resume_id
         run = self._client.create_run(exp_id, run_name=self.run_name, tags=tags)
         self._meta = (self._params, {})
         return run
+
+    def _mark_training(self, exp) -> None:
+        """Tag an experiment made before kimi set the kind (or by someone else) as model training."""
+        if KIND_TAG not in exp.tags:
+            self._client.set_experiment_tag(exp.experiment_id, KIND_TAG, TRAINING_KIND)
 
     def _send_meta(self) -> None:
         """Params (<= 100 per call, values cut to 6000 chars) and tags; kept for the retry if this fails."""
@@ -321,9 +342,12 @@ _key_cache: dict[str, str] = {}
 
 
 def mlflow_key(key: str) -> str:
-    """A metric name MLflow accepts: [alnum _ - . space : /] only, no empty/`.`/`..` path parts, <= 250 chars."""
+    """The MLflow name of a metric: `train/` + key for TRAIN_SECTION's keys; then only the characters MLflow
+    accepts ([alnum _ - . space : /]), no empty/`.`/`..` path parts, <= 250 chars."""
     out = _key_cache.get(key)
     if out is None:
+        if key in TRAIN_SECTION:
+            key = f"train/{key}"
         parts = [p for p in _BAD_CHARS.sub("_", str(key)).split("/") if p not in ("", ".", "..")]
         out = posixpath.join(*parts)[:_MAX_KEY] if parts else "_"
         _key_cache[key] = out

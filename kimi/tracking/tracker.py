@@ -128,8 +128,8 @@ class Tracker:
         """Record per-expert token counts (or fractions) of each MoE layer (L x E) at an eval.
 
         The full matrix goes to expert_load.jsonl (heatmap + MLflow artifact at finish); only a compact
-        summary becomes metrics (2 + L series instead of L * E): `moe/layer{i}/max_load` (max / mean load
-        of that layer, 1 = perfectly balanced), `moe/max_load` and `moe/min_load` over all layers.
+        summary becomes metrics (2 + L series instead of L * E): `moe_layer{i}_max_load` (max / mean load
+        of that layer, 1 = perfectly balanced), `moe_max_load` and `moe_min_load` over all layers.
         `layer_ids` names the rows (model layer indices, e.g. [1, 2] when layer 0 is dense); default 0..L-1.
         """
         if not self.enabled or self._finished:
@@ -149,11 +149,13 @@ class Tracker:
         with open(self.expert_load_path, "a") as f:
             self._write(f, {"step": int(step), "layers": layer_ids, "loads": arr_LE.tolist()})
         norm_LE = normalise_loads(arr_LE)
+        # Flat names: a "moe/layer1/" prefix would make one chart section per layer, and named sections
+        # come before the training curves in MLflow's UI (see TRAIN_SECTION in mlflow_sink.py).
         summary = {
-            f"moe/layer{i}/max_load": float(np.nanmax(r)) for i, r in zip(layer_ids, norm_LE) if np.isfinite(r).any()
+            f"moe_layer{i}_max_load": float(np.nanmax(r)) for i, r in zip(layer_ids, norm_LE) if np.isfinite(r).any()
         }
         if np.isfinite(norm_LE).any():
-            summary["moe/max_load"], summary["moe/min_load"] = float(np.nanmax(norm_LE)), float(np.nanmin(norm_LE))
+            summary["moe_max_load"], summary["moe_min_load"] = float(np.nanmax(norm_LE)), float(np.nanmin(norm_LE))
         # MLflow only: metrics.jsonl keeps one row per training step (the matrix is in expert_load.jsonl).
         if self._sink is not None:
             self._sink.add_metrics(int(step), summary, int(time.time() * 1000))

@@ -121,7 +121,7 @@ def test_job_completes_with_checkpoint_and_mlflow_run(slurm_cluster: Cluster, jo
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert runs[0].data.metrics["loss"] == pytest.approx(rows[-1]["loss"], rel=1e-6)
+    assert runs[0].data.metrics["train/loss"] == pytest.approx(rows[-1]["loss"], rel=1e-6)
 
 
 def test_bad_config_fails_with_one_clear_line(slurm_cluster: Cluster, jobs: dict) -> None:  # noqa: F811

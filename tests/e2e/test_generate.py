@@ -11,6 +11,7 @@ from kimi import load_model
 from kimi.config import KimiConfig, load_config
 from kimi.evaluate import ModelEvaluator
 from kimi.generate import Generator, PromptError
+from kimi.generate import main as generate_main
 from kimi.model import KimiModel
 from kimi.train import train
 
@@ -56,6 +57,14 @@ def test_prompt_errors():
         gen.generate(list(range(16)), 5)
     with pytest.raises(PromptError, match="smaller than the gpt2 tokenizer"):
         gen.generate_text("hello")
+
+
+def test_generate_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        generate_main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for default in ("(default: 200)", "(default: 0.8)", "(default: auto)", "(default: '\\n')"):
+        assert default in out, default
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +126,22 @@ def test_generate_cli(gpt2_run):
         timeout=300,
     )
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_interactive_session_survives_empty_lines(gpt2_run):
+    """An empty or blank line asks again; 'quit' ends the session with exit code 0; EOF too."""
+    args = [sys.executable, "-m", "kimi.generate", "--checkpoint", str(gpt2_run / "run"), "--interactive"]
+    args += ["--max-new-tokens", "3", "--seed", "1"]
+    res = subprocess.run(
+        args, cwd=ROOT, input="ROMEO:\n\n   \nJULIET:\nquit\nNEVER:\n", capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr
+    assert "error" not in res.stderr
+    out = res.stdout
+    assert "ROMEO:" in out and "JULIET:" in out and "NEVER:" not in out
+    assert out.count("prompt> ") == 5  # ROMEO, the empty line, the blank one, JULIET, quit
+    eof = subprocess.run(args, cwd=ROOT, input="\nROMEO:\n", capture_output=True, text=True, timeout=300)
+    assert eof.returncode == 0 and "ROMEO:" in eof.stdout, eof.stderr
 
 
 def test_evaluate_cli_and_api(gpt2_run):

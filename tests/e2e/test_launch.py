@@ -19,9 +19,11 @@ FAST = ("--train.micro_batch_size=4", "--logging.mlflow=false", "--train.eval_in
 
 
 def launch(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
-    # CUDA_VISIBLE_DEVICES="" hides any GPU, so the CPU fallback runs wherever the test does.
-    inherited = {k: v for k, v in os.environ.items() if k not in ("NPROC", "NGPU", "MASTER_ADDR", "CONFIG")}
-    full_env = {**inherited, "CUDA_VISIBLE_DEVICES": "", "MODULE": MODULE, **env}
+    # CUDA_VISIBLE_DEVICES="" hides any GPU, so the CPU fallback runs wherever the test does. With no
+    # virtual environment active the launchers take VENV's torchrun: the environment running these tests.
+    dropped = ("NPROC", "NGPU", "MASTER_ADDR", "CONFIG", "VIRTUAL_ENV", "TORCHRUN", "PYTHON")
+    inherited = {k: v for k, v in os.environ.items() if k not in dropped}
+    full_env = {**inherited, "CUDA_VISIBLE_DEVICES": "", "MODULE": MODULE, "VENV": sys.prefix, **env}
     return subprocess.run(
         [f"launch/{script}", *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=300
     )
@@ -58,7 +60,7 @@ def test_train_sh_runs_two_cpu_processes(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     plus = [line for line in proc.stderr.splitlines() if line.startswith("+ ")]
     assert plus == [
-        f"+ torchrun --standalone --nproc_per_node=2 -m {MODULE} --config {CONFIG} "
+        f"+ {sys.prefix}/bin/torchrun --standalone --nproc_per_node=2 -m {MODULE} --config {CONFIG} "
         f"--train.max_steps=2 --train.out_dir={tmp_path} {' '.join(FAST)}"
     ]
     assert "no GPU" in proc.stderr
@@ -75,6 +77,7 @@ def test_multinode_sh_one_node_c10d(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"--rdzv_backend=c10d --rdzv_endpoint=127.0.0.1:{port}" in proc.stderr
+    assert "the training log appears on the node that c10d makes rank 0" in proc.stderr  # not NODE_RANK=0
     assert last_row(tmp_path)["step"] == 2
 
 
@@ -85,6 +88,18 @@ def test_bad_knobs_fail_with_one_line() -> None:
     assert proc.returncode == 2 and "configs/nope.yaml does not exist" in proc.stderr
     proc = launch("train.sh", ENGINE="zero")
     assert proc.returncode == 2 and "ENGINE=zero is not one of fsdp2, deepspeed" in proc.stderr
+
+
+def test_launchers_find_the_project_venv_without_activation() -> None:
+    """`./launch/train.sh` in a fresh shell (no venv active, no torchrun on PATH) uses VENV's torchrun."""
+    if not (Path(sys.prefix) / "bin" / "torchrun").exists():
+        pytest.skip(f"the tests' Python ({sys.prefix}) is not an environment with bin/torchrun")
+    bare = {"PATH": "/usr/bin:/bin", "NPROC": "1"}
+    proc = launch("train.sh", "--dry-run", **bare)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"+ {sys.prefix}/bin/torchrun --standalone" in proc.stderr and "parameters: total" in proc.stdout
+    proc = launch("train.sh", "--dry-run", VENV="/nonexistent", **bare)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("launch: torchrun not found")
 
 
 def test_engine_knob_reaches_the_trainer() -> None:

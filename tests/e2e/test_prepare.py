@@ -164,6 +164,14 @@ def test_cli(inputs, tmp_path, capsys):
     ]
 
 
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for default in ("(default: gpt2)", f"(default: {DataConfig.num_workers})", "(default: custom)"):
+        assert default in out, default
+
+
 def test_wiki_markup_to_text():
     markup = (
         "{{Infobox|name=X|{{nested|y}}}}'''Anarchism''' is a [[political philosophy]] of "

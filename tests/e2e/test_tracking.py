@@ -28,8 +28,8 @@ from kimi.tracking import (
     read_expert_loads,
     resolve_tracking_uri,
 )
-from kimi.tracking.mlflow_sink import mlflow_key
-from tests.mlflow_server import free_port, start_mlflow_server, stop
+from kimi.tracking.mlflow_sink import KIND_TAG, TRAINING_KIND, mlflow_key
+from tests.mlflow_server import free_port, start_mlflow_server, stop, ui_chart_sections
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FINISH_BOUND_S = 20.0  # finish_timeout (15 s) + plotting
@@ -126,14 +126,19 @@ def test_sqlite_default_store_round_trip(tmp_path, caplog):
     assert len(run.data.params) == len(flat) > 100
     assert run.data.params["model.moe.top_k"] == "2" and run.data.params["optim.betas"] == "[0.9, 0.95]"
     assert run.data.params["extra.long"] == "x" * 6000
-    assert _history(client, run.info.run_id, "loss") == [(s, pytest.approx(_loss(s))) for s in range(1, 31)]
-    assert [s for s, _ in _history(client, run.info.run_id, "val_loss")] == [10, 20, 30]
+    assert _history(client, run.info.run_id, "train/loss") == [(s, pytest.approx(_loss(s))) for s in range(1, 31)]
+    assert [s for s, _ in _history(client, run.info.run_id, "train/val_loss")] == [10, 20, 30]
     # loads are 1..24 per row of 8: the first row (model layer 1) has max/mean = 8 / 4.5
-    assert _history(client, run.info.run_id, "moe/layer1/max_load")[-1] == (30, pytest.approx(8 / 4.5))
-    assert "moe/layer0/max_load" not in run.data.metrics
+    assert _history(client, run.info.run_id, "moe_layer1_max_load")[-1] == (30, pytest.approx(8 / 4.5))
+    assert "moe_layer0_max_load" not in run.data.metrics
     assert {"system/cpu_percent", "system/rss_gb"} <= set(run.data.metrics)
     assert 0 < run.data.metrics["system/rss_gb"] < 64
-    assert not any("expert" in k for k in run.data.metrics if k.startswith("moe/"))  # summaries, not L*E series
+    assert not any("expert" in k for k in run.data.metrics if k.startswith("moe"))  # summaries, not L*E series
+    # The UI opens the experiment in its training view and shows the training curves first.
+    assert exp.tags[KIND_TAG] == TRAINING_KIND
+    sections = ui_chart_sections(run.data.metrics)
+    assert sections[0] == ("train", ["loss", "lr", "val_loss"]), sections
+    assert [s for s, _ in sections] == ["train", "", "system"]  # one MoE section at most, after training
     tags = run.data.tags
     assert tags["host"] == socket.gethostname() and tags["torch_version"] == torch.__version__
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
@@ -166,12 +171,26 @@ def test_resume_continues_the_same_run(tmp_path, caplog):
     client = _client(f"sqlite:///{out / 'mlflow.db'}")
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert [s for s, _ in _history(client, run_id, "loss")] == list(range(1, 11))
+    assert [s for s, _ in _history(client, run_id, "train/loss")] == list(range(1, 11))
     assert run.data.params["train.max_steps"] == "20"
     assert run.data.tags["changed_params_on_resume"] == "train.max_steps=999"
     assert len(client.search_runs([run.info.experiment_id])) == 1
     assert [r["step"] for r in _rows(out / "metrics.jsonl")] == list(range(1, 11))  # appended
     assert _warnings(caplog) == []
+
+
+def test_existing_experiments_get_the_training_kind_once(tmp_path):
+    """An experiment made before (or by hand) is tagged on reuse; a kind chosen in the UI is kept."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = _client(uri)
+    old = client.create_experiment("old", artifact_location=(tmp_path / "art").as_uri())
+    chosen = client.create_experiment("chosen", tags={KIND_TAG: "genai_development"})
+    for name in ("old", "chosen"):
+        tracker = Tracker(str(tmp_path / name), _cfg(tracking_uri=uri, experiment=name), params={})
+        tracker.log(1, {"loss": 1.0})
+        tracker.finish()
+    assert client.get_experiment(old).tags[KIND_TAG] == TRAINING_KIND
+    assert client.get_experiment(chosen).tags[KIND_TAG] == "genai_development"
 
 
 def test_nonzero_rank_writes_nothing(tmp_path):
@@ -253,7 +272,7 @@ def test_real_server_recovers_resumes_and_survives_a_kill(tmp_path, caplog):
         client = _client(uri)
         _poll(lambda: any("back on" in r.getMessage() for r in caplog.records), 30, "reconnection")
         run_id = first.run_id
-        assert [s for s, _ in _history(client, run_id, "loss")] == list(range(1, 11))  # the backlog
+        assert [s for s, _ in _history(client, run_id, "train/loss")] == list(range(1, 11))  # the backlog
         first.finish("KILLED", config_yaml_text="model: {}\n")  # preempted
         assert client.get_run(run_id).info.status == "KILLED"
         assert {a.path for a in client.list_artifacts(run_id, "plots")} == {"plots/loss.png"}
@@ -264,7 +283,7 @@ def test_real_server_recovers_resumes_and_survives_a_kill(tmp_path, caplog):
         second = Tracker(str(out), cfg, params=Config().to_dict(), resume_run_id=run_id)
         for step in range(11, 21):
             second.log(step, {"loss": _loss(step)})
-        _poll(lambda: len(client.get_metric_history(run_id, "loss")) == 20, 30, "steps 11-20 in the resumed run")
+        _poll(lambda: len(client.get_metric_history(run_id, "train/loss")) == 20, 30, "steps 11-20 in the resumed run")
         assert second.run_id == run_id and client.get_run(run_id).info.status == "RUNNING"
 
         os.killpg(proc.pid, 9)  # SIGKILL the server and its workers mid-run
@@ -302,6 +321,13 @@ def test_flatten_params_and_metric_keys():
         "e": "[1, 2]",
     }
     assert mlflow_key("moe/layer0/max_load") == "moe/layer0/max_load"
+    assert [mlflow_key(k) for k in ("loss", "val_loss", "lr", "grad_norm", "mfu")] == [
+        "train/loss",
+        "train/val_loss",
+        "train/lr",
+        "train/grad_norm",
+        "mfu",
+    ]
     assert mlflow_key("/bad//name..x?/../y") == "bad/name..x_/y"
     assert mlflow_key("a" * 300) == "a" * 250
 

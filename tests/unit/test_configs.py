@@ -96,7 +96,7 @@ def test_shipped_config_is_complete_and_within_15_percent_of_its_size(name):
     advertised = float(m.group(1)) * {"M": 1e6, "K": 1e3}[m.group(2)]
     cfg = load_config(path)
     lines = summary_lines(cfg.model)
-    n = int(next(ln for ln in lines if ln.startswith("non-embedding params: ")).split(": ")[1])
+    n = int(next(ln for ln in lines if ln.startswith("non-embedding params: ")).split(": ")[1].replace(",", ""))
     assert abs(n - advertised) <= 0.15 * advertised, f"{name}: {n} params vs advertised {advertised:.0f}"
 
 
@@ -111,9 +111,10 @@ def test_debug_config_is_small_and_fast():
 def test_summary_cli(capsys):
     assert summary_main(["--config", str(CONFIGS / "debug.yaml"), "--moe.num_experts=8"]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"^non-embedding params: \d+$", out, re.M)
-    for key in ("total params", "active params", "KV-cache bytes per token", "training FLOPs per token"):
-        assert re.search(rf"^{key}: \d+$", out, re.M), key
+    grouped = r"\d{1,3}(,\d{3})+"  # thousands separators, as the dry run prints them
+    for key in ("non-embedding params", "total params", "active params", "training FLOPs per token"):
+        assert re.search(rf"^{key}: {grouped}$", out, re.M), key
+    assert re.search(r"^KV-cache bytes per token: \d{1,3}(,\d{3})*$", out, re.M)
     assert "8 experts" in out
     assert summary_main(["--config", str(CONFIGS / "debug.yaml"), "--moe.num_expert=8"]) == 2
     assert "did you mean 'num_experts'" in capsys.readouterr().err
@@ -244,3 +245,14 @@ def test_merge_and_flatten_dicts():
     assert base == {"a": {"b": 1, "c": 2}, "d": 3}  # untouched
     assert flatten_dict({"a": {"b": {"c": 1}, "d": None}, "e": (1, 2)}) == {"a.b.c": 1, "a.d": None, "e": (1, 2)}
     assert flatten_dict({"x": 1}, "p") == {"p.x": 1}
+
+
+def test_readme_use_it_reads_what_the_quickstart_writes():
+    """README's generate/evaluate/mlflow lines open the directory launch/quickstart.sh (its first command)
+    trains into, and that is configs/quickstart.yaml's train.out_dir too."""
+    root = CONFIGS.parent
+    out = re.search(r"^OUT=\$\{OUT:-(\S+)\}$", (root / "launch" / "quickstart.sh").read_text(), re.M).group(1)
+    assert load_config(CONFIGS / "quickstart.yaml").train.out_dir == out
+    use_it = (root / "README.md").read_text().split("## Use it", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    dirs = [a or b for a, b in re.findall(r"--checkpoint (\S+)|sqlite:///(\S+)/mlflow\.db", use_it)]
+    assert len(dirs) == 3 and set(dirs) == {out}, dirs
