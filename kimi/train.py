@@ -167,7 +167,7 @@ class Trainer:
 
     def train(self, stop_after: int | None = None) -> dict:
         from kimi.tracking import Tracker
-        from kimi.tracking.tracker import truncate_metrics
+        from kimi.tracking.tracker import truncate_metrics, where_to_look
 
         cfg, rt, t = self.cfg, self.rt, self.cfg.train
         state = self.checkpointer.load()
@@ -185,6 +185,8 @@ class Trainer:
         self.logger = StepLogger(tracker, rt.print, t, tokens, flops, datasheet_peak_flops(rt.device) * rt.world, start)
         self.preempt = Preemption(stop_after)
         rt.print(self.banner(start))
+        if where := where_to_look(cfg.logging, t.out_dir):
+            rt.print(where)
         row, status, step = {}, "FAILED", start
         try:
             for step in range(start + 1, t.max_steps + 1):

@@ -44,6 +44,20 @@ def resolve_tracking_uri(cfg: LoggingConfig, out_dir: str | Path) -> tuple[str, 
     return f"sqlite:///{Path(out_dir).resolve() / 'mlflow.db'}", True
 
 
+def where_to_look(cfg: LoggingConfig, out_dir: str | Path) -> str | None:
+    """One line that says where this run's charts are, in MLflow's model-training view (the UI's GenAI view is
+    its default, whatever the experiment's kind tag says); None without MLflow."""
+    if not cfg.mlflow:
+        return None
+    uri, _ = resolve_tracking_uri(cfg, out_dir)
+    view = "#/?workflowType=machine_learning"
+    if uri.startswith(("http://", "https://")):
+        return f"mlflow: {uri.rstrip('/')}/{view} (experiment {cfg.experiment})"
+    return (
+        f"mlflow: mlflow ui --backend-store-uri {uri}, then http://127.0.0.1:5000/{view} (experiment {cfg.experiment})"
+    )
+
+
 def flatten_params(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """{"model": {"moe": {"top_k": 2}}} -> {"model.moe.top_k": "2"} (MLflow params are flat strings)."""
     return {k: json.dumps(v) if isinstance(v, (list, tuple)) else str(v) for k, v in flatten_dict(tree, prefix).items()}

@@ -366,3 +366,15 @@ def test_plot_expert_load(tmp_path):
         assert png.read_bytes()[:8] == PNG_MAGIC
     with pytest.raises(ValueError, match="layers x experts"):
         plot_expert_load([1.0, 2.0], tmp_path / "c.png")
+
+
+def test_where_to_look_opens_the_training_view(tmp_path):
+    """The trainer's start line points at MLflow's model-training view (its UI opens GenAI by default)."""
+    from kimi.tracking.tracker import where_to_look
+
+    view = "#/?workflowType=machine_learning"
+    local = where_to_look(LoggingConfig(), tmp_path)
+    assert f"sqlite:///{tmp_path.resolve()}/mlflow.db" in local and view in local
+    remote = where_to_look(LoggingConfig(tracking_uri="http://127.0.0.1:5005/"), tmp_path)
+    assert remote.startswith(f"mlflow: http://127.0.0.1:5005/{view}")
+    assert where_to_look(LoggingConfig(mlflow=False), tmp_path) is None
