@@ -14,7 +14,8 @@ import tokenize
 
 import yaml
 
-from kimi.config import _ALIASES, Config, _plain
+from kimi.config.build import _ALIASES, _plain
+from kimi.config.sections import Config
 
 # Sections shown under their short name (`--moe.top_k`, as configs/*.yaml spell them).
 _SHORT = {".".join(path): alias for alias, path in _ALIASES.items()}
