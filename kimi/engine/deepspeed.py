@@ -235,7 +235,7 @@ class DeepSpeedEngine(Engine):
         if not isinstance(zero, DeepSpeedZeroOptimizer):  # e.g. BF16_Optimizer: bf16 ZeRO-1 + fp32 grad accumulation
             raise ConfigError(
                 f"DeepSpeed chose {type(zero).__name__}, whose layout this engine does not know; drop "
-                "data_types.grad_accum_dtype from parallel.deepspeed.config or use parallel.zero_stage=2"
+                "data_types.grad_accum_dtype from parallel.deepspeed.config or use parallel.deepspeed.zero_stage=2"
             )
         self._where: dict[int, tuple[int, int]] = {}  # id(param) -> (group, offset in its flat buffer)
         for i, group in enumerate(self._optimizer.param_groups):

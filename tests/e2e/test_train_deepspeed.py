@@ -4,7 +4,7 @@
 - Preemption: a real `torch.distributed.run ... -m kimi.train` job, SIGTERM to its whole process group
   mid-run, checkpoints and exits; the rerun resumes and reproduces the uninterrupted DeepSpeed losses bit
   for bit (same layout, same reduction order).
-- generate / evaluate / convert read the DeepSpeed checkpoint on one process (kimi.load_model -> kimi.checkpoint.load_model_state).
+- generate / evaluate / convert read the DeepSpeed checkpoint on one process (kimi.load_model -> kimi.engine.read_model_state -> the DeepSpeed engine's reader).
 
 Tolerance DeepSpeed vs FSDP2: 1e-5 relative per step. Measured (2-core CPU, fp32): losses <= 1.3e-7 and
 grad norms <= 3.4e-7 relative over the 20 steps (the first 7 losses equal bit for bit). What limits it: the engines reduce gradients in a different order (FSDP2's reduce-scatter vs ZeRO's
