@@ -229,3 +229,11 @@ def test_iterables_of_strings_or_dicts():
     assert list(iter_records(DatasetLike([{"body": t, "id": 1} for t in DOCS]), "body")) == DOCS
     with pytest.raises(CorpusError, match=r"'train texts' record 2 has no string \"text\" field \(its keys: body\)"):
         list(iter_records([{"text": "a"}, {"body": "b"}], where="train texts"))
+
+
+def test_jsonl_lines_are_split_at_newlines_only(tmp_path):
+    """JSON may hold U+2028 or a form feed unescaped (json.dumps(..., ensure_ascii=False)); the reader this
+    replaced split lines with str.splitlines and refused such files."""
+    docs = ["line\u2028separator", "form\x0cfeed", "next\x85line"]
+    (tmp_path / "a.jsonl").write_text(jsonl(docs))
+    assert read(tmp_path / "a.jsonl") == docs
