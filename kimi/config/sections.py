@@ -236,7 +236,7 @@ class TrainConfig:
 class DataConfig:
     """Training data: dataset, tokenizer, and how `kimi.prepare` writes shards."""
 
-    dataset: str = "toy"  # "toy" (random tokens, zero setup) or a directory written by `kimi.prepare`
+    dataset: str = "toy"  # "toy" (random tokens), a directory written by `kimi.prepare`, or package.module:factory
     tokenizer_name: str = "gpt2"  # "gpt2" or "byte" (257 ids); must match what `kimi.prepare --tokenizer` used
     block_size: int | None = None  # training window; None -> model.block_size
     num_workers: int = 2  # tokenisation processes in `kimi.prepare`

@@ -19,6 +19,7 @@ windows were drawn before it, so a rank can compute its slice without drawing th
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,7 +58,13 @@ def window_starts(seed: int, step: int, start: int, count: int, num_windows: int
 class TokenDataset(ABC):
     """A stream of `num_tokens` token ids cut into windows of `block_size + 1` tokens.
 
-    Subclasses provide `_tokens(starts) -> (n, block_size + 1) int64 array` and `identity()`."""
+    The contract a custom dataset implements (train through `data.dataset=package.module:factory`, or
+    `kimi.train.train(cfg, train_set=..., val_set=...)`): set `vocab_size`, `block_size`, `num_tokens` and
+    `seed`, and provide `_tokens(starts) -> (n, block_size + 1) int64 array` (the windows starting at those
+    token offsets, each start in [0, num_windows)) and `identity()` (a small JSON-able dict that changes when
+    the data does: a resume refuses a different identity). Which windows a step reads is this base class's
+    business, fixed by (seed, step); the stream position lives in BatchIterator.state_dict(), so the dataset
+    itself keeps no state and every rank, world size and resume reads the same windows."""
 
     vocab_size: int
     block_size: int
@@ -243,9 +250,13 @@ def _split_dir(root: Path, split: str) -> Path | None:
 def build_dataset(
     data_cfg: DataConfig, block_size: int, vocab_size: int, seed: int, split: str = "train"
 ) -> TokenDataset:
-    """`data.dataset` = "toy" or a directory from `python -m kimi.prepare` (its root or one split dir)."""
+    """`data.dataset` = "toy", a directory from `python -m kimi.prepare` (its root or one split dir), or
+    `package.module:factory`, a callable `factory(split=, block_size=, vocab_size=, seed=)` returning a
+    TokenDataset (see its contract)."""
     if data_cfg.dataset == "toy":
         return ToyDataset(vocab_size, block_size, seed, split)
+    if _is_factory(data_cfg.dataset):
+        return _from_factory(data_cfg.dataset, block_size, vocab_size, seed, split)
     root = Path(data_cfg.dataset).expanduser()
     split_dir = _split_dir(root, split)
     if split_dir is None:
@@ -266,4 +277,34 @@ def build_dataset(
             f"'{split_dir}' was tokenised with {ds.manifest.get('tokenizer')} (vocabulary {ds.vocab_size}) but "
             f"model.vocab_size={vocab_size}; set --model.vocab_size={ds.vocab_size} (or more, e.g. 50304)"
         )
+    return ds
+
+
+def _is_factory(spec: str) -> bool:
+    """`package.module:factory` (and not a path that exists)."""
+    module, colon, name = spec.partition(":")
+    dotted = all(part.isidentifier() for part in module.split("."))
+    return bool(colon) and dotted and name.isidentifier() and not Path(spec).exists()
+
+
+def _from_factory(spec: str, block_size: int, vocab_size: int, seed: int, split: str) -> TokenDataset:
+    """Call the user's dataset factory and check what it returns against the run's shape, in one line each."""
+    module_name, _, name = spec.partition(":")
+    hint = f"data.dataset={spec} should name a callable returning a kimi.data.TokenDataset"
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise DataError(f"{hint}, but module '{module_name}' cannot be imported ({e}); is it on PYTHONPATH?") from None
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise DataError(f"{hint}, but '{module_name}' has no callable '{name}'")
+    ds = factory(split=split, block_size=block_size, vocab_size=vocab_size, seed=seed)
+    if not isinstance(ds, TokenDataset):
+        raise DataError(f"{hint}, but {spec}(split={split!r}, ...) returned a {type(ds).__name__}")
+    if ds.block_size != block_size or ds.vocab_size > vocab_size or ds.seed != seed:
+        raise DataError(
+            f"{spec} returned a dataset with block_size={ds.block_size}, vocab_size={ds.vocab_size}, "
+            f"seed={ds.seed}; this run needs block_size={block_size}, vocab_size <= {vocab_size}, seed={seed}"
+        )
+    ds._check_size(f"{spec} ({split})")
     return ds
