@@ -38,9 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--tokenizer",
         default="gpt2",
-        choices=["gpt2", "byte"],
-        help="gpt2 (50257 BPE tokens) or byte (257: one token per UTF-8 byte, like nanoGPT's shakespeare_char; "
-        "train it with --data.tokenizer_name=byte --model.vocab_size=257) (default: %(default)s)",
+        help="gpt2 (50257 BPE tokens), byte (257: one token per UTF-8 byte, like nanoGPT's shakespeare_char; "
+        "train it with --data.tokenizer_name=byte --model.vocab_size=257), tiktoken:PATH (a tiktoken BPE file, "
+        "e.g. Kimi K2's tiktoken.model, with an optional PATH.json) or hf:PATH (a Hugging Face tokenizer.json); "
+        "see docs/data.md (default: %(default)s)",
     )
     p.add_argument(
         "--num-workers", type=int, default=DataConfig.num_workers, help="tokenising processes (default: %(default)s)"

@@ -237,7 +237,7 @@ class DataConfig:
     """Training data: dataset, tokenizer, and how `kimi.prepare` writes shards."""
 
     dataset: str = "toy"  # "toy" (random tokens), a directory written by `kimi.prepare`, or package.module:factory
-    tokenizer_name: str = "gpt2"  # "gpt2" or "byte" (257 ids); must match what `kimi.prepare --tokenizer` used
+    tokenizer_name: str = "gpt2"  # gpt2, byte (257 ids), tiktoken:PATH or hf:PATH; as `kimi.prepare --tokenizer`
     block_size: int | None = None  # training window; None -> model.block_size
     num_workers: int = 2  # tokenisation processes in `kimi.prepare`
     shard_tokens: int = 50_000_000  # tokens per shard file

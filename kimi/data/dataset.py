@@ -30,6 +30,7 @@ import torch
 
 from kimi.config import DataConfig
 from kimi.data.shards import ShardError, open_split, verify_split
+from kimi.data.tokenizer_files import TokenizerFileError, split_spec, tokenizer_files
 
 
 class DataError(ValueError):
@@ -266,18 +267,38 @@ def build_dataset(
         ds = ShardDataset(split_dir, block_size, seed, verify=data_cfg.verify_shards)
     except ShardError as e:
         raise DataError(str(e)) from None
-    made_with = ds.manifest.get("tokenizer")
-    if made_with and made_with != data_cfg.tokenizer_name:  # else checkpoints would name the wrong decoder
-        raise DataError(
-            f"'{split_dir}' was tokenised with '{made_with}' but data.tokenizer_name='{data_cfg.tokenizer_name}'; "
-            f"set --data.tokenizer_name={made_with}"
-        )
+    _check_tokenizer(ds.manifest, data_cfg.tokenizer_name, split_dir)
     if ds.vocab_size > vocab_size:
         raise DataError(
             f"'{split_dir}' was tokenised with {ds.manifest.get('tokenizer')} (vocabulary {ds.vocab_size}) but "
             f"model.vocab_size={vocab_size}; set --model.vocab_size={ds.vocab_size} (or more, e.g. 50304)"
         )
     return ds
+
+
+def _check_tokenizer(manifest: dict, name: str, split_dir: Path) -> None:
+    """The configured tokenizer is the one the data was made with, else checkpoints would name the wrong
+    decoder. File tokenizers (tiktoken:PATH, hf:PATH) are the same when their files' sha256 are, wherever
+    the files now lie; a file edited since `kimi.prepare` is refused."""
+    made_with, files = manifest.get("tokenizer"), manifest.get("tokenizer_files")
+    if not made_with:
+        return
+    if files and split_spec(name):
+        try:
+            now = tokenizer_files(name)
+        except TokenizerFileError as e:
+            raise DataError(str(e)) from None
+        if sorted(now.values()) == sorted(files.values()):
+            return
+        raise DataError(
+            f"'{split_dir}' was tokenised with {made_with} (sha256 {sorted(files.values())}) but the files of "
+            f"data.tokenizer_name='{name}' differ; point it at the same files, or re-run python -m kimi.prepare"
+        )
+    if made_with != name:
+        raise DataError(
+            f"'{split_dir}' was tokenised with '{made_with}' but data.tokenizer_name='{name}'; "
+            f"set --data.tokenizer_name={made_with}"
+        )
 
 
 def _is_factory(spec: str) -> bool:

@@ -37,7 +37,8 @@ from kimi.data.shards import (
     write_manifest,
     write_shard,
 )
-from kimi.data.tokenizer import get_tokenizer
+from kimi.data.tokenizer import chunkable, get_tokenizer
+from kimi.data.tokenizer_files import tokenizer_files
 
 SPLITS = ("train", "val")
 CHUNK_CHARS = 1 << 20  # long documents are cut into ~1 MB pieces so one big file still uses every worker
@@ -79,8 +80,9 @@ def _encode(task: tuple[str, bool, str]) -> np.ndarray:
 
 def _batches(docs: Iterable[str], name: str) -> Iterator[list[tuple[str, bool, str]]]:
     batch, chars = [], 0
+    cut = chunk_text if chunkable(get_tokenizer(name)) else lambda doc: [doc]
     for doc in docs:
-        for i, piece in enumerate(chunk_text(doc)):
+        for i, piece in enumerate(cut(doc)):
             batch.append((name, i == 0, piece))
             chars += len(piece)
             if chars >= BATCH_CHARS:
@@ -122,6 +124,8 @@ def fingerprint(corpus: Corpus, split: str, tokenizer: str, shard_tokens: int) -
             "split": split, "tokenizer": tokenizer, "shard_tokens": shard_tokens}  # fmt: skip
     if corpus.settings:  # only when set, so that the fingerprints of earlier datasets stay as they were
         spec["settings"] = corpus.settings
+    if files := tokenizer_files(tokenizer):  # an edited tokenizer file re-prepares
+        spec["tokenizer_files"] = files
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -175,6 +179,8 @@ def write_split(
     }  # fmt: skip
     if corpus.settings:
         manifest["settings"] = corpus.settings
+    if files := tokenizer_files(cfg.tokenizer_name):
+        manifest["tokenizer_files"] = files
     write_manifest(split_dir, manifest)
     return manifest
 
