@@ -167,7 +167,12 @@ def load_generator(checkpoint: str, device: str = "auto") -> Generator:
     dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     model.to(dev)
     meta = read_meta(path) if path.is_dir() else {}
-    return Generator(model, tokenizer_name=meta.get("tokenizer", "gpt2"))
+    name = meta.get("tokenizer", "gpt2")
+    if path.is_dir():  # tiktoken:/hf: tokenizers are read from the checkpoint's own copies of their files
+        from kimi.data.tokenizer_files import CHECKPOINT_DIR, name_in
+
+        name = name_in(name, path / CHECKPOINT_DIR)
+    return Generator(model, tokenizer_name=name)
 
 
 def main(argv: list[str] | None = None) -> None:

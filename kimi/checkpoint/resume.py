@@ -26,8 +26,9 @@ from typing import Any, Protocol
 
 import yaml
 
-from kimi.checkpoint.store import CheckpointError, CheckpointStore, read_meta
+from kimi.checkpoint.store import CheckpointError, CheckpointStore, _rank, read_meta
 from kimi.config import ConfigError, config_from_dict, flatten_dict
+from kimi.data.tokenizer_files import CHECKPOINT_DIR, TokenizerFileError, copy_tokenizer_files, tokenizer_files
 
 
 class Stateful(Protocol):
@@ -124,9 +125,27 @@ class Checkpointer:
         train_state = {"step": step, **{k: s.state_dict() for k, s in self.states.items()}, **extra}
         meta = {"tokenizer": self.cfg.data.tokenizer_name, "val_loss": val_loss, **extra,
                 **self.engine.checkpoint_meta()}  # fmt: skip
-        path = self.store.save(step, self.engine.write, train_state, self.cfg.to_yaml(), meta)
+        write = self.engine.write
+        if files := self._tokenizer_files():  # the checkpoint carries them: generate needs no flag, nor the path
+            meta["tokenizer_files"] = files
+
+            def write(tmp: Path) -> None:
+                self.engine.write(tmp)
+                if _rank() == 0:
+                    copy_tokenizer_files(self.cfg.data.tokenizer_name, tmp / CHECKPOINT_DIR, files)
+
+        path = self.store.save(step, write, train_state, self.cfg.to_yaml(), meta)
         self.say(f"checkpoint: step {step} -> {path} ({time.perf_counter() - t0:.1f}s)")
         return path
+
+    def _tokenizer_files(self) -> dict[str, str]:
+        """{name: sha256} of a tiktoken:/hf: tokenizer's files; {} for built-in ones, or (said once per save)
+        when the files have gone since the run started."""
+        try:
+            return tokenizer_files(self.cfg.data.tokenizer_name)
+        except TokenizerFileError as e:
+            self.say(f"checkpoint without its tokenizer files: {e}")
+            return {}
 
 
 # Fields a resumed run cannot change: the parameters' shapes and meaning, and the data stream's windows.

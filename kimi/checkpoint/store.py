@@ -8,7 +8,8 @@ Layout, one directory per step:
 
     OUT/checkpoints/step_000400/   DCP shards of {"model", "optim"}, train_state.pt (scheduler, data
                                    position, QK-clip/routing extras), rng/rank_00000.pt ...,
-                                   config.yaml, meta.json (step, tokenizer, git commit, world size, ...)
+                                   config.yaml, meta.json (step, tokenizer, git commit, world size, ...),
+                                   tokenizer/ (a tiktoken:/hf: tokenizer's files; sha256 in meta.json)
     OUT/checkpoints/latest         symlink -> step_000400, replaced only once the step directory is complete
     OUT/checkpoints/best           symlink -> the step with the lowest validation loss (kept from rotation)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 from pathlib import Path
 
 import tiktoken
@@ -29,6 +30,7 @@ from kimi.files import sha256_file
 
 ENDOFTEXT = "<|endoftext|>"
 FILE_KINDS = ("tiktoken", "hf")
+CHECKPOINT_DIR = "tokenizer"  # a checkpoint's copy of its tokenizer files, beside config.yaml
 TIKTOKEN_EOT_NAMES = ("<|endoftext|>", "[EOS]", "</s>")
 HF_EOT_NAMES = ("<|endoftext|>", "</s>", "[EOS]", "<eos>", "<|end_of_text|>")
 
@@ -65,6 +67,22 @@ def tokenizer_files(name: str) -> dict[str, str]:
         raise TokenizerFileError(f"tokenizer file '{path}' does not exist; check the path in --tokenizer {name}")
     sidecar = _tiktoken_sidecar(path) if kind == "tiktoken" else _hf_sidecar(path)
     return {p.name: sha256_file(p) for p in (path, sidecar) if p.is_file()}
+
+
+def copy_tokenizer_files(name: str, dest: Path, files: dict[str, str]) -> None:
+    """Copy the files `tokenizer_files(name)` listed into `dest` (a checkpoint's tokenizer/), same names."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for file_name in files:
+        shutil.copy2(split_spec(name)[1].with_name(file_name), dest / file_name)
+
+
+def name_in(name: str, folder: Path) -> str:
+    """`name` pointed at the copies in `folder` (see copy_tokenizer_files), or `name` itself where there are
+    none (a built-in tokenizer, or a checkpoint from before tokenizer files were copied)."""
+    spec = split_spec(name)
+    if spec and (Path(folder) / spec[1].name).is_file():
+        return f"{spec[0]}:{Path(folder) / spec[1].name}"
+    return name
 
 
 def _read_json(path: Path, what: str) -> dict:

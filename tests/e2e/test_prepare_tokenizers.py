@@ -4,6 +4,7 @@ changes, uint32 shards for ids above 65,535, one-line refusals (bad file, small 
 tokenizer), and whole-document encoding for pre-tokenizers that chunking could split differently."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,3 +129,41 @@ def test_documents_are_encoded_whole_when_the_pattern_is_not_gpt2s(tmp_path):
     enc = tk.get_tokenizer(name)
     assert enc.encode_ordinary("ab.\n") == [ord("a"), ord("b"), 260]  # the ".\n" merge
     assert np.array_equal(tokens(tmp_path / "out" / "train"), [enc.eot_token, *enc.encode_ordinary(doc)])
+
+
+def test_checkpoint_carries_the_tokenizer_files_and_generate_needs_no_flag(tmp_path, files):
+    """prepare -> train 2 steps (vocab exactly the tokenizer's: generate does not mask ids the tokenizer lacks)
+    -> the step directory holds tokenizer/ with the files and meta.json their
+    sha256 -> with the original files deleted, generate still decodes through the checkpoint's copies."""
+    import subprocess
+    import sys
+
+    from kimi.checkpoint import read_meta, resolve
+
+    root = Path(__file__).resolve().parents[2]
+    (tmp_path / "tok").mkdir()
+    path = write_bpe(tmp_path / "tok" / "tiktoken.model")
+    (tmp_path / "tok" / "tiktoken.model.json").write_text(json.dumps({"special_tokens": {"[EOS]": 261}}))
+    name = f"tiktoken:{path}"
+    assert run_prepare(files, tmp_path / "data", name) == 0
+    train = [sys.executable, "-m", "kimi.train", "--config", "configs/debug.yaml", f"--out-dir={tmp_path / 'run'}",
+             "--logging.mlflow=false", "--model.vocab_size=262", f"--data.dataset={tmp_path / 'data'}",
+             "--train.max_steps=2", "--data.block_size=8", f"--data.tokenizer_name={name}"]  # fmt: skip
+    res = subprocess.run(train, cwd=root, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    step = resolve(tmp_path / "run")
+    want = {
+        "tiktoken.model": sha256_file(path),
+        "tiktoken.model.json": sha256_file(path.with_name(path.name + ".json")),
+    }
+    assert read_meta(step)["tokenizer_files"] == want
+    assert {f.name: sha256_file(f) for f in (step / "tokenizer").iterdir()} == want
+    for f in (tmp_path / "tok").iterdir():
+        f.unlink()
+    gen = subprocess.run(
+        [sys.executable, "-m", "kimi.generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "the cat"]
+        + ["--max-new-tokens", "6", "--seed", "1"],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert gen.returncode == 0, gen.stderr
+    assert gen.stdout.startswith("the cat")
