@@ -101,8 +101,10 @@ class Generator:
         seed: int | None = None,
         use_cache: bool = True,
         stop_token: int | None = None,
+        vocab_limit: int | None = None,
     ) -> Iterator[int]:
-        """Yields new token ids one by one."""
+        """Yields new token ids one by one; ids >= `vocab_limit` are never sampled (a model vocabulary padded past
+        the tokenizer's, e.g. GPT-2's 50257 ids in 50304 rows, has rows no tokenizer can decode)."""
         check_sampling(max_new_tokens, temperature, top_k, top_p)
         block = self.model.config.block_size
         if not idx:
@@ -120,7 +122,11 @@ class Generator:
                 pos = ids.shape[1]
             else:
                 logits = self.model(ids).logits
-            nxt = sample_next(logits[0, -1], temperature, top_k, top_p, gen)
+            logits_V = logits[0, -1]
+            if vocab_limit is not None and vocab_limit < logits_V.shape[-1]:
+                logits_V = logits_V.clone()
+                logits_V[vocab_limit:] = float("-inf")
+            nxt = sample_next(logits_V, temperature, top_k, top_p, gen)
             ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
             tok = int(nxt)
             yield tok
@@ -146,7 +152,10 @@ class Generator:
         ids = tok.encode(prompt, allowed_special={"<|endoftext|>"})
         out: list[int] = []
         shown = ""
-        for t in self.stream(ids, max_new_tokens, temperature, top_k, top_p, seed, use_cache, stop_token=tok.eot_token):
+        stream = self.stream(
+            ids, max_new_tokens, temperature, top_k, top_p, seed, use_cache, tok.eot_token, tok.n_vocab
+        )
+        for t in stream:
             if t == tok.eot_token:
                 break
             out.append(t)

@@ -209,3 +209,19 @@ def test_byte_tokenizer_end_to_end(tmp_path):
     assert gen.returncode == 0, gen.stderr
     # 12 new byte tokens decode to at most 12 characters (fewer when bytes form multi-byte or invalid UTF-8)
     assert gen.stdout.startswith("ROMEO:") and 0 < len(gen.stdout.rstrip("\n")) - len("ROMEO:") <= 12
+
+
+def test_padded_vocabulary_never_samples_undecodable_ids():
+    """A model vocabulary padded past its tokenizer's (byte: 257 ids, here 320 rows) whose padding rows win
+    every argmax: generate_text samples only ids the tokenizer can decode instead of crashing in decode()."""
+    from kimi.data.tokenizer import get_tokenizer
+
+    torch.manual_seed(0)
+    model = KimiModel(load_config(ROOT / "configs" / "debug.yaml", ["--model.vocab_size=320"]).model)
+    with torch.no_grad():
+        model.lm_head.weight[257:] = 0.0
+        model.lm_head.weight[257:, 0] = 1e4  # the padding rows dominate any hidden state with h[0] > 0
+    gen = Generator(model, tokenizer=get_tokenizer("byte"), tokenizer_name="byte")
+    text = gen.generate_text("ROMEO:", max_new_tokens=8, temperature=0.8, seed=1)
+    assert isinstance(text, str)
+    assert max(gen.generate(list(b"ROMEO:"), 8, temperature=0)) >= 257  # the raw ids would have been padding
