@@ -134,7 +134,8 @@ class Trainer:
     """Built once: runtime -> data -> model -> engine -> checkpointer -> validator; then train()."""
 
     def __init__(self, cfg: Config, hooks: Hooks | None = None, model=None, train_set=None, val_set=None):
-        from kimi.data.dataset import BatchIterator, build_dataset
+        from kimi.data.dataset import BatchIterator
+        from kimi.data.mixture import build_data
         from kimi.model import KimiModel
         from kimi.optim import QKClip
 
@@ -144,9 +145,9 @@ class Trainer:
         self.rt = rt = setup_runtime(t, cfg.parallel, m, engine_class(cfg.parallel.engine).needs_process_group)
         data = (cfg.data, cfg.block_size, m.vocab_size, t.seed)
         if train_set is None:
-            train_set = build_dataset(*data, split="train")
+            train_set = build_data(*data, split="train")
         if val_set is None and t.eval_interval > 0:
-            val_set = build_dataset(*data, split="val")
+            val_set = build_data(*data, split="val")
         self.batches = BatchIterator(train_set, t.global_batch_size, t.micro_batch_size, rt.rank, rt.world)
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.engine = build_engine(cfg, (KimiModel(m) if model is None else model).to(rt.device), rt)
@@ -162,6 +163,7 @@ class Trainer:
         self.validator = Validator(val_set, t, rt)
         self.guard = NonFiniteGuard(t.nonfinite, t.max_nonfinite_skips)
         self.phases: dict[str, float] = {}  # forward/backward/optimizer ms of this step (train.profile)
+        self.mix_counts: list[int] | None = None  # windows per data.mix source since the last logged step
         if self.hooks.on_build:
             self.hooks.on_build(self)
 
@@ -172,6 +174,8 @@ class Trainer:
         cfg, rt, t = self.cfg, self.rt, self.cfg.train
         state = self.checkpointer.load()
         start = state["step"]
+        if self.batches.mixture_change:
+            rt.print(self.batches.mixture_change)
         if start >= t.max_steps:
             rt.print(f"nothing to train: '{t.out_dir}' already holds step {start} of train.max_steps={t.max_steps}; "
                      "raise --max-steps to train further, or use another --out-dir")  # fmt: skip
@@ -193,6 +197,7 @@ class Trainer:
                 row, stop = self.train_step(step)
                 row.update(self.validator.run(self.engine.model, step))
                 self.log_expert_load(tracker, step, row)
+                self.add_mix_fractions(step, row)
                 self.logger.log(step, row)
                 if self.hooks.on_step:
                     self.hooks.on_step(step, row)
@@ -278,6 +283,19 @@ class Trainer:
         if "val_loss" in row and loads is not None:
             ids = [i for i in range(self.cfg.model.n_layer) if self.cfg.model.is_moe_layer(i)]
             tracker.log_expert_load(step, [c.tolist() for c in loads], layer_ids=ids)
+
+    def add_mix_fractions(self, step: int, row: dict) -> None:
+        """On logged steps, `mix_frac/<name>`: each data.mix source's share of the windows trained since the
+        last logged step. A pure function of (seed, step), so every rank has it without communication."""
+        ds = self.batches.dataset
+        if not hasattr(ds, "source_counts"):
+            return
+        counts = ds.source_counts(step, self.batches.global_batch_size)
+        self.mix_counts = counts if self.mix_counts is None else [a + b for a, b in zip(self.mix_counts, counts)]
+        if self.logger.due(step, row):
+            total = sum(self.mix_counts)
+            row.update({f"mix_frac/{n}": c / total for n, c in zip(ds.names, self.mix_counts)})
+            self.mix_counts = None
 
     def _check_weights(self, step: int) -> None:
         """Before a save: weights that hold NaN/inf never replace the last good checkpoint."""

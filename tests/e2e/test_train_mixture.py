@@ -1,0 +1,61 @@
+"""train() on a data.mix of two prepared datasets: mix_frac/<name> in metrics.jsonl, a bit-exact resume, and a
+changed mixture on resume said in one line."""
+
+import json
+
+import numpy as np
+
+from kimi.config import load_config
+from kimi.data.mixture import build_data
+from kimi.train import train
+from tests.e2e.test_train import DEBUG
+from tests.unit.test_data import make_split
+
+
+def _data(tmp_path):
+    for i, name in enumerate(("web", "code")):
+        tokens = np.random.default_rng(i).integers(0, 512, 4000)
+        for split in ("train", "val"):
+            make_split(tmp_path / name / split, tokens, 1500, vocab_size=512, corpus=name, split=split)
+    return tmp_path / "web", tmp_path / "code"
+
+
+def _cfg(out, mix, *extra):
+    return load_config(DEBUG, [f"--train.out_dir={out}", "--logging.mlflow=false", "--train.eval_interval=0",
+                               f"--data.mix={mix}", "--train.max_steps=4", "--train.log_interval=2", *extra])  # fmt: skip
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_mixture_trains_logs_fractions_and_resumes_bit_exact(tmp_path, capsys):
+    web, code = _data(tmp_path)
+    mix = f"{web}:0.75,{code}:0.25"
+    train(_cfg(tmp_path / "full", mix))
+    rows = _rows(tmp_path / "full")
+    assert [r["step"] for r in rows] == [1, 2, 4]  # the first, every log_interval=2, the last
+    cfg = _cfg(tmp_path, mix)
+    ds, g = build_data(cfg.data, cfg.block_size, 512, cfg.train.seed), cfg.train.global_batch_size
+    for r, since in zip(rows, ([1], [2], [3, 4])):  # each logged step: the share since the last logged one
+        web_n, code_n = np.sum([ds.source_counts(s, g) for s in since], axis=0)
+        assert r["mix_frac/web"] == web_n / (web_n + code_n) and r["mix_frac/code"] == code_n / (web_n + code_n)
+    part = tmp_path / "part"
+    assert train(_cfg(part, mix), stop_after=2)["preempted"]
+    train(_cfg(part, mix))
+    full_loss = {r["step"]: r["loss"] for r in rows}
+    part_loss = {r["step"]: r["loss"] for r in _rows(part)}
+    assert list(part_loss) == [1, 2, 3, 4]  # the first step after a resume is logged too
+    assert all(part_loss[s] == full_loss[s] for s in full_loss)  # bit for bit
+    assert "data mixture changed" not in capsys.readouterr().out
+
+
+def test_changed_mixture_on_resume_is_said(tmp_path, capsys):
+    web, code = _data(tmp_path)
+    out = tmp_path / "run"
+    train(_cfg(out, f"{web}:0.75,{code}:0.25"), stop_after=2)
+    capsys.readouterr()
+    train(_cfg(out, f"{web}:0.5,{code}:0.5"))
+    printed = capsys.readouterr().out
+    assert "data mixture changed on resume: web:0.75, code:0.25 -> web:0.5, code:0.5" in printed
+    assert [r["step"] for r in _rows(out)] == [1, 2, 3, 4]
