@@ -35,6 +35,7 @@ from kimi.config_help import config_help
 from kimi.engine import build_engine, engine_class
 from kimi.runtime import datasheet_peak_flops, setup_runtime
 from kimi.trainer.console import StepLogger
+from kimi.trainer.mixture_stats import MixtureStats
 from kimi.trainer.nonfinite import NONFINITE_EXIT_CODE, NonFiniteError, NonFiniteGuard, weights_finite
 from kimi.trainer.preemption import REQUEUE_EXIT_CODE, Preemption
 from kimi.trainer.stats import RouterBias, a2a_stats, forget_step, max_logit_stats
@@ -163,7 +164,7 @@ class Trainer:
         self.validator = Validator(val_set, t, rt)
         self.guard = NonFiniteGuard(t.nonfinite, t.max_nonfinite_skips)
         self.phases: dict[str, float] = {}  # forward/backward/optimizer ms of this step (train.profile)
-        self.mix_counts: list[int] | None = None  # windows per data.mix source since the last logged step
+        self.mix = MixtureStats(train_set, t.global_batch_size) if hasattr(train_set, "source_counts") else None
         if self.hooks.on_build:
             self.hooks.on_build(self)
 
@@ -174,6 +175,8 @@ class Trainer:
         cfg, rt, t = self.cfg, self.rt, self.cfg.train
         state = self.checkpointer.load()
         start = state["step"]
+        if self.mix:
+            self.mix.load(state)
         if self.batches.mixture_change:
             rt.print(self.batches.mixture_change)
         if start >= t.max_steps:
@@ -197,12 +200,15 @@ class Trainer:
                 row, stop = self.train_step(step)
                 row.update(self.validator.run(self.engine.model, step))
                 self.log_expert_load(tracker, step, row)
-                self.add_mix_fractions(step, row)
+                if self.mix:
+                    self.mix.add(step)
+                    row.update(self.mix.row() if self.logger.due(step, row) else {})
                 self.logger.log(step, row)
                 if self.hooks.on_step:
                     self.hooks.on_step(step, row)
+                extra = {"mlflow_run_id": tracker.run_id, **(self.mix.state() if self.mix else {})}
                 self.checkpointer.save(step, last=step == t.max_steps, force=stop, val_loss=row.get("val_loss"),
-                                       extra={"mlflow_run_id": tracker.run_id})  # fmt: skip
+                                       extra=extra)  # fmt: skip
                 if stop and step < t.max_steps:  # a signal during the last step: the run is complete anyway
                     rt.print(f"preempted (signal received): checkpoint at step {step} written, "
                              f"exiting with {REQUEUE_EXIT_CODE}")  # fmt: skip
@@ -283,19 +289,6 @@ class Trainer:
         if "val_loss" in row and loads is not None:
             ids = [i for i in range(self.cfg.model.n_layer) if self.cfg.model.is_moe_layer(i)]
             tracker.log_expert_load(step, [c.tolist() for c in loads], layer_ids=ids)
-
-    def add_mix_fractions(self, step: int, row: dict) -> None:
-        """On logged steps, `mix_frac/<name>`: each data.mix source's share of the windows trained since the
-        last logged step. A pure function of (seed, step), so every rank has it without communication."""
-        ds = self.batches.dataset
-        if not hasattr(ds, "source_counts"):
-            return
-        counts = ds.source_counts(step, self.batches.global_batch_size)
-        self.mix_counts = counts if self.mix_counts is None else [a + b for a, b in zip(self.mix_counts, counts)]
-        if self.logger.due(step, row):
-            total = sum(self.mix_counts)
-            row.update({f"mix_frac/{n}": c / total for n, c in zip(ds.names, self.mix_counts)})
-            self.mix_counts = None
 
     def _check_weights(self, step: int) -> None:
         """Before a save: weights that hold NaN/inf never replace the last good checkpoint."""

@@ -1,5 +1,5 @@
-"""train() on a data.mix of two prepared datasets: mix_frac/<name> in metrics.jsonl, a bit-exact resume, and a
-changed mixture on resume said in one line."""
+"""train() on a data.mix of two prepared datasets: mix_frac/<name>, mix_epochs/<name> and val_loss/<name> in
+metrics.jsonl, a bit-exact resume, and a changed mixture on resume said in one line."""
 
 import json
 
@@ -32,7 +32,7 @@ def _rows(out):
 def test_mixture_trains_logs_fractions_and_resumes_bit_exact(tmp_path, capsys):
     web, code = _data(tmp_path)
     mix = f"{web}:0.75,{code}:0.25"
-    train(_cfg(tmp_path / "full", mix))
+    train(_cfg(tmp_path / "full", mix, "--train.eval_interval=4"))
     rows = _rows(tmp_path / "full")
     assert [r["step"] for r in rows] == [1, 2, 4]  # the first, every log_interval=2, the last
     cfg = _cfg(tmp_path, mix)
@@ -40,13 +40,21 @@ def test_mixture_trains_logs_fractions_and_resumes_bit_exact(tmp_path, capsys):
     for r, since in zip(rows, ([1], [2], [3, 4])):  # each logged step: the share since the last logged one
         web_n, code_n = np.sum([ds.source_counts(s, g) for s in since], axis=0)
         assert r["mix_frac/web"] == web_n / (web_n + code_n) and r["mix_frac/code"] == code_n / (web_n + code_n)
+    seen = np.sum([ds.source_counts(s, g) for s in range(1, 5)], axis=0)  # epochs: windows x 64 tokens / 4000
+    assert [rows[-1]["mix_epochs/web"], rows[-1]["mix_epochs/code"]] == (seen * 64 / 4000).tolist()
+    last = rows[-1]  # validation: each source's own val split, and their mean weighted as training draws them
+    assert last["val_loss"] == 0.75 * last["val_loss/web"] + 0.25 * last["val_loss/code"]
+    assert last["val_loss/web"] != last["val_loss/code"]
     part = tmp_path / "part"
-    assert train(_cfg(part, mix), stop_after=2)["preempted"]
-    train(_cfg(part, mix))
+    assert train(_cfg(part, mix, "--train.eval_interval=4"), stop_after=2)["preempted"]
+    train(_cfg(part, mix, "--train.eval_interval=4"))
     full_loss = {r["step"]: r["loss"] for r in rows}
-    part_loss = {r["step"]: r["loss"] for r in _rows(part)}
+    part_rows = _rows(part)
+    part_loss = {r["step"]: r["loss"] for r in part_rows}
     assert list(part_loss) == [1, 2, 3, 4]  # the first step after a resume is logged too
     assert all(part_loss[s] == full_loss[s] for s in full_loss)  # bit for bit
+    for key in ("mix_epochs/web", "val_loss/web", "val_loss"):  # epochs seen ride in the checkpoint
+        assert part_rows[-1][key] == last[key], key
     assert "data mixture changed" not in capsys.readouterr().out
 
 
