@@ -380,7 +380,7 @@ def main(args, overrides: list[str]) -> None:
     mlflow = not args.no_mlflow
     if args.quick:  # tiny: the debug shape on toy data, 2 lrs, a handful of steps, MLflow only if a URI is given
         steps, lrs, mlflow = 6, lrs[:2], args.tracking_uri is not None
-        overrides = [*overrides, "--data.dataset=toy", "--train.global_batch_size=4", "--train.micro_batch_size=4",
+        overrides = [*overrides, "--data.dataset=toy", "--data.mix=", "--train.global_batch_size=4", "--train.micro_batch_size=4",
                      "--optim.warmup_steps=1"]  # fmt: skip
     if len(lrs) < 1:
         raise ValueError("--baseline-lrs needs at least one value, e.g. 5e-4,1e-3,2e-3")
