@@ -8,6 +8,7 @@ import numpy as np
 from kimi.config import load_config
 from kimi.data.mixture import build_data
 from kimi.train import train
+from tests.dist_utils import run_distributed
 from tests.e2e.test_train import DEBUG
 from tests.unit.test_data import make_split
 
@@ -67,3 +68,23 @@ def test_changed_mixture_on_resume_is_said(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "data mixture changed on resume: web:0.75, code:0.25 -> web:0.5, code:0.5" in printed
     assert [r["step"] for r in _rows(out)] == [1, 2, 3, 4]
+
+
+def _train_rank(rank, world, out, mix):
+    return train(_cfg(out, mix))["loss"]
+
+
+def test_world_2_trains_the_same_mixture(tmp_path):
+    """Each rank draws only its slice of a step's windows (4 of 8), yet the two ranks together train what one
+    process does with all 8 in one micro-batch: the same losses (summed in another order: 2e-5 relative) and the same mix_frac rows."""
+    web, code = _data(tmp_path)
+    mix = f"{web}:0.75,{code}:0.25"
+    train(_cfg(tmp_path / "one", mix, "--train.micro_batch_size=8"))  # one micro-batch: all 8 windows at once
+    run_distributed(_train_rank, 2, args=(str(tmp_path / "two"), mix), timeout=300)
+    one, two = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    assert [r["step"] for r in two] == [r["step"] for r in one]
+    for a, b in zip(one, two):
+        assert abs(a["loss"] - b["loss"]) <= 2e-5 * abs(a["loss"]), (a["step"], a["loss"], b["loss"])
+        assert {k: v for k, v in a.items() if k.startswith("mix_")} == {
+            k: v for k, v in b.items() if k.startswith("mix_")
+        }
