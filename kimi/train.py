@@ -35,6 +35,7 @@ from kimi.config_help import config_help
 from kimi.engine import build_engine, engine_class
 from kimi.runtime import datasheet_peak_flops, setup_runtime
 from kimi.trainer.console import StepLogger
+from kimi.trainer.mixture_stats import MixtureStats
 from kimi.trainer.nonfinite import NONFINITE_EXIT_CODE, NonFiniteError, NonFiniteGuard, weights_finite
 from kimi.trainer.preemption import REQUEUE_EXIT_CODE, Preemption
 from kimi.trainer.stats import RouterBias, a2a_stats, forget_step, max_logit_stats
@@ -134,7 +135,8 @@ class Trainer:
     """Built once: runtime -> data -> model -> engine -> checkpointer -> validator; then train()."""
 
     def __init__(self, cfg: Config, hooks: Hooks | None = None, model=None, train_set=None, val_set=None):
-        from kimi.data.dataset import BatchIterator, build_dataset
+        from kimi.data.dataset import BatchIterator
+        from kimi.data.mixture import build_data
         from kimi.model import KimiModel
         from kimi.optim import QKClip
 
@@ -144,9 +146,9 @@ class Trainer:
         self.rt = rt = setup_runtime(t, cfg.parallel, m, engine_class(cfg.parallel.engine).needs_process_group)
         data = (cfg.data, cfg.block_size, m.vocab_size, t.seed)
         if train_set is None:
-            train_set = build_dataset(*data, split="train")
+            train_set = build_data(*data, split="train")
         if val_set is None and t.eval_interval > 0:
-            val_set = build_dataset(*data, split="val")
+            val_set = build_data(*data, split="val")
         self.batches = BatchIterator(train_set, t.global_batch_size, t.micro_batch_size, rt.rank, rt.world)
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.engine = build_engine(cfg, (KimiModel(m) if model is None else model).to(rt.device), rt)
@@ -162,6 +164,7 @@ class Trainer:
         self.validator = Validator(val_set, t, rt)
         self.guard = NonFiniteGuard(t.nonfinite, t.max_nonfinite_skips)
         self.phases: dict[str, float] = {}  # forward/backward/optimizer ms of this step (train.profile)
+        self.mix = MixtureStats(train_set, t.global_batch_size) if hasattr(train_set, "source_counts") else None
         if self.hooks.on_build:
             self.hooks.on_build(self)
 
@@ -172,6 +175,10 @@ class Trainer:
         cfg, rt, t = self.cfg, self.rt, self.cfg.train
         state = self.checkpointer.load()
         start = state["step"]
+        if self.mix:
+            self.mix.load(state)
+        if self.batches.mixture_change:
+            rt.print(self.batches.mixture_change)
         if start >= t.max_steps:
             rt.print(f"nothing to train: '{t.out_dir}' already holds step {start} of train.max_steps={t.max_steps}; "
                      "raise --max-steps to train further, or use another --out-dir")  # fmt: skip
@@ -193,11 +200,15 @@ class Trainer:
                 row, stop = self.train_step(step)
                 row.update(self.validator.run(self.engine.model, step))
                 self.log_expert_load(tracker, step, row)
+                if self.mix:
+                    self.mix.add(step)
+                    row.update(self.mix.row() if self.logger.due(step, row) else {})
                 self.logger.log(step, row)
                 if self.hooks.on_step:
                     self.hooks.on_step(step, row)
+                extra = {"mlflow_run_id": tracker.run_id, **(self.mix.state() if self.mix else {})}
                 self.checkpointer.save(step, last=step == t.max_steps, force=stop, val_loss=row.get("val_loss"),
-                                       extra={"mlflow_run_id": tracker.run_id})  # fmt: skip
+                                       extra=extra)  # fmt: skip
                 if stop and step < t.max_steps:  # a signal during the last step: the run is complete anyway
                     rt.print(f"preempted (signal received): checkpoint at step {step} written, "
                              f"exiting with {REQUEUE_EXIT_CODE}")  # fmt: skip

@@ -94,7 +94,7 @@ def _run_training(cmd: list[str], log_path: Path, env: dict) -> tuple[int, float
 
 def run_one(config: str, v: Variant, seed: int, steps: int, eval_every: int, eval_batches: int,
             out: Path, tracking_uri: str | None, max_windows: int | None = None) -> dict:  # fmt: skip
-    from kimi.data.dataset import build_dataset
+    from kimi.data.mixture import build_data
     from kimi.loading import load_model
 
     run_dir = out / "runs" / f"{v.name}-s{seed}"
@@ -135,7 +135,7 @@ def run_one(config: str, v: Variant, seed: int, steps: int, eval_every: int, eva
             curve.append((r["step"] * tok_per_step, r["val_loss"]))
             curve_time.append((t_cum, r["val_loss"]))
     model = load_model(run_dir / "checkpoints" / "latest")
-    val = build_dataset(cfg.data, cfg.block_size, cfg.model.vocab_size, seed, split="val")
+    val = build_data(cfg.data, cfg.block_size, cfg.model.vocab_size, seed, split="val")
     final = full_split_loss(model, val, max_windows=max_windows)
     train_time = sum(r.get("step_time_s", 0.0) for r in rows)
     return {
@@ -380,7 +380,7 @@ def main(args, overrides: list[str]) -> None:
     mlflow = not args.no_mlflow
     if args.quick:  # tiny: the debug shape on toy data, 2 lrs, a handful of steps, MLflow only if a URI is given
         steps, lrs, mlflow = 6, lrs[:2], args.tracking_uri is not None
-        overrides = [*overrides, "--data.dataset=toy", "--train.global_batch_size=4", "--train.micro_batch_size=4",
+        overrides = [*overrides, "--data.dataset=toy", "--data.mix=", "--train.global_batch_size=4", "--train.micro_batch_size=4",
                      "--optim.warmup_steps=1"]  # fmt: skip
     if len(lrs) < 1:
         raise ValueError("--baseline-lrs needs at least one value, e.g. 5e-4,1e-3,2e-3")

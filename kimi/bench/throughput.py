@@ -59,7 +59,7 @@ def step_breakdown(cfg: Config, steps: int, device: torch.device) -> dict:
     out = tempfile.mkdtemp(prefix="kimi-throughput-")
     t.max_steps, t.profile, t.out_dir, t.resume = steps, True, out, False
     t.eval_interval, t.ckpt_interval, t.log_interval, t.device = 0, 0, steps, device.type
-    cfg.data.dataset, cfg.logging.mlflow = "toy", False
+    cfg.data.dataset, cfg.data.mix, cfg.logging.mlflow = "toy", [], False  # throughput is timed on toy data
     timer: list[_RouteTimer] = []
     rows = []
 

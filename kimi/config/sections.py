@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 from dataclasses import field
+from pathlib import PurePath
 from typing import Any
 
+import pydantic
 import yaml
 
 from kimi.config.build import ConfigError, _plain, _round_up, section
@@ -232,6 +235,34 @@ class TrainConfig:
             raise ConfigError(f"train.max_nonfinite_skips={self.max_nonfinite_skips} must be >= 0")
 
 
+@section("data.mix")
+class MixSource:
+    """One source of a data mixture: a prepared dataset and its share of the windows."""
+
+    path: str  # a directory written by `kimi.prepare` (its root or one split dir)
+    weight: float  # relative share of each step's windows (normalised over the sources)
+    name: str | None = None  # metrics key `mix_frac/<name>`; None -> the path's last folder name
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.weight) or self.weight <= 0:
+            raise ConfigError(f"data.mix weight {self.weight} of '{self.path}' must be a finite number > 0")
+        if self.name is None:
+            self.name = PurePath(self.path.rstrip("/")).name or self.path
+
+
+def _parse_mix(value: Any) -> Any:
+    """`PATH:WEIGHT,PATH:WEIGHT` (the command line) -> [{path, weight}, ...]; YAML lists pass through."""
+    if not isinstance(value, str):
+        return value
+    out = []
+    for item in filter(None, (v.strip() for v in value.split(","))):
+        path, colon, weight = item.rpartition(":")
+        if not colon or not path:
+            raise ConfigError(f"data.mix entry '{item}' should be PATH:WEIGHT, e.g. --data.mix=data/a:0.7,data/b:0.3")
+        out.append({"path": path, "weight": weight})
+    return out
+
+
 @section("data")
 class DataConfig:
     """Training data: dataset, tokenizer, and how `kimi.prepare` writes shards."""
@@ -246,6 +277,24 @@ class DataConfig:
     # later opens reuse the cached verdict while its size and mtime are unchanged. Sizes and headers are
     # always checked.
     verify_shards: bool = True  # check each shard's sha256 against the manifest
+    # Several prepared datasets with weights (YAML: [{path, weight, name}], CLI: PATH:WEIGHT,PATH:WEIGHT); each
+    # step's windows are drawn from them by weight, from (seed, step). Empty: train on data.dataset alone.
+    mix: list[MixSource] = field(default_factory=list)  # [{path, weight}] or PATH:WEIGHT,...; empty -> data.dataset
+
+    @pydantic.field_validator("mix", mode="before")
+    @classmethod
+    def _mix_text(cls, value: Any) -> Any:
+        return _parse_mix(value)
+
+    def __post_init__(self) -> None:
+        if self.mix and self.dataset != "toy":
+            raise ConfigError(
+                f"data.mix and data.dataset={self.dataset!r} both name the training data; "
+                "drop --data.dataset (the mixture's paths are the data)"
+            )
+        names = [m.name for m in self.mix]
+        if dup := sorted({n for n in names if names.count(n) > 1}):
+            raise ConfigError(f"data.mix names {dup} more than once; give each source a distinct `name:` in the YAML")
 
 
 @section("parallel.deepspeed")

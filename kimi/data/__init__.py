@@ -14,6 +14,8 @@ _WHERE = {
     "TokenDataset": "dataset",
     "ToyDataset": "dataset",
     "build_dataset": "dataset",
+    "MixtureDataset": "mixture",
+    "build_data": "mixture",
     "TextDataProcessor": "pipeline",
     "prepare_corpus": "pipeline",
     "prepare_files": "pipeline",

@@ -204,6 +204,7 @@ class BatchIterator:
         self.dataset, self.global_batch_size, self.micro_batch_size = dataset, global_batch_size, micro_batch_size
         self.dp_rank, self.dp_world = dp_rank, dp_world
         self.step = 0  # the next step to serve
+        self.mixture_change: str | None = None  # set by load_state_dict where a resumed mixture differs
 
     @property
     def grad_accum(self) -> int:
@@ -224,7 +225,15 @@ class BatchIterator:
                 "global_batch_size": self.global_batch_size}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["dataset"] != self.dataset.identity():
+        """Restore the stream position. A data mixture may change (weights, sources): it applies from the
+        saved step on, and `mixture_change` holds the one line that says so (the trainer prints it)."""
+        old, new = state["dataset"], self.dataset.identity()
+        self.mixture_change = None
+        if old != new and old.get("kind") == new.get("kind") == "mixture":
+            self.mixture_change = f"data mixture changed on resume: {_weights(old)} -> {_weights(new)}"
+            if _weights(old) == _weights(new):
+                self.mixture_change += " (a source's data changed)"
+        elif old != new:
             raise DataError(
                 f"the checkpoint was trained on a different dataset ({state['dataset']}) than this run's "
                 f"({self.dataset.identity()}); resume with the same --data.dataset, or start a new out_dir"
@@ -235,6 +244,10 @@ class BatchIterator:
                 f"resume with --train.seed={state['seed']}"
             )
         self.step = int(state["step"])
+
+
+def _weights(mixture_identity: dict[str, Any]) -> str:
+    return ", ".join(f"{s['name']}:{s['weight']:g}" for s in mixture_identity["sources"])
 
 
 def _split_dir(root: Path, split: str) -> Path | None:
@@ -254,6 +267,8 @@ def build_dataset(
     """`data.dataset` = "toy", a directory from `python -m kimi.prepare` (its root or one split dir), or
     `package.module:factory`, a callable `factory(split=, block_size=, vocab_size=, seed=)` returning a
     TokenDataset (see its contract)."""
+    if data_cfg.mix:  # kimi.data.mixture imports this module, so the dispatch lives there
+        raise DataError("data.mix is set: build the data with kimi.data.mixture.build_data, which reads mixtures")
     if data_cfg.dataset == "toy":
         return ToyDataset(vocab_size, block_size, seed, split)
     if _is_factory(data_cfg.dataset):

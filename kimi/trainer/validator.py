@@ -53,10 +53,10 @@ class Validator:
         t = self.cfg
         return self.val_set is not None and t.eval_interval > 0 and (step % t.eval_interval == 0 or step == t.max_steps)
 
-    def _my_batches(self):
+    def _my_batches(self, val_set):
         t, rt = self.cfg, self.rt
         per_rank = max(1, t.global_batch_size // rt.world)
-        for x, y in self.val_set.eval_batches(t.eval_batches, per_rank * rt.world):
+        for x, y in val_set.eval_batches(t.eval_batches, per_rank * rt.world):
             x, y = x[rt.rank * per_rank : (rt.rank + 1) * per_rank], y[rt.rank * per_rank : (rt.rank + 1) * per_rank]
             for i in range(0, per_rank, t.micro_batch_size):
                 yield x[i : i + t.micro_batch_size], y[i : i + t.micro_batch_size]
@@ -66,6 +66,19 @@ class Validator:
         if not self.due(step):
             return {}
         rt = self.rt
-        res = evaluate(model, self._my_batches(), rt.device, rt.autocast, rt.all_reduce_mean)
+        if hasattr(self.val_set, "sources"):
+            return self._run_mixture(model)
+        res = evaluate(model, self._my_batches(self.val_set), rt.device, rt.autocast, rt.all_reduce_mean)
         self.best = min(self.best, res["loss"])
         return {"val_loss": res["loss"], "val_ppl": res["perplexity"]}
+
+    def _run_mixture(self, model: torch.nn.Module) -> dict[str, float]:
+        """A data.mix: `val_loss/<name>` on each source's own val split (eval_batches each), and `val_loss` their
+        mean weighted as training draws them: the loss on the training mixture."""
+        rt, mix, row, total = self.rt, self.val_set, {}, 0.0
+        shares = [w / sum(mix.weights) for w in mix.weights]
+        for name, src, share in zip(mix.names, mix.sources, shares):
+            loss = evaluate(model, self._my_batches(src), rt.device, rt.autocast, rt.all_reduce_mean)["loss"]
+            row[f"val_loss/{name}"], total = loss, total + share * loss
+        self.best = min(self.best, total)
+        return {"val_loss": total, "val_ppl": perplexity(total), **row}

@@ -233,7 +233,8 @@ def test_config_help_lists_every_field_with_type_default_and_doc():
             row = next((ln for ln in lines if ln.split()[:1] == [f"--{short}.{f.name}"]), None)
             assert row is not None, f"--{short}.{f.name}"
             shown = yaml.safe_load(row.split("(default ", 1)[1].split(")  ", 1)[0])
-            want = list(f.default) if isinstance(f.default, tuple) else f.default  # leaves have plain defaults
+            want = f.default_factory() if f.default is dataclasses.MISSING else f.default  # data.mix: a list
+            want = list(want) if isinstance(want, tuple) else want
             assert shown == want and row.endswith(doc), row
             n += 1
     assert n > 80
