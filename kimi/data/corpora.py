@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kimi.data.holdout import TailSplit, split_tail
 from kimi.data.sources import CorpusError, Source, expand_sources, iter_records, iter_texts
 from kimi.data.wikitext import iter_articles
 from kimi.files import cache_dir, sha256_file
@@ -107,27 +108,6 @@ class Corpus:
     train: Callable[[], Iterable[str]]
     val: Callable[[], Iterable[str]]
     settings: dict = field(default_factory=dict)  # what else the documents depend on (e.g. text_field)
-
-
-def split_tail(docs: list[str], fraction: float) -> tuple[list[str], list[str]]:
-    """Hold out the last `fraction` of the characters, cut at a line break, keeping document boundaries."""
-    want = int(sum(map(len, docs)) * fraction)
-    train, val = list(docs), []
-    while train and want > 0:
-        last = train.pop()
-        if len(last) <= want:
-            val.insert(0, last)
-            want -= len(last)
-            continue
-        cut = last.rfind("\n", 0, len(last) - want)
-        if cut <= 0 and train:  # no line break to cut at: the document boundary before it is the next best
-            val.insert(0, last)
-            break
-        cut = cut if cut > 0 else len(last) - want
-        train.append(last[:cut].rstrip())
-        val.insert(0, last[cut:].lstrip())
-        break
-    return train, val
 
 
 def _every_20th(docs: list[str]) -> tuple[list[str], list[str]]:
@@ -221,21 +201,30 @@ def files_corpus(
     5 % of the text is held out for validation."""
     train_srcs = expand_sources(train_files, include, exclude, strict)
     val_srcs = expand_sources(val_files or [], include, exclude, strict)
-    stream = lambda srcs: (d for s in srcs for d in iter_texts(s, text_field))
-    return _corpus(name, _digests(train_srcs + val_srcs), text_field, lambda: stream(train_srcs),
-                   (lambda: stream(val_srcs)) if val_srcs else None)  # fmt: skip
+    parts = lambda srcs: [functools.partial(iter_texts, s, text_field) for s in srcs]
+    return _corpus(name, _digests(train_srcs + val_srcs), text_field, parts(train_srcs), parts(val_srcs) or None)
 
 
 def texts_corpus(name: str, train: Iterable, val: Iterable | None = None, text_field: str = "text") -> Corpus:
     """Texts from iterables of strings or of dicts (a `datasets.Dataset`). Nothing to hash: no `sources`,
-    so prepare always rewrites it. Each iterable is read once."""
-    return _corpus(name, {}, text_field, lambda: iter_records(train, text_field, "train texts"),
-                   (lambda: iter_records(val, text_field, "val texts")) if val is not None else None)  # fmt: skip
+    so prepare always rewrites it. Without `val`, a collection (a list, a Dataset) is read twice more to
+    hold out its tail (see `TailSplit`), while a one-shot iterator (a generator) is first read into memory."""
+    if val is None and iter(train) is train:
+        train = list(train)
+    part = lambda items, where: [functools.partial(iter_records, items, text_field, where)]
+    return _corpus(
+        name, {}, text_field, part(train, "train texts"), part(val, "val texts") if val is not None else None
+    )
 
 
-def _corpus(name: str, sources: dict, text_field: str, train: Callable, val: Callable | None) -> Corpus:
+def _chain(parts: list[Callable[[], Iterable[str]]]) -> Callable[[], Iterable[str]]:
+    return lambda: (doc for part in parts for doc in part())
+
+
+def _corpus(name: str, sources: dict, text_field: str, train: list[Callable], val: list[Callable] | None) -> Corpus:
+    """Without val parts, the last 5 % of the train text is held out, streamed (kimi/data/holdout.py)."""
     settings = {"text_field": text_field} if text_field != "text" else {}  # the default leaves old fingerprints
     if val is not None:
-        return Corpus(name, sources, 1, train, val, settings)
-    docs = functools.cache(lambda: split_tail(list(train()), 0.05))
-    return Corpus(name, sources, 1, lambda: docs()[0], lambda: docs()[1], settings)
+        return Corpus(name, sources, 1, _chain(train), _chain(val), settings)
+    split = TailSplit(train, 0.05)
+    return Corpus(name, sources, 1, split.train, split.val, settings)
