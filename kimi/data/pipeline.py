@@ -7,7 +7,13 @@ library behind `python -m kimi.prepare` (the CLI, kimi/prepare.py).
 
 Every document is preceded by <|endoftext|> (50256), which thus both separates documents and marks where
 one begins (llm.c's convention). Output depends only on the inputs and settings, never on the number of
-workers: chunks are tokenised in parallel but written in order.
+workers: tasks (~1 MB of text) are tokenised in parallel but written in order.
+
+Memory does not grow with the corpus: documents stream from the readers, at most IN_FLIGHT tasks per
+worker are queued, tokens go straight into the shard file being written (`ShardWriter`), and the default
+hold-out streams too (kimi/data/holdout.py). An interrupted prepare leaves no manifest, so the split never
+reads as complete; a re-run of the same inputs goes on after its last finished shard (`_Progress`) and
+ends with the same bytes as an uninterrupted run.
 
 Idempotent: each split's manifest records a fingerprint of everything the tokens depend on (corpus and its
 source hashes, split rule version, tokenizer, shard size). A re-run whose fingerprint matches and whose
@@ -16,7 +22,9 @@ shards all pass a full sha256 check touches nothing; otherwise the split is rewr
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import itertools
 import json
 import multiprocessing
 from collections.abc import Iterable, Iterator, Sequence
@@ -29,20 +37,25 @@ from tqdm import tqdm
 from kimi.config import DataConfig
 from kimi.data.corpora import Corpus, CorpusError, files_corpus, get_corpus, texts_corpus
 from kimi.data.shards import (
+    MANIFEST,
     VERSION,
     ShardError,
+    ShardWriter,
+    atomic_write_bytes,
     dtype_for_vocab,
+    open_shard,
     open_split,
     read_manifest,
     write_manifest,
-    write_shard,
 )
 from kimi.data.tokenizer import chunkable, get_tokenizer
 from kimi.data.tokenizer_files import tokenizer_files
 
 SPLITS = ("train", "val")
 CHUNK_CHARS = 1 << 20  # long documents are cut into ~1 MB pieces so one big file still uses every worker
-BATCH_CHARS = 64 << 20  # text in flight at once: bounds memory on large inputs
+TASK_CHARS = 1 << 20  # text per worker task: short documents are grouped up to this
+IN_FLIGHT = 4  # tasks queued per worker: keeps each busy; text in flight <= IN_FLIGHT x workers x ~1 MB
+PROGRESS = ".progress.json"
 
 
 @dataclass
@@ -71,51 +84,63 @@ def chunk_text(text: str, size: int = CHUNK_CHARS) -> list[str]:
     return pieces
 
 
-def _encode(task: tuple[str, bool, str]) -> np.ndarray:
-    name, first, text = task
-    enc = get_tokenizer(name)
-    ids = ([enc.eot_token] if first else []) + enc.encode_ordinary(text)
-    return np.asarray(ids, dtype=dtype_for_vocab(enc.n_vocab))
-
-
-def _batches(docs: Iterable[str], name: str) -> Iterator[list[tuple[str, bool, str]]]:
-    batch, chars = [], 0
-    cut = chunk_text if chunkable(get_tokenizer(name)) else lambda doc: [doc]
+def tasks(docs: Iterable[str], tokenizer: str) -> Iterator[list[tuple[bool, str]]]:
+    """Documents grouped into tasks of about TASK_CHARS, long ones cut into pieces (see `chunk_text`).
+    Each entry is (first piece of a document, text); a function of the documents only."""
+    cut = chunk_text if chunkable(get_tokenizer(tokenizer)) else lambda doc: [doc]
+    task, chars = [], 0
     for doc in docs:
         for i, piece in enumerate(cut(doc)):
-            batch.append((name, i == 0, piece))
+            task.append((i == 0, piece))
             chars += len(piece)
-            if chars >= BATCH_CHARS:
-                yield batch
-                batch, chars = [], 0
-    if batch:
-        yield batch
+            if chars >= TASK_CHARS:
+                yield task
+                task, chars = [], 0
+    if task:
+        yield task
+
+
+def _encode(job: tuple[str, list[tuple[bool, str]]]) -> np.ndarray:
+    """A task's tokens: each document's pieces encoded separately, <|endoftext|> before each document."""
+    name, pieces = job
+    enc = get_tokenizer(name)
+    ids: list[int] = []
+    for first, text in pieces:
+        if first:
+            ids.append(enc.eot_token)
+        ids.extend(enc.encode_ordinary(text))
+    return np.fromiter(ids, dtype=dtype_for_vocab(enc.n_vocab), count=len(ids))
 
 
 def tokenize(
-    docs: Iterable[str], tokenizer: str, num_workers: int, desc: str = "", progress: bool = True
-) -> Iterator[np.ndarray]:
-    """Token arrays in document order (EOT first in each document), encoded by `num_workers` processes."""
-    total = sum(map(len, docs)) if isinstance(docs, list) else None
-    bar = tqdm(total=total, unit="char", unit_scale=True, desc=desc, disable=not progress, leave=False)
+    docs: Iterable[str], tokenizer: str, num_workers: int, skip: int = 0
+) -> Iterator[tuple[np.ndarray, list[tuple[bool, str]]]]:
+    """(tokens, task) for each task after the first `skip`, in order, encoded by `num_workers` processes.
+    At most IN_FLIGHT tasks per worker are queued, so memory does not grow with the corpus."""
+    jobs = itertools.islice(tasks(docs, tokenizer), skip, None)
+    if num_workers <= 1:
+        yield from ((_encode((tokenizer, task)), task) for task in jobs)
+        return
     # "spawn", not fork: forking a process that runs other threads (torch's, MLflow's, pytest's) can
     # hand a worker a lock that no thread will ever release (seen here: a Pool worker stuck forever).
-    pool = multiprocessing.get_context("spawn").Pool(num_workers) if num_workers > 1 else None
+    pool = multiprocessing.get_context("spawn").Pool(num_workers)
+    pending: collections.deque = collections.deque()
     ok = False
     try:
-        for batch in _batches(docs, tokenizer):
-            step = max(1, len(batch) // (4 * num_workers))
-            results = pool.imap(_encode, batch, chunksize=step) if pool else map(_encode, batch)
-            for task, ids in zip(batch, results):
-                bar.update(len(task[2]))
-                yield ids
+        for task in jobs:
+            pending.append((pool.apply_async(_encode, ((tokenizer, task),)), task))
+            if len(pending) >= IN_FLIGHT * num_workers:
+                result, done = pending.popleft()
+                yield result.get(), done
+        while pending:
+            result, done = pending.popleft()
+            yield result.get(), done
         ok = True
     finally:
-        bar.close()
-        if pool and ok:
+        if ok:
             pool.close()
             pool.join()
-        elif pool:
+        else:
             pool.terminate()
 
 
@@ -140,49 +165,94 @@ def _up_to_date(split_dir: Path, fp: str) -> dict | None:
         return None
 
 
+class _Progress:
+    """Where an interrupted write_split stands: the shards it finished, and the first token not in them
+    (task number and offset into that task's tokens). Saved after every shard as OUT/<split>/.progress.json;
+    a re-run with the same fingerprint whose shards all check out goes on from there."""
+
+    def __init__(self, split_dir: Path, fp: str):
+        self.path, self.fp = split_dir / PROGRESS, fp
+        self.shards: list[dict] = []
+        self.task = self.offset = self.num_documents = 0
+
+    def resume(self) -> bool:
+        try:
+            state = json.loads(self.path.read_text())
+            if state["fingerprint"] != self.fp or state["task_chars"] != TASK_CHARS:
+                return False
+            for entry in state["shards"]:
+                open_shard(self.path.parent / entry["file"], entry["num_tokens"], entry["sha256"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        self.shards, self.task, self.offset = state["shards"], state["task"], state["offset"]
+        self.num_documents = state["num_documents"]
+        return True
+
+    def save(self) -> None:
+        state = {"fingerprint": self.fp, "task_chars": TASK_CHARS, "shards": self.shards, "task": self.task,
+                 "offset": self.offset, "num_documents": self.num_documents}  # fmt: skip
+        atomic_write_bytes(self.path, [json.dumps(state, indent=1).encode()])
+
+
 def write_split(
     docs: Iterable[str], split_dir: Path, corpus: Corpus, split: str, cfg: DataConfig, fp: str, progress: bool = True
 ) -> dict:
-    """Tokenise `docs` into `split_dir`/shard_NNNNN.bin + manifest.json (replacing what was there)."""
+    """Tokenise `docs` into `split_dir`/shard_NNNNN.bin + manifest.json (replacing what was there), or go
+    on from where an interrupted run of the same inputs stopped (`_Progress`)."""
     split_dir.mkdir(parents=True, exist_ok=True)
-    (split_dir / "manifest.json").unlink(missing_ok=True)  # from here on the split reads as incomplete
+    (split_dir / MANIFEST).unlink(missing_ok=True)  # from here on the split reads as incomplete
     for stale in split_dir.glob(".*.tmp"):
         stale.unlink()
+    state = _Progress(split_dir, fp)
+    if state.resume():
+        kept = sum(s["num_tokens"] for s in state.shards)
+        tqdm.write(f"{corpus.name}/{split}: resuming an interrupted prepare after {len(state.shards)} shard(s), "
+                   f"{kept:,} tokens")  # fmt: skip
     enc = get_tokenizer(cfg.tokenizer_name)
     dtype = dtype_for_vocab(enc.n_vocab)
-    buf, fill, shards, n_docs = np.empty(cfg.shard_tokens, dtype=dtype), 0, [], 0
-
-    def flush() -> None:
-        nonlocal fill
-        name = f"shard_{len(shards):05d}.bin"
-        shards.append({"file": name, "num_tokens": fill, "sha256": write_shard(split_dir / name, buf[:fill])})
-        fill = 0
-
-    for ids in tokenize(docs, cfg.tokenizer_name, cfg.num_workers, f"{corpus.name}/{split}", progress):
-        n_docs += int(ids.size > 0 and ids[0] == enc.eot_token)
-        while ids.size:
-            take = min(ids.size, cfg.shard_tokens - fill)
-            buf[fill : fill + take], fill, ids = ids[:take], fill + take, ids[take:]
-            if fill == cfg.shard_tokens:
-                flush()
-    if fill:
-        flush()
-    keep = {s["file"] for s in shards}
+    bar = tqdm(unit="char", unit_scale=True, desc=f"{corpus.name}/{split}", disable=not progress, leave=False)
+    writer, resumed_task = None, state.task
+    for t, (ids, task) in enumerate(tokenize(docs, cfg.tokenizer_name, cfg.num_workers, state.task), state.task):
+        bar.update(sum(len(text) for _, text in task))
+        pos = state.offset if t == resumed_task else 0
+        if pos == 0:
+            state.num_documents += sum(first for first, _ in task)
+        while pos < ids.size:
+            if writer is None:
+                writer = ShardWriter(split_dir / f"shard_{len(state.shards):05d}.bin", dtype)
+            take = min(ids.size - pos, cfg.shard_tokens - writer.num_tokens)
+            writer.write(ids[pos : pos + take])
+            pos += take
+            if writer.num_tokens == cfg.shard_tokens:
+                state.shards.append(_finish(writer))
+                state.task, state.offset = (t, pos) if pos < ids.size else (t + 1, 0)
+                state.save()
+                writer = None
+    bar.close()
+    if writer is not None:
+        state.shards.append(_finish(writer))
+    keep = {s["file"] for s in state.shards}
     for old in split_dir.glob("shard_*.bin"):
         if old.name not in keep:
             old.unlink()
     manifest = {
         "format": "nanokimi-shards", "version": VERSION, "corpus": corpus.name, "corpus_version": corpus.version,
         "split": split, "tokenizer": cfg.tokenizer_name, "vocab_size": enc.n_vocab, "eot_token": enc.eot_token,
-        "dtype": dtype.name, "num_tokens": sum(s["num_tokens"] for s in shards), "num_documents": n_docs,
-        "shard_tokens": cfg.shard_tokens, "shards": shards, "sources": corpus.sources, "fingerprint": fp,
+        "dtype": dtype.name, "num_tokens": sum(s["num_tokens"] for s in state.shards),
+        "num_documents": state.num_documents, "shard_tokens": cfg.shard_tokens, "shards": state.shards,
+        "sources": corpus.sources, "fingerprint": fp,
     }  # fmt: skip
     if corpus.settings:
         manifest["settings"] = corpus.settings
     if files := tokenizer_files(cfg.tokenizer_name):
         manifest["tokenizer_files"] = files
     write_manifest(split_dir, manifest)
+    state.path.unlink(missing_ok=True)
     return manifest
+
+
+def _finish(writer: ShardWriter) -> dict:
+    return {"file": writer.path.name, "num_tokens": writer.num_tokens, "sha256": writer.close()}
 
 
 def prepare(

@@ -72,15 +72,47 @@ def atomic_write_bytes(path: Path, parts: list[bytes | memoryview]) -> None:
         raise
 
 
+class ShardWriter:
+    """One shard written as tokens come: they go straight to a temp file, so no shard is ever held in
+    memory. `close()` writes the header, fsyncs, hashes the file and renames it into place."""
+
+    def __init__(self, path: str | Path, dtype: np.dtype):
+        self.path, self.dtype, self.num_tokens = Path(path), np.dtype(dtype).newbyteorder("<"), 0
+        _dtype_code(self.dtype)
+        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        self.file = os.fdopen(fd, "wb")
+        self.file.write(bytes(HEADER_BYTES))
+
+    def write(self, tokens: np.ndarray) -> None:
+        self.file.write(memoryview(np.ascontiguousarray(tokens, dtype=self.dtype)).cast("B"))
+        self.num_tokens += tokens.size
+
+    def close(self) -> str:
+        """Finish the shard under its final name; returns its sha256 (header included)."""
+        try:
+            header = _HEADER.pack(MAGIC, VERSION, _dtype_code(self.dtype), self.num_tokens)
+            self.file.seek(0)
+            self.file.write(header.ljust(HEADER_BYTES, b"\0"))
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            sha = sha256_file(self.tmp)
+            os.replace(self.tmp, self.path)
+            return sha
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        self.file.close()
+        Path(self.tmp).unlink(missing_ok=True)
+
+
 def write_shard(path: str | Path, tokens: np.ndarray) -> str:
     """Write one shard atomically; returns the file's sha256 (header included)."""
-    tokens = np.ascontiguousarray(tokens)
-    header = _HEADER.pack(MAGIC, VERSION, _dtype_code(tokens.dtype), tokens.size).ljust(HEADER_BYTES, b"\0")
-    data = memoryview(tokens.astype(tokens.dtype.newbyteorder("<"), copy=False)).cast("B")
-    atomic_write_bytes(Path(path), [header, data])
-    h = hashlib.sha256(header)
-    h.update(data)
-    return h.hexdigest()
+    writer = ShardWriter(path, tokens.dtype)
+    writer.write(tokens)
+    return writer.close()
 
 
 def read_header(path: str | Path) -> tuple[np.dtype, int]:
