@@ -6,6 +6,7 @@
     python -m kimi.bench compare    [--quick] ...  nanoKimi vs a nanoGPT-equivalent (kimi/bench/compare.py)
     python -m kimi.bench throughput [--quick] ...  tokens/s, MFU, step breakdown (kimi/bench/throughput.py)
     python -m kimi.bench memory     [--quick] ...  KV cache, generation and training memory (kimi/bench/memory.py)
+    python -m kimi.bench data       [--quick] ...  prepare tokens/s and RSS vs corpus size, loader (kimi/bench/data.py)
 
 `dist` runs the real training loop on `nproc` gloo/NCCL processes for each of: EP=1 and EP=ep
 (the same global batch, so the same work), with Muon and with AdamW, and prints per step: tokens/s,
@@ -100,9 +101,9 @@ def _table(results: list[tuple[str, dict]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m kimi.bench", description=__doc__.split("\n\n")[0])
-    from kimi.bench import compare, memory, throughput
+    from kimi.bench import compare, data, memory, throughput
 
-    p.add_argument("what", choices=["dist", "train", "kernels", "compare", "throughput", "memory"])
+    p.add_argument("what", choices=["dist", "train", "kernels", "compare", "throughput", "memory", "data"])
     p.add_argument("--config", default="configs/debug.yaml")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--ep", type=int, default=None, help="EP degree to compare with EP=1 (default: nproc)")
@@ -110,16 +111,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true", help="compare/throughput/memory: a tiny run (the tests' smoke mode)")
     compare.add_args(p)
     memory.add_args(p)
+    data.add_args(p)
     args, overrides = p.parse_known_args(argv)
     if args.what == "kernels":
         from kimi.bench.kernels import run
 
         return run()
-    if args.what in ("compare", "throughput", "memory"):
+    if args.what in ("compare", "throughput", "memory", "data"):
         from kimi.config import ConfigError
 
         try:
-            return {"compare": compare, "throughput": throughput, "memory": memory}[args.what].main(args, overrides)
+            benches = {"compare": compare, "throughput": throughput, "memory": memory, "data": data}
+            return benches[args.what].main(args, overrides)
         except (ConfigError, ValueError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)

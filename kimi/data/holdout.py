@@ -82,11 +82,13 @@ class TailSplit:
                 if after >= want:
                     if not want_val:
                         yield doc
-                elif after + len(doc) <= want:
-                    if want_val:
-                        yield doc
-                else:
+                    continue
+                if after + len(doc) > want:
                     yield from self._cut(doc, want - after, index > 1, want_val)
+                elif want_val:
+                    yield doc
+                if not want_val:
+                    return  # the rest is held out: train reads no further
 
     @staticmethod
     def _cut(doc: str, want: int, has_before: bool, want_val: bool) -> Iterator[str]:
