@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from kimi.bench.tables import vm_hwm
 from kimi.bench.variants import ABLATIONS, Variant, build_variants, flatten, param_counts
 from kimi.config import LoggingConfig, load_config, parse_overrides
 
@@ -62,20 +63,6 @@ def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | No
             (t0, l0) = prev
             return t0 + (tok - t0) * (l0 - target) / (l0 - loss)
         prev = (tok, loss)
-    return None
-
-
-def vm_hwm(pid: int | str = "self") -> int | None:
-    """Peak RSS (VmHWM) of a live process in bytes, from /proc (Linux); None when unreadable.
-
-    Not ru_maxrss: Linux carries the spawning process's peak RSS over into the child's ru_maxrss at
-    exec, so a child started by a big parent would report the parent's peak."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
     return None
 
 

@@ -118,7 +118,9 @@ def baseline_run(corpus: Path, out: Path, workers: int) -> dict:
 
 def loader(dataset: Path, config: str, quick: bool) -> dict:
     """Windows/s of the trainer's data path at the config's batch shape, and what its real step consumes."""
-    from kimi.bench.run import run_variant, summarise
+    import torch
+
+    from kimi.bench.throughput import step_breakdown
     from kimi.config import load_config
     from kimi.data.dataset import BatchIterator, ShardDataset
 
@@ -131,8 +133,8 @@ def loader(dataset: Path, config: str, quick: bool) -> dict:
         it.next_step()
         steps += 1
     wall = time.perf_counter() - t0
-    rows = run_variant(config, [*vocab, f"--data.dataset={dataset}", f"--train.max_steps={3 if quick else 8}"], 1)
-    train_tps = summarise(rows)["tokens_per_s"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    train_tps = step_breakdown(cfg, 3 if quick else 6, device)["tokens_per_s"]  # the trainer's own step
     loader_tps = steps * batch * block / wall
     return {"config": config, "block_size": block, "global_batch": batch, "windows_per_s": steps * batch / wall,
             "loader_tokens_per_s": loader_tps, "train_tokens_per_s": train_tps,

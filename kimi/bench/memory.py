@@ -92,7 +92,7 @@ def generation_speed(config: str, overrides: list[str], prompt_len: int, new_tok
 # on top of the interpreter and torch: weights, grads, optimizer state, activations (one fresh process per
 # model, so one peak cannot hide another).
 _CHILD = """import json, sys, torch
-from kimi.bench.compare import vm_hwm
+from kimi.bench.tables import vm_hwm
 from kimi.bench.throughput import step_breakdown
 from kimi.config import config_from_dict
 cfg = config_from_dict(json.loads(sys.argv[2]))

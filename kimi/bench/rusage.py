@@ -6,14 +6,7 @@ import json
 import runpy
 import sys
 
-
-def peak_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
+from kimi.bench.tables import vm_hwm
 
 if __name__ == "__main__":
     module, sys.argv = sys.argv[1], sys.argv[1:]
@@ -22,5 +15,5 @@ if __name__ == "__main__":
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    print("RUSAGE " + json.dumps({"self_mb": peak_mb()}), file=sys.stderr)
+    print("RUSAGE " + json.dumps({"self_mb": (vm_hwm() or 0) / 2**20}), file=sys.stderr)
     sys.exit(code)

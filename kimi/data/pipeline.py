@@ -112,36 +112,43 @@ def _encode(job: tuple[str, list[tuple[bool, str]]]) -> np.ndarray:
     return np.fromiter(ids, dtype=dtype_for_vocab(enc.n_vocab), count=len(ids))
 
 
-def tokenize(
-    docs: Iterable[str], tokenizer: str, num_workers: int, skip: int = 0
-) -> Iterator[tuple[np.ndarray, list[tuple[bool, str]]]]:
-    """(tokens, task) for each task after the first `skip`, in order, encoded by `num_workers` processes.
-    At most IN_FLIGHT tasks per worker are queued, so memory does not grow with the corpus."""
-    jobs = itertools.islice(tasks(docs, tokenizer), skip, None)
-    if num_workers <= 1:
-        yield from ((_encode((tokenizer, task)), task) for task in jobs)
-        return
-    # "spawn", not fork: forking a process that runs other threads (torch's, MLflow's, pytest's) can
-    # hand a worker a lock that no thread will ever release (seen here: a Pool worker stuck forever).
-    pool = multiprocessing.get_context("spawn").Pool(num_workers)
-    pending: collections.deque = collections.deque()
-    ok = False
-    try:
+class Workers:
+    """The tokenising processes of one prepare: started on first use and shared by its splits (a start
+    costs each worker an interpreter and a tokenizer). Leaving the `with` block on an error terminates them."""
+
+    def __init__(self, num_workers: int):
+        self.num_workers, self._pool = num_workers, None
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if self._pool is not None and exc_type is None:
+            self._pool.close()
+            self._pool.join()
+        elif self._pool is not None:
+            self._pool.terminate()
+
+    def tokenize(self, docs: Iterable[str], tokenizer: str, skip: int = 0) -> Iterator[tuple[np.ndarray, list]]:
+        """(tokens, task) for each task after the first `skip`, in order. At most IN_FLIGHT tasks per
+        worker are queued, so memory does not grow with the corpus; one worker means this process."""
+        jobs = itertools.islice(tasks(docs, tokenizer), skip, None)
+        if self.num_workers <= 1:
+            yield from ((_encode((tokenizer, task)), task) for task in jobs)
+            return
+        if self._pool is None:
+            # "spawn", not fork: forking a process that runs other threads (torch's, MLflow's, pytest's) can
+            # hand a worker a lock that no thread will ever release (seen here: a Pool worker stuck forever).
+            self._pool = multiprocessing.get_context("spawn").Pool(self.num_workers)
+        pending: collections.deque = collections.deque()
         for task in jobs:
-            pending.append((pool.apply_async(_encode, ((tokenizer, task),)), task))
-            if len(pending) >= IN_FLIGHT * num_workers:
+            pending.append((self._pool.apply_async(_encode, ((tokenizer, task),)), task))
+            if len(pending) >= IN_FLIGHT * self.num_workers:
                 result, done = pending.popleft()
                 yield result.get(), done
         while pending:
             result, done = pending.popleft()
             yield result.get(), done
-        ok = True
-    finally:
-        if ok:
-            pool.close()
-            pool.join()
-        else:
-            pool.terminate()
 
 
 def fingerprint(corpus: Corpus, split: str, tokenizer: str, shard_tokens: int) -> str:
@@ -195,7 +202,14 @@ class _Progress:
 
 
 def write_split(
-    docs: Iterable[str], split_dir: Path, corpus: Corpus, split: str, cfg: DataConfig, fp: str, progress: bool = True
+    docs: Iterable[str],
+    split_dir: Path,
+    corpus: Corpus,
+    split: str,
+    cfg: DataConfig,
+    fp: str,
+    workers: Workers,
+    progress: bool = True,
 ) -> dict:
     """Tokenise `docs` into `split_dir`/shard_NNNNN.bin + manifest.json (replacing what was there), or go
     on from where an interrupted run of the same inputs stopped (`_Progress`)."""
@@ -212,7 +226,7 @@ def write_split(
     dtype = dtype_for_vocab(enc.n_vocab)
     bar = tqdm(unit="char", unit_scale=True, desc=f"{corpus.name}/{split}", disable=not progress, leave=False)
     writer, resumed_task = None, state.task
-    for t, (ids, task) in enumerate(tokenize(docs, cfg.tokenizer_name, cfg.num_workers, state.task), state.task):
+    for t, (ids, task) in enumerate(workers.tokenize(docs, cfg.tokenizer_name, state.task), state.task):
         bar.update(sum(len(text) for _, text in task))
         pos = state.offset if t == resumed_task else 0
         if pos == 0:
@@ -266,26 +280,33 @@ def prepare(
     out: dict[str, SplitInfo] = {}
     written: list[Path] = []
     try:
-        for split in SPLITS:
-            split_dir = Path(out_dir) / split
-            fp = fingerprint(corpus, split, cfg.tokenizer_name, cfg.shard_tokens)
-            # without sources (texts from an iterable) nothing says the inputs are unchanged: always rewrite
-            manifest = None if force or not corpus.sources else _up_to_date(split_dir, fp)
-            skipped = manifest is not None
-            if manifest is None:
-                docs = corpus.train() if split == "train" else corpus.val()
-                written.append(split_dir)
-                manifest = write_split(docs, split_dir, corpus, split, cfg, fp, progress)
-            if manifest["num_tokens"] == 0:  # training would fail on it later, far from the cause: say it here
-                (split_dir / "manifest.json").unlink(missing_ok=True)
-                raise CorpusError(_empty_split_message(corpus.name, split))
-            out[split] = SplitInfo(split_dir, manifest["num_tokens"], len(manifest["shards"]), skipped)
+        with Workers(cfg.num_workers) as workers:
+            for split in SPLITS:
+                out[split] = _prepare_split(
+                    corpus, Path(out_dir) / split, split, cfg, force, workers, written, progress
+                )
     except BaseException:
         # a failure in val (a bad --val-files input) must not leave this run's train looking complete
         for split_dir in written:
             (split_dir / "manifest.json").unlink(missing_ok=True)
         raise
     return out
+
+
+def _prepare_split(corpus: Corpus, split_dir: Path, split: str, cfg: DataConfig, force: bool, workers: Workers,
+                   written: list[Path], progress: bool) -> SplitInfo:  # fmt: skip
+    fp = fingerprint(corpus, split, cfg.tokenizer_name, cfg.shard_tokens)
+    # without sources (texts from an iterable) nothing says the inputs are unchanged: always rewrite
+    manifest = None if force or not corpus.sources else _up_to_date(split_dir, fp)
+    skipped = manifest is not None
+    if manifest is None:
+        docs = corpus.train() if split == "train" else corpus.val()
+        written.append(split_dir)
+        manifest = write_split(docs, split_dir, corpus, split, cfg, fp, workers, progress)
+    if manifest["num_tokens"] == 0:  # training would fail on it later, far from the cause: say it here
+        (split_dir / MANIFEST).unlink(missing_ok=True)
+        raise CorpusError(_empty_split_message(corpus.name, split))
+    return SplitInfo(split_dir, manifest["num_tokens"], len(manifest["shards"]), skipped)
 
 
 def _empty_split_message(name: str, split: str) -> str:
