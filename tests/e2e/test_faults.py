@@ -120,6 +120,42 @@ def _nan_at(step: int, micro_per_step: int):
     return hook
 
 
+# `python -m kimi.train` with a NaN in the embedding output of training step NAN_STEP (a forward hook set
+# on the built trainer): the real entry point, argument parsing and exit code, with a real NaN in the model.
+_NAN_CLI = """
+import sys
+import kimi.train as kt
+from tests.e2e.test_faults import _nan_at
+build = kt.Trainer.__init__
+def with_nan(self, *args, **kwargs):
+    build(self, *args, **kwargs)
+    self.raw_model.embed_tokens.register_forward_hook(_nan_at(int(sys.argv[1]), int(sys.argv[2])))
+kt.Trainer.__init__ = with_nan
+kt.main(sys.argv[3:])
+"""
+
+
+def _cli_with_nan(out: Path, step: int, micro_per_step: int, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-c", _NAN_CLI, str(step), str(micro_per_step), *BASE, f"--train.out_dir={out}", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def test_nan_token_is_skipped_by_the_triton_router(tmp_path):
+    """moe.kernels=triton (the GPU default under auto): a NaN token at step 2 of 4 is skipped like on the
+    torch path, and steps 3-4 train on. The fused router once gave an all-NaN row the expert id E_PAD,
+    which does not exist: 'index 4 is out of bounds' on one process, SIGSEGV under EP=2."""
+    out = tmp_path / "run"
+    args = ("--moe.kernels=triton", "--train.nonfinite=skip", "--train.max_steps=4")
+    res = _cli_with_nan(out, 2, 2, *args)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and not math.isfinite(rows[1]["loss"]), rows
+    assert [r.get("nonfinite_skips") for r in rows] == [None, 1, 1, 1]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows[2:]), rows
+    assert res.stdout.count("update skipped") == 1
+    _assert_finite_checkpoint(out)
+
+
 def test_skipped_step_leaves_the_state_untouched(tmp_path):
     """With NaN injected into step 3 of 3, the step-3 checkpoint must equal the step-2 checkpoint of the
     same run without the NaN (weights, Muon/AdamW state, router biases), with the data one step on."""

@@ -257,3 +257,23 @@ def test_debug_training_with_triton_kernels_matches_golden(tmp_path):
         assert len(losses) == len(golden)
         for step, (a, b) in enumerate(zip(losses, golden), 1):
             assert abs(a - b) <= 1e-4 * b, f"{run} step {step}: {a} vs golden {b}"
+
+
+@pytest.mark.parametrize("group", [(1, 1), (4, 2)], ids=["flat", "groups"])
+@pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
+def test_fused_route_nan_rows_pick_real_experts(score_func, group):
+    """A NaN token (train.nonfinite=skip must survive it) routes to real experts, as the reference does:
+    NaN counts as the largest value (torch.sort's order), lowest index first. An all-NaN row used to get
+    expert id E_PAD, one that does not exist, and crashed the permute."""
+    E, K = 8, 3
+    logits = torch.randn(6, E, generator=torch.Generator().manual_seed(0))
+    logits[1] = float("nan")  # a whole NaN token
+    logits[3, [2, 5]] = float("nan")  # NaN in a few experts only
+    logits[4, 0] = float("inf")
+    logits = logits.to(DEV)
+    args = (K, score_func, *group)
+    w, idx, counts = kernels.fused_route(logits, None, *args)
+    _, idx_ref, counts_ref = kernels.route_reference(logits, None, *args)
+    assert int(idx.min()) >= 0 and int(idx.max()) < E, idx
+    assert torch.equal(idx, idx_ref) and torch.equal(counts, counts_ref)
+    assert w[1].isnan().all()  # the NaN still reaches the loss, which the trainer's check then skips
