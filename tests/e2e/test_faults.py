@@ -105,15 +105,17 @@ def test_nonfinite_weights_are_never_saved(tmp_path):
     assert not (out / "checkpoints" / "latest").exists()
 
 
-def _nan_at(step: int, micro_per_step: int):
-    """A forward hook that turns the embedding output NaN during training step `step`: a real NaN that
-    goes through the model, the loss, the gradients and the loop's check."""
+def _nan_at(step: int | tuple[int, ...], micro_per_step: int):
+    """A forward hook that turns the embedding output NaN during training step `step` (or each of several;
+    counted from 1 = the first step this process trains): a real NaN that goes through the model, the
+    loss, the gradients and the loop's check."""
+    steps = (step,) if isinstance(step, int) else step
     calls = {"n": 0}
 
     def hook(module, args, output):
         if module.training:
             calls["n"] += 1
-            if (calls["n"] - 1) // micro_per_step + 1 == step:
+            if (calls["n"] - 1) // micro_per_step + 1 in steps:
                 return output * float("nan")
         return output
 
@@ -180,6 +182,35 @@ def test_skipped_step_leaves_the_state_untouched(tmp_path):
     state_a, state_b = (torch.load(d / "checkpoints" / "step_000003" / "train_state.pt") for d in (ref, nan))
     for k in ("data", "scheduler"):  # the data and the lr schedule still moved on past the skipped step
         assert state_a[k] == state_b[k], k
+
+
+def _train_with_nan(out: Path, steps: tuple[int, ...], *args: str) -> dict:
+    """train() in this process (one rank, accumulation 2) with NaN at these steps of this process."""
+    from kimi.train import Hooks
+
+    def add_nan(trainer):
+        trainer.raw_model.embed_tokens.register_forward_hook(_nan_at(steps, micro_per_step=2))
+
+    cfg = load_config(DEBUG, [f"--train.out_dir={out}", *BASE[2:], "--train.nonfinite=skip", *args])
+    return train(cfg, hooks=Hooks(on_build=add_nan))
+
+
+def test_skip_counters_survive_a_resume(tmp_path):
+    """The skip streak and total are saved with the checkpoint: 2 NaN steps in a row (2 and 3) end the
+    first run; resumed, a 3rd NaN in a row (step 4) exceeds max_nonfinite_skips=2 and stops the run, as it
+    would have without the restart. Another resume with no NaN keeps the total (2) in its rows."""
+    from kimi.trainer.nonfinite import NonFiniteError
+
+    out = tmp_path / "run"
+    args = ("--train.max_nonfinite_skips=2", "--train.ckpt_interval=1", "--train.keep_last=5")
+    assert _train_with_nan(out, (2, 3), "--train.max_steps=3", *args)["nonfinite_skips"] == 2
+    saved = out / "checkpoints" / "step_000003"
+    with pytest.raises(NonFiniteError, match="step 4: the loss is nan, 3 such steps in a row"):
+        _train_with_nan(out, (1,), "--train.max_steps=5", *args)
+    assert _latest_step(out) == 3 and (out / "checkpoints" / "latest").resolve() == saved.resolve()
+    row = _train_with_nan(out, (), "--train.max_steps=5", *args)
+    assert row["step"] == 5 and math.isfinite(row["loss"]) and row["nonfinite_skips"] == 2
+    assert [r.get("nonfinite_skips") for r in _rows(out)] == [None, 1, 2, 2, 2]
 
 
 def _nan_on_rank1(rank: int, world: int, out: str) -> tuple[int, float]:
