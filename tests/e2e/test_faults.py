@@ -2,7 +2,9 @@
 
 - a NaN/inf loss (optim.lr=1e6 really diverges): `train.nonfinite=stop` ends with one line and exit code
   4; `skip` drops the update and logs the count, then stops; `latest` stays on a finite checkpoint;
-- a skipped step leaves weights, optimizer state and router biases exactly as they were;
+- a skipped step leaves weights, optimizer state and router biases exactly as they were; mid-run, the
+  next step trains as a fresh process resumed there would (FSDP2 and DeepSpeed); the skip counters
+  survive a resume; a NaN token on the Triton router is skipped too;
 - a NaN on one of 2 ranks (FSDP2 + EP) is skipped by both, and the run trains on;
 - SIGTERM / SIGUSR1 mid-run: exit 3, a checkpoint at the step it stopped, and the resume reproduces the
   uninterrupted run bit for bit, with every metrics row exactly once.
@@ -12,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -182,6 +185,65 @@ def test_skipped_step_leaves_the_state_untouched(tmp_path):
     state_a, state_b = (torch.load(d / "checkpoints" / "step_000003" / "train_state.pt") for d in (ref, nan))
     for k in ("data", "scheduler"):  # the data and the lr schedule still moved on past the skipped step
         assert state_a[k] == state_b[k], k
+
+
+# debug's max attention logits are ~0.2: tau 0.05 makes QK-clip act on every applied step.
+MID_RUN = ("--train.max_steps=5", "--train.max_nonfinite_skips=1", "--train.ckpt_interval=1", "--train.keep_last=5")
+MID_RUN += ("--optim.qk_clip_tau=0.05",)
+AFTER_SKIP = ("loss", "grad_norm", "max_attn_logit", "qk_clipped_heads", "expert_imbalance", "router_entropy")
+
+
+def _nan_in_head_at(steps: tuple[int, ...]):
+    """NaN in the lm_head output at these steps of this process: loss and gradients go NaN while the
+    step's attention maxima and routing counts stay real, so a skip that kept them would show."""
+
+    def add(trainer):
+        trainer.raw_model.lm_head.register_forward_hook(_nan_at(steps, micro_per_step=2))
+
+    return add
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "deepspeed"])
+def test_skip_mid_run_then_trains_on(tmp_path, engine):
+    """NaN at steps 2 and 4 of 5 (one process): each is skipped and the next step trains normally.
+    - a finite step resets the streak: max_nonfinite_skips=1 must not stop the run at step 4;
+    - a skipped step moves no weight or router bias, QK-clip included (tau 0.05 clips every real step);
+    - what follows a skip equals a fresh process resumed from the skipped step's checkpoint: no routing
+      counts (bias update, entropy) and no attention maxima (QK-clip) of the skipped forward leak into it.
+    Under DeepSpeed the kept-counts case is not seen: its logged routing stats are 0 / NaN on every step
+    (the pre-step hook fires once per ZeRO param group and the later calls read zeroed counts).
+    """
+    from kimi.train import Hooks
+
+    def cfg(out):
+        return load_config(DEBUG, [f"--train.out_dir={out}", *BASE[2:], "--train.nonfinite=skip",
+                                   f"--parallel.engine={engine}", *MID_RUN])  # fmt: skip
+
+    run, ref = tmp_path / "run", tmp_path / "resumed"
+    row = train(cfg(run), hooks=Hooks(on_build=_nan_in_head_at((2, 4))))
+    rows = _rows(run)
+    assert row["step"] == 5 and [r.get("nonfinite_skips") for r in rows] == [None, 1, 1, 2, 2], rows
+    assert [math.isfinite(r["loss"]) for r in rows] == [True, False, True, False, True], rows
+    assert all(r["qk_clipped_heads"] > 0 for r in rows[::2]), rows  # QK-clip acts on the applied steps
+
+    def model(step):
+        return load_model_state(run / "checkpoints" / f"step_{step:06d}")[1]
+
+    for skipped in (2, 4):
+        before, after = model(skipped - 1), model(skipped)
+        assert before.keys() == after.keys() and any("expert_bias" in k for k in after)
+        assert all(torch.equal(before[k], after[k]) for k in before), skipped
+
+    (ref / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run / "checkpoints" / "step_000002", ref / "checkpoints" / "step_000002")
+    (ref / "checkpoints" / "latest").symlink_to("step_000002")
+    train(cfg(ref), hooks=Hooks(on_build=_nan_in_head_at((2,))))  # resumed at 3: its 2nd step is step 4
+    resumed = _rows(ref)
+    assert [r["step"] for r in resumed] == [3, 4, 5]
+    for a, b in zip(rows[2:], resumed):  # repr: NaN == NaN, and a skipped step's row has no routing stats
+        assert {k: repr(a.get(k)) for k in AFTER_SKIP} == {k: repr(b.get(k)) for k in AFTER_SKIP}, (a, b)
+    final, final_ref = model(5), load_model_state(ref / "checkpoints" / "step_000005")[1]
+    assert all(torch.equal(final[k], final_ref[k]) for k in final)
 
 
 def _train_with_nan(out: Path, steps: tuple[int, ...], *args: str) -> dict:
