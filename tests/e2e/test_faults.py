@@ -203,9 +203,9 @@ def _nan_in_head_at(steps: tuple[int, ...]):
     return add
 
 
-@pytest.mark.parametrize("engine", ["fsdp2", "deepspeed"])
+@pytest.mark.parametrize("engine", ["fsdp2", "deepspeed", "deepspeed-zero2"])
 def test_skip_mid_run_then_trains_on(tmp_path, engine):
-    """NaN at steps 2 and 4 of 5 (one process): each is skipped and the next step trains normally.
+    """NaN at steps 2 and 4 of 5 (one process; DeepSpeed ZeRO-1 and -2): each is skipped, the next trains.
     - a finite step resets the streak: max_nonfinite_skips=1 must not stop the run at step 4;
     - a skipped step moves no weight or router bias, QK-clip included (tau 0.05 clips every real step);
     - what follows a skip equals a fresh process resumed from the skipped step's checkpoint: no routing
@@ -215,9 +215,12 @@ def test_skip_mid_run_then_trains_on(tmp_path, engine):
     """
     from kimi.train import Hooks
 
+    name, _, zero = engine.partition("-")
+    stage = ["--parallel.zero_stage=2"] if zero else []
+
     def cfg(out):
         return load_config(DEBUG, [f"--train.out_dir={out}", *BASE[2:], "--train.nonfinite=skip",
-                                   f"--parallel.engine={engine}", *MID_RUN])  # fmt: skip
+                                   f"--parallel.engine={name}", *stage, *MID_RUN])  # fmt: skip
 
     run, ref = tmp_path / "run", tmp_path / "resumed"
     row = train(cfg(run), hooks=Hooks(on_build=_nan_in_head_at((2, 4))))
@@ -275,27 +278,28 @@ def test_skip_counters_survive_a_resume(tmp_path):
     assert [r.get("nonfinite_skips") for r in _rows(out)] == [None, 1, 2, 2, 2]
 
 
-def _nan_on_rank1(rank: int, world: int, out: str) -> tuple[int, float]:
+def _nan_on_rank1(rank: int, world: int, out: str, kernels: str) -> tuple[int, float]:
     from kimi.train import Hooks
 
     def nan_on_rank1(trainer):
         if rank == 1:  # accumulation 1 on 2 ranks: one forward per step
             trainer.raw_model.embed_tokens.register_forward_hook(_nan_at(2, micro_per_step=1))
 
-    cfg = load_config(
-        DEBUG, [f"--train.out_dir={out}", *BASE[2:], "--train.max_steps=3", "--train.nonfinite=skip", "--parallel.ep=2"]
-    )
+    args = ["--train.max_steps=3", "--train.nonfinite=skip", "--parallel.ep=2", f"--moe.kernels={kernels}"]
+    cfg = load_config(DEBUG, [f"--train.out_dir={out}", *BASE[2:], *args])
     row = train(cfg, hooks=Hooks(on_build=nan_on_rank1))
     return row["nonfinite_skips"], row["loss"]
 
 
-def test_nan_on_one_rank_is_skipped_by_all(tmp_path):
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_nan_on_one_rank_is_skipped_by_all(tmp_path, kernels):
     """Under FSDP2 + EP on 2 ranks, a NaN on rank 1 only: both ranks skip step 2 (a rank that applied it
-    alone would hang or split the model), then train on; the log shows the skip once."""
+    alone would hang or split the model), then train on; the log shows the skip once. With the Triton
+    router, rank 1 once sent its NaN tokens to a nonexistent expert and died of SIGSEGV."""
     from tests.dist_utils import run_distributed
 
     out = tmp_path / "run"
-    results = run_distributed(_nan_on_rank1, 2, args=(str(out),), timeout=300)
+    results = run_distributed(_nan_on_rank1, 2, args=(str(out), kernels), timeout=300)
     assert [skips for skips, _ in results] == [1, 1] and all(math.isfinite(loss) for _, loss in results)
     rows = _rows(out)
     assert [r["step"] for r in rows] == [1, 2, 3] and not math.isfinite(rows[1]["loss"])
