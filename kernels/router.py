@@ -8,7 +8,9 @@ Legend: T tokens, E experts, K experts per token (top_k), G expert groups (n_gro
       --one-hot sums, one integer atomic per program--> counts_E
 
 Tie rule (kernel and reference alike): among equal values the LOWEST index wins, for groups and experts,
-and the K choices come out in descending order of choice score. All routing math is fp32.
+and the K choices come out in descending order of choice score. NaN counts as larger than any number
+(torch.sort's order), so a NaN token still picks K real experts (lowest indices first) and its NaN weights
+reach the loss, where train.nonfinite sees them. All routing math is fp32.
 
 The top-k is K passes of max + argmax rather than a sort: cheap for small K, and the Triton interpreter
 (CPU tests) runs tl.sort / tl.topk orders of magnitude slower. The backward is a short torch formula
@@ -22,6 +24,17 @@ import triton
 import triton.language as tl
 
 from .utils import interpreting, row_block
+
+
+@triton.jit
+def _first_max(x, cols, PAD: tl.constexpr):
+    """Per row of x: the column of the largest value, lowest on ties, NaN above everything (else `x == max`
+    holds nowhere on a NaN row and the id would be PAD, an expert that does not exist)."""
+    nan = x != x
+    has_nan = tl.max(nan.to(tl.int32), axis=1) > 0
+    m = tl.max(tl.where(nan, float("-inf"), x), axis=1)
+    hit = tl.where(has_nan[:, None], nan, x == m[:, None])
+    return tl.min(tl.where(hit, cols[None, :], PAD), axis=1)
 
 
 @triton.jit
@@ -55,16 +68,16 @@ def _route_kernel(
         for g in tl.static_range(N_GROUP):
             in_g = (cols >= g * PER_GROUP) & (cols < (g + 1) * PER_GROUP)
             c = tl.where(in_g[None, :], choice, float("-inf"))
-            best = tl.max(c, axis=1)
-            s = best
+            first = _first_max(c, cols, E_PAD)
+            s = tl.sum(tl.where(cols[None, :] == first[:, None], c, 0.0), axis=1)
             if PER_GROUP > 1:
-                first = tl.min(tl.where(c == best[:, None], cols[None, :], E_PAD), axis=1)
-                s = best + tl.max(tl.where(cols[None, :] == first[:, None], float("-inf"), c), axis=1)
+                c = tl.where(cols[None, :] == first[:, None], float("-inf"), c)
+                second = _first_max(c, cols, E_PAD)
+                s += tl.sum(tl.where(cols[None, :] == second[:, None], c, 0.0), axis=1)
             gscore = tl.where(gcols[None, :] == g, s[:, None], gscore)
         keep = tl.zeros((BLOCK_T, G_PAD), tl.int32)
         for _ in tl.static_range(TOPK_GROUP):
-            m = tl.max(gscore, axis=1)
-            gi = tl.min(tl.where(gscore == m[:, None], gcols[None, :], G_PAD), axis=1)
+            gi = _first_max(gscore, gcols, G_PAD)
             hit = gcols[None, :] == gi[:, None]
             keep = tl.where(hit, 1, keep)
             gscore = tl.where(hit, float("-inf"), gscore)
@@ -81,8 +94,7 @@ def _route_kernel(
     idx_TK = tl.zeros((BLOCK_T, K_PAD), tl.int32)
     counts = tl.zeros((E_PAD,), tl.int32)
     for k in tl.static_range(K):
-        m = tl.max(choice, axis=1)
-        i = tl.min(tl.where(choice == m[:, None], cols[None, :], E_PAD), axis=1)
+        i = _first_max(choice, cols, E_PAD)
         hit = cols[None, :] == i[:, None]
         w = tl.sum(tl.where(hit, scores, 0.0), axis=1)  # the UNBIASED score of the chosen expert
         w_TK = tl.where(kcols[None, :] == k, w[:, None], w_TK)

@@ -159,10 +159,10 @@ class Trainer:
             self.qk_clip = QKClip(attn, cfg.optim.qk_clip_tau, rt.all_reduce_max, self.engine.scale_rows_)
         self.router_bias = RouterBias(self.raw_model, rt.dp_group)
         self.engine.register_step_pre_hook(self.router_bias)  # the one place the router biases move
-        states = {"scheduler": self.engine.schedule_state, "data": self.batches}
+        self.guard = NonFiniteGuard(t.nonfinite, t.max_nonfinite_skips)
+        states = {"scheduler": self.engine.schedule_state, "data": self.batches, "nonfinite": self.guard}
         self.checkpointer = Checkpointer(cfg, self.engine, states, say=rt.print, before_save=self._check_weights)
         self.validator = Validator(val_set, t, rt)
-        self.guard = NonFiniteGuard(t.nonfinite, t.max_nonfinite_skips)
         self.phases: dict[str, float] = {}  # forward/backward/optimizer ms of this step (train.profile)
         self.mix = MixtureStats(train_set, t.global_batch_size) if hasattr(train_set, "source_counts") else None
         if self.hooks.on_build:
@@ -256,7 +256,7 @@ class Trainer:
         row["max_attn_logit"], row["qk_clipped_heads"] = qk.get("max_logit", 0.0), qk.get("clipped_heads", 0)
         row.update(a2a_stats(self.raw_model))
         if self.guard.total:
-            row["nonfinite_skips"] = self.guard.total  # steps skipped so far by this process
+            row["nonfinite_skips"] = self.guard.total  # steps skipped so far in the run (resumes included)
         row.update(self.phases)
         if rt.device.type == "cuda":
             torch.cuda.synchronize()

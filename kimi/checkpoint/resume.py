@@ -14,7 +14,8 @@ the optimizer's hyperparameters and the lr schedule's shape (`states` restore on
 
 The engine (kimi/engine/) writes and reads the model and optimizer inside the step directory; each entry
 of `states` (anything with state_dict / load_state_dict) goes into train_state.pt under its name, the
-format train_state.pt has always had ({"step", "scheduler", "data", "mlflow_run_id", ...}).
+format train_state.pt has always had ({"step", "scheduler", "data", "nonfinite", "mlflow_run_id", ...}); a
+state that an older checkpoint lacks keeps its fresh value.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ class Checkpointer:
         changes = config_changes(latest, self.cfg)  # raises CheckpointError where a change cannot work
         state, meta = store.load(latest, self.engine.read)
         for name, s in self.states.items():
-            s.load_state_dict(state[name])
+            if name in state:  # "nonfinite" (the skip counters) is newer than the format: older ones start at 0
+                s.load_state_dict(state[name])
         self.say(f"resumed from {latest} (step {state['step']}, written at world size {meta.get('world_size')})")
         if changes:
             self.say("config differs from the checkpoint: " + ", ".join(changes))

@@ -62,17 +62,22 @@ def route(
     bias steers load without changing what the model computes for a given choice). With n_group > 1,
     a token may only pick from the topk_group groups whose score (sum of the group's top-2 biased
     scores, DeepSeek-V3) is highest. norm_topk_prob renormalises the K weights to sum to 1.
+
+    Ties go to the LOWEST expert (and group) index and the K choices come in descending order, NaN first:
+    the fused Triton router's rule, so moe.kernels can change on resume without changing a choice.
+    torch.topk's tie order is unspecified (an all-equal row gave [6, 5, 4]); a stable sort is exact, and
+    costs little at these widths (E <= a few hundred) next to the expert matmuls.
     """
     T, E = scores_TE.shape
     choice_TE = scores_TE if bias_E is None else scores_TE + bias_E.float()
     if n_group > 1:
         per_group = E // n_group
         group_TG = choice_TE.view(T, n_group, per_group).topk(min(2, per_group), dim=-1).values.sum(dim=-1)
-        keep_idx = group_TG.topk(topk_group, dim=-1, sorted=False).indices
+        keep_idx = group_TG.sort(dim=-1, descending=True, stable=True).indices[:, :topk_group]
         keep_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, keep_idx, True)
         keep_TE = keep_TG[:, :, None].expand(T, n_group, per_group).reshape(T, E)
         choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
-    topk_idx_TK = choice_TE.topk(top_k, dim=-1, sorted=False).indices
+    topk_idx_TK = choice_TE.sort(dim=-1, descending=True, stable=True).indices[:, :top_k].contiguous()
     topk_w_TK = scores_TE.gather(1, topk_idx_TK)
     if norm_topk_prob:
         topk_w_TK = topk_w_TK / (topk_w_TK.sum(dim=-1, keepdim=True) + 1e-20)

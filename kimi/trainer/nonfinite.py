@@ -22,11 +22,18 @@ class NonFiniteError(RuntimeError):
 
 class NonFiniteGuard:
     """Counts non-finite steps and applies the policy: "stop" at the first, "skip" up to `max_skips`
-    in a row (a finite step resets the streak; `total` counts all skipped steps of this process)."""
+    in a row (a finite step resets the streak; `total` counts all skipped steps of the run). Both counters
+    go into checkpoints (state_dict), so a restart neither resets the streak nor forgets the total."""
 
     def __init__(self, policy: str, max_skips: int):
         self.policy, self.max_skips = policy, max_skips
         self.in_a_row, self.total = 0, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"in_a_row": self.in_a_row, "total": self.total}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.in_a_row, self.total = int(state["in_a_row"]), int(state["total"])
 
     def check(self, step: int, loss: float, grad_norm: float, grad_norm_finite: bool) -> bool:
         """True if this step's update must be skipped; raises NonFiniteError when the run must stop (the

@@ -2,7 +2,9 @@
 
 - a NaN/inf loss (optim.lr=1e6 really diverges): `train.nonfinite=stop` ends with one line and exit code
   4; `skip` drops the update and logs the count, then stops; `latest` stays on a finite checkpoint;
-- a skipped step leaves weights, optimizer state and router biases exactly as they were;
+- a skipped step leaves weights, optimizer state and router biases exactly as they were; mid-run, the
+  next step trains as a fresh process resumed there would (FSDP2 and DeepSpeed); the skip counters
+  survive a resume; a NaN token on the Triton router is skipped too;
 - a NaN on one of 2 ranks (FSDP2 + EP) is skipped by both, and the run trains on;
 - SIGTERM / SIGUSR1 mid-run: exit 3, a checkpoint at the step it stopped, and the resume reproduces the
   uninterrupted run bit for bit, with every metrics row exactly once.
@@ -12,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,19 +108,57 @@ def test_nonfinite_weights_are_never_saved(tmp_path):
     assert not (out / "checkpoints" / "latest").exists()
 
 
-def _nan_at(step: int, micro_per_step: int):
-    """A forward hook that turns the embedding output NaN during training step `step`: a real NaN that
-    goes through the model, the loss, the gradients and the loop's check."""
+def _nan_at(step: int | tuple[int, ...], micro_per_step: int):
+    """A forward hook that turns the embedding output NaN during training step `step` (or each of several;
+    counted from 1 = the first step this process trains): a real NaN that goes through the model, the
+    loss, the gradients and the loop's check."""
+    steps = (step,) if isinstance(step, int) else step
     calls = {"n": 0}
 
     def hook(module, args, output):
         if module.training:
             calls["n"] += 1
-            if (calls["n"] - 1) // micro_per_step + 1 == step:
+            if (calls["n"] - 1) // micro_per_step + 1 in steps:
                 return output * float("nan")
         return output
 
     return hook
+
+
+# `python -m kimi.train` with a NaN in the embedding output of training step NAN_STEP (a forward hook set
+# on the built trainer): the real entry point, argument parsing and exit code, with a real NaN in the model.
+_NAN_CLI = """
+import sys
+import kimi.train as kt
+from tests.e2e.test_faults import _nan_at
+build = kt.Trainer.__init__
+def with_nan(self, *args, **kwargs):
+    build(self, *args, **kwargs)
+    self.raw_model.embed_tokens.register_forward_hook(_nan_at(int(sys.argv[1]), int(sys.argv[2])))
+kt.Trainer.__init__ = with_nan
+kt.main(sys.argv[3:])
+"""
+
+
+def _cli_with_nan(out: Path, step: int, micro_per_step: int, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-c", _NAN_CLI, str(step), str(micro_per_step), *BASE, f"--train.out_dir={out}", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def test_nan_token_is_skipped_by_the_triton_router(tmp_path):
+    """moe.kernels=triton (the GPU default under auto): a NaN token at step 2 of 4 is skipped like on the
+    torch path, and steps 3-4 train on. The fused router once gave an all-NaN row the expert id E_PAD,
+    which does not exist: 'index 4 is out of bounds' on one process, SIGSEGV under EP=2."""
+    out = tmp_path / "run"
+    args = ("--moe.kernels=triton", "--train.nonfinite=skip", "--train.max_steps=4")
+    res = _cli_with_nan(out, 2, 2, *args)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and not math.isfinite(rows[1]["loss"]), rows
+    assert [r.get("nonfinite_skips") for r in rows] == [None, 1, 1, 1]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows[2:]), rows
+    assert res.stdout.count("update skipped") == 1
+    _assert_finite_checkpoint(out)
 
 
 def test_skipped_step_leaves_the_state_untouched(tmp_path):
@@ -146,27 +187,119 @@ def test_skipped_step_leaves_the_state_untouched(tmp_path):
         assert state_a[k] == state_b[k], k
 
 
-def _nan_on_rank1(rank: int, world: int, out: str) -> tuple[int, float]:
+# debug's max attention logits are ~0.2: tau 0.05 makes QK-clip act on every applied step.
+MID_RUN = ("--train.max_steps=5", "--train.max_nonfinite_skips=1", "--train.ckpt_interval=1", "--train.keep_last=5")
+MID_RUN += ("--optim.qk_clip_tau=0.05",)
+AFTER_SKIP = ("loss", "grad_norm", "max_attn_logit", "qk_clipped_heads", "expert_imbalance", "router_entropy")
+
+
+def _nan_in_head_at(steps: tuple[int, ...]):
+    """NaN in the lm_head output at these steps of this process: loss and gradients go NaN while the
+    step's attention maxima and routing counts stay real, so a skip that kept them would show."""
+
+    def add(trainer):
+        trainer.raw_model.lm_head.register_forward_hook(_nan_at(steps, micro_per_step=2))
+
+    return add
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "deepspeed", "deepspeed-zero2"])
+def test_skip_mid_run_then_trains_on(tmp_path, engine):
+    """NaN at steps 2 and 4 of 5 (one process; DeepSpeed ZeRO-1 and -2): each is skipped, the next trains.
+    - a finite step resets the streak: max_nonfinite_skips=1 must not stop the run at step 4;
+    - a skipped step moves no weight or router bias, QK-clip included (tau 0.05 clips every real step);
+    - what follows a skip equals a fresh process resumed from the skipped step's checkpoint: no routing
+      counts (bias update, entropy) and no attention maxima (QK-clip) of the skipped forward leak into it.
+    Under DeepSpeed the kept-counts case is not seen: its logged routing stats are 0 / NaN on every step
+    (the pre-step hook fires once per ZeRO param group and the later calls read zeroed counts).
+    """
+    from kimi.train import Hooks
+
+    name, _, zero = engine.partition("-")
+    stage = ["--parallel.zero_stage=2"] if zero else []
+
+    def cfg(out):
+        return load_config(DEBUG, [f"--train.out_dir={out}", *BASE[2:], "--train.nonfinite=skip",
+                                   f"--parallel.engine={name}", *stage, *MID_RUN])  # fmt: skip
+
+    run, ref = tmp_path / "run", tmp_path / "resumed"
+    row = train(cfg(run), hooks=Hooks(on_build=_nan_in_head_at((2, 4))))
+    rows = _rows(run)
+    assert row["step"] == 5 and [r.get("nonfinite_skips") for r in rows] == [None, 1, 1, 2, 2], rows
+    assert [math.isfinite(r["loss"]) for r in rows] == [True, False, True, False, True], rows
+    assert all(r["qk_clipped_heads"] > 0 for r in rows[::2]), rows  # QK-clip acts on the applied steps
+
+    def model(step):
+        return load_model_state(run / "checkpoints" / f"step_{step:06d}")[1]
+
+    for skipped in (2, 4):
+        before, after = model(skipped - 1), model(skipped)
+        assert before.keys() == after.keys() and any("expert_bias" in k for k in after)
+        assert all(torch.equal(before[k], after[k]) for k in before), skipped
+
+    (ref / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run / "checkpoints" / "step_000002", ref / "checkpoints" / "step_000002")
+    (ref / "checkpoints" / "latest").symlink_to("step_000002")
+    train(cfg(ref), hooks=Hooks(on_build=_nan_in_head_at((2,))))  # resumed at 3: its 2nd step is step 4
+    resumed = _rows(ref)
+    assert [r["step"] for r in resumed] == [3, 4, 5]
+    for a, b in zip(rows[2:], resumed):  # repr: NaN == NaN, and a skipped step's row has no routing stats
+        assert {k: repr(a.get(k)) for k in AFTER_SKIP} == {k: repr(b.get(k)) for k in AFTER_SKIP}, (a, b)
+    final, final_ref = model(5), load_model_state(ref / "checkpoints" / "step_000005")[1]
+    assert all(torch.equal(final[k], final_ref[k]) for k in final)
+
+
+def _train_with_nan(out: Path, steps: tuple[int, ...], *args: str) -> dict:
+    """train() in this process (one rank, accumulation 2) with NaN at these steps of this process."""
+    from kimi.train import Hooks
+
+    def add_nan(trainer):
+        trainer.raw_model.embed_tokens.register_forward_hook(_nan_at(steps, micro_per_step=2))
+
+    cfg = load_config(DEBUG, [f"--train.out_dir={out}", *BASE[2:], "--train.nonfinite=skip", *args])
+    return train(cfg, hooks=Hooks(on_build=add_nan))
+
+
+def test_skip_counters_survive_a_resume(tmp_path):
+    """The skip streak and total are saved with the checkpoint: 2 NaN steps in a row (2 and 3) end the
+    first run; resumed, a 3rd NaN in a row (step 4) exceeds max_nonfinite_skips=2 and stops the run, as it
+    would have without the restart. Another resume with no NaN keeps the total (2) in its rows."""
+    from kimi.trainer.nonfinite import NonFiniteError
+
+    out = tmp_path / "run"
+    args = ("--train.max_nonfinite_skips=2", "--train.ckpt_interval=1", "--train.keep_last=5")
+    assert _train_with_nan(out, (2, 3), "--train.max_steps=3", *args)["nonfinite_skips"] == 2
+    saved = out / "checkpoints" / "step_000003"
+    with pytest.raises(NonFiniteError, match="step 4: the loss is nan, 3 such steps in a row"):
+        _train_with_nan(out, (1,), "--train.max_steps=5", *args)
+    assert _latest_step(out) == 3 and (out / "checkpoints" / "latest").resolve() == saved.resolve()
+    row = _train_with_nan(out, (), "--train.max_steps=5", *args)
+    assert row["step"] == 5 and math.isfinite(row["loss"]) and row["nonfinite_skips"] == 2
+    assert [r.get("nonfinite_skips") for r in _rows(out)] == [None, 1, 2, 2, 2]
+
+
+def _nan_on_rank1(rank: int, world: int, out: str, kernels: str) -> tuple[int, float]:
     from kimi.train import Hooks
 
     def nan_on_rank1(trainer):
         if rank == 1:  # accumulation 1 on 2 ranks: one forward per step
             trainer.raw_model.embed_tokens.register_forward_hook(_nan_at(2, micro_per_step=1))
 
-    cfg = load_config(
-        DEBUG, [f"--train.out_dir={out}", *BASE[2:], "--train.max_steps=3", "--train.nonfinite=skip", "--parallel.ep=2"]
-    )
+    args = ["--train.max_steps=3", "--train.nonfinite=skip", "--parallel.ep=2", f"--moe.kernels={kernels}"]
+    cfg = load_config(DEBUG, [f"--train.out_dir={out}", *BASE[2:], *args])
     row = train(cfg, hooks=Hooks(on_build=nan_on_rank1))
     return row["nonfinite_skips"], row["loss"]
 
 
-def test_nan_on_one_rank_is_skipped_by_all(tmp_path):
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_nan_on_one_rank_is_skipped_by_all(tmp_path, kernels):
     """Under FSDP2 + EP on 2 ranks, a NaN on rank 1 only: both ranks skip step 2 (a rank that applied it
-    alone would hang or split the model), then train on; the log shows the skip once."""
+    alone would hang or split the model), then train on; the log shows the skip once. With the Triton
+    router, rank 1 once sent its NaN tokens to a nonexistent expert and died of SIGSEGV."""
     from tests.dist_utils import run_distributed
 
     out = tmp_path / "run"
-    results = run_distributed(_nan_on_rank1, 2, args=(str(out),), timeout=300)
+    results = run_distributed(_nan_on_rank1, 2, args=(str(out), kernels), timeout=300)
     assert [skips for skips, _ in results] == [1, 1] and all(math.isfinite(loss) for _, loss in results)
     rows = _rows(out)
     assert [r["step"] for r in rows] == [1, 2, 3] and not math.isfinite(rows[1]["loss"])

@@ -214,9 +214,30 @@ def test_distributed_matches_single_process(world):
 
 
 def test_world_size_one_needs_no_process_group():
-    """Plain tensors: the same class, no collectives (no process group exists here)."""
+    """Plain tensors: the same class, no collectives (no process group exists here), and the same math as
+    the reference written out from Muon's contract: EMA momentum, Nesterov, Newton-Schulz, decoupled weight
+    decay, lr * 0.2 * sqrt(max(A, B)); grad clipping returns the pre-clip norm and scales to max_norm."""
+    from kimi.optim.newton_schulz import newton_schulz
+
     assert not dist.is_initialized()
-    p = nn.Parameter(torch.randn(8, 4))
-    p.grad = torch.randn(8, 4)
-    Muon([p]).step()
-    assert clip_grad_norm_([p], 1.0) > 0
+    gen = torch.Generator().manual_seed(0)
+    p = nn.Parameter(torch.randn(8, 4, generator=gen))
+    grads = [torch.randn(8, 4, generator=gen) for _ in range(2)]
+    lr, wd, mom = 0.02, 0.1, 0.9
+    opt = Muon([p], lr=lr, weight_decay=wd, momentum=mom, ns_dtype=torch.float32)
+    p0 = ref = p.detach().clone()
+    buf = torch.zeros(8, 4)
+    for g in grads:  # two steps: the second one uses the momentum the first one left
+        p.grad = g.clone()
+        opt.step()
+        buf = mom * buf + (1 - mom) * g
+        ref = ref * (1 - lr * wd) - lr * 0.2 * 8**0.5 * newton_schulz(g + mom * (buf - g), 5, dtype=torch.float32)
+        torch.testing.assert_close(p.detach(), ref, **TOL)
+    assert (p.detach() - p0).abs().max() > 1e-3  # the steps moved p by far more than the tolerance
+
+    g = grads[0] * 3
+    p.grad = g.clone()
+    norm = clip_grad_norm_([p], 1.0)
+    torch.testing.assert_close(norm, torch.linalg.vector_norm(g), **TOL)
+    torch.testing.assert_close(p.grad, g / (torch.linalg.vector_norm(g) + 1e-6), **TOL)
+    assert torch.linalg.vector_norm(g) > 2  # so the clip really scaled

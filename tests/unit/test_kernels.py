@@ -257,3 +257,40 @@ def test_debug_training_with_triton_kernels_matches_golden(tmp_path):
         assert len(losses) == len(golden)
         for step, (a, b) in enumerate(zip(losses, golden), 1):
             assert abs(a - b) <= 1e-4 * b, f"{run} step {step}: {a} vs golden {b}"
+
+
+@pytest.mark.parametrize("group", [(1, 1), (4, 2)], ids=["flat", "groups"])
+@pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
+def test_fused_route_nan_rows_pick_real_experts(score_func, group):
+    """A NaN token (train.nonfinite=skip must survive it) routes to real experts, as the reference does:
+    NaN counts as the largest value (torch.sort's order), lowest index first. An all-NaN row used to get
+    expert id E_PAD, one that does not exist, and crashed the permute."""
+    E, K = 8, 3
+    logits = torch.randn(6, E, generator=torch.Generator().manual_seed(0))
+    logits[1] = float("nan")  # a whole NaN token
+    logits[3, [2, 5]] = float("nan")  # NaN in a few experts only
+    logits[4, 0] = float("inf")
+    logits = logits.to(DEV)
+    args = (K, score_func, *group)
+    w, idx, counts = kernels.fused_route(logits, None, *args)
+    _, idx_ref, counts_ref = kernels.route_reference(logits, None, *args)
+    assert int(idx.min()) >= 0 and int(idx.max()) < E, idx
+    assert torch.equal(idx, idx_ref) and torch.equal(counts, counts_ref)
+    assert w[1].isnan().all()  # the NaN still reaches the loss, which the trainer's check then skips
+
+
+@pytest.mark.parametrize("group", [(1, 1), (4, 2)], ids=["flat", "groups"])
+def test_model_route_breaks_ties_like_the_kernel(group):
+    """moe.kernels may change on resume as "the same math", so the model's torch route() must choose what
+    the fused router chooses on ties too (lowest expert and group index), in the same order. Coarse-grid
+    logits and biases make ties common; topk's unspecified order once changed the set of 20 tokens in 64."""
+    from kimi.model.router import route
+
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randint(0, 4, (64, 16), generator=gen).float() / 2).to(DEV)
+    bias = (torch.randint(0, 2, (16,), generator=gen).float() / 4).to(DEV)
+    for b in (None, bias):
+        w, idx, _ = kernels.fused_route(logits, b, 4, "sigmoid", *group)
+        idx_torch, w_torch = route(logits.sigmoid(), b, 4, *group)
+        assert torch.equal(idx_torch, idx)
+        torch.testing.assert_close(w_torch, w, rtol=1e-6, atol=1e-6)

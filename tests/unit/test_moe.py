@@ -255,3 +255,14 @@ def test_softmax_scoring_and_no_shared_experts():
         ]
     )
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_route_ties_go_to_the_lowest_index():
+    """The Triton router's documented rule, on the torch path: equal scores pick the lowest expert (and
+    group) index, in descending order of score (torch.topk picked [6, 5, 4] on an all-equal row)."""
+    idx, w = route(torch.full((3, 8), 0.5), None, top_k=3)
+    assert idx.tolist() == [[0, 1, 2]] * 3
+    torch.testing.assert_close(w, torch.full((3, 3), 1 / 3))
+    scores = torch.tensor([[0.5, 0.9, 0.5, 0.9, 0.5, 0.5, 0.9, 0.9]])  # groups of 2: sums 1.4, 1.4, 1.0, 1.8
+    assert route(scores, None, 3, n_group=4, topk_group=2)[0].tolist() == [[1, 6, 7]]  # groups 3 and 0
+    assert route(scores, None, 3)[0].tolist() == [[1, 3, 6]]
