@@ -356,6 +356,9 @@ class DeepSpeedEngine(Engine):
         )
         if loaded is None:
             raise CheckpointError(f"deepspeed could not load the checkpoint in '{path}'")
+        # ZeRO's load_state_dict also restores the clipping value it saved; this run's config holds on
+        # resume (optim.grad_clip, as under FSDP2 and as the trainer's "config differs" line says).
+        self.ds.optimizer.clip_grad = self.ds.gradient_clipping()
 
 
 def _overflow(zero) -> None:

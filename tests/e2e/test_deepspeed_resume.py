@@ -95,3 +95,28 @@ def test_expert_files_from_before_the_fix_still_read(ac_runs, tmp_path):
     (old / META).write_text(json.dumps({**meta, "checksums": checksums(old)}))
     got, ref = load_model(old).state_dict(), load_model(ac_runs / "ref").state_dict()
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def _clip_runs(rank, world, tmp):
+    """Each engine on one process: 2 steps clipped at 1.0, then resumed with optim.grad_clip=0.25."""
+    from kimi.train import Hooks, train
+
+    res = {}
+    for engine in ("fsdp2", "deepspeed"):
+        out, built = f"{tmp}/{engine}", []
+        train(_cfg(out, f"--parallel.engine={engine}", "--optim.grad_clip=1.0"), stop_after=STEPS // 2)
+        train(_cfg(out, f"--parallel.engine={engine}", "--optim.grad_clip=0.25"), hooks=Hooks(on_build=built.append))
+        (trainer,) = built
+        clip = trainer.engine.ds.optimizer.clip_grad if engine == "deepspeed" else None
+        res[engine] = (_losses(out), [json.loads(r)["grad_norm"] for r in Path(out, "metrics.jsonl").open()], clip)
+    return res
+
+
+def test_grad_clip_changed_on_resume_applies_under_deepspeed(tmp_path):
+    (res,) = run_distributed(_clip_runs, 1, args=(str(tmp_path),), init_pg=False, timeout=300)
+    (ref, ref_norms, _), (ds, ds_norms, clip) = res["fsdp2"], res["deepspeed"]
+    assert clip == 0.25  # the value ZeRO clips with after load_checkpoint: this run's, not the checkpoint's
+    assert min(ref_norms[STEPS // 2 :]) > 1.0  # both clipping values bite on the resumed steps
+    # What the optimizer does with the clipped gradients after the resume is the FSDP2 engine's (which
+    # applies the new value). 1e-5 relative: the engines' parity tolerance (tests/e2e/test_train_deepspeed.py).
+    assert ds == pytest.approx(ref, rel=1e-5) and ds_norms == pytest.approx(ref_norms, rel=1e-5)
