@@ -40,6 +40,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 
 from kimi.checkpoint import CheckpointError, read_meta
 from kimi.config import ConfigError, OptimConfig, ParallelConfig, TrainConfig, merge_dicts
@@ -128,6 +129,13 @@ def experts_to_local(model: nn.Module, group_name: str) -> list[nn.Parameter]:
             setattr(moe.experts, name, local)
             out.append(local)
     return out
+
+
+def plain_name(name: str) -> str:
+    """A parameter name as the model itself spells it: activation checkpointing's wrapper adds
+    `_checkpoint_wrapped_module.` to named_parameters (not to state_dict, whose hooks strip it). Expert
+    files are keyed by plain names, so a checkpoint reads whatever either run used."""
+    return name.replace(_CHECKPOINT_PREFIX, "")
 
 
 def _moe_marker(num_experts: int) -> nn.Module:
@@ -322,7 +330,7 @@ class DeepSpeedEngine(Engine):
         if self.experts:
             ep_rank, replica = self._expert_ranks()
             if replica == 0:
-                names = {id(p): n for n, p in self.raw_model.named_parameters()}
+                names = {id(p): plain_name(n) for n, p in self.raw_model.named_parameters()}
                 state = {names[id(p)]: p.detach().cpu() for p in self.experts}
                 torch.save(state, tmp / f"experts_ep{ep_rank:03d}.pt")
 
@@ -338,16 +346,19 @@ class DeepSpeedEngine(Engine):
             dst.load_state_dict(src)  # rank 0's experts: ours come next
             if self.experts:
                 experts = torch.load(path / f"experts_ep{self._expert_ranks()[0]:03d}.pt", weights_only=True)
-                params = dict(self.raw_model.named_parameters())
+                params = {plain_name(n): p for n, p in self.raw_model.named_parameters()}
                 with torch.no_grad():
-                    for n, t in experts.items():
-                        params[n].copy_(t)
+                    for n, t in experts.items():  # plain_name: files written before expert names were plain
+                        params[plain_name(n)].copy_(t)
 
         loaded, _ = self.ds.load_checkpoint(
             str(path.parent), tag=path.name, load_lr_scheduler_states=False, custom_load_fn=load_module
         )
         if loaded is None:
             raise CheckpointError(f"deepspeed could not load the checkpoint in '{path}'")
+        # ZeRO's load_state_dict also restores the clipping value it saved; this run's config holds on
+        # resume (optim.grad_clip, as under FSDP2 and as the trainer's "config differs" line says).
+        self.ds.optimizer.clip_grad = self.ds.gradient_clipping()
 
 
 def _overflow(zero) -> None:
@@ -368,8 +379,8 @@ def read_model_state(path: Path, cfg_dict: dict[str, Any] | None = None) -> dict
     # its checksum was verified against meta.json before this.
     sd = dict(torch.load(module_file, map_location="cpu", weights_only=False)["module"])
     shards = [torch.load(f, weights_only=True) for f in sorted(path.glob("experts_ep*.pt"))]
-    for name in shards[0] if shards else ():
-        sd[name] = torch.cat([s[name] for s in shards], dim=0)  # (E/ep, ...) per EP rank -> (E, ...)
+    for name in shards[0] if shards else ():  # plain_name: files written before expert names were plain
+        sd[plain_name(name)] = torch.cat([s[name] for s in shards], dim=0)  # (E/ep, ...) per EP rank -> (E, ...)
     return sd
 
 
