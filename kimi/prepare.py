@@ -68,11 +68,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--val-files goes with --files")
     from kimi.data.pipeline import TextDataProcessor
 
-    cfg = DataConfig(tokenizer_name=args.tokenizer, num_workers=args.num_workers, shard_tokens=args.shard_tokens,
-                     cache_dir=args.cache_dir)  # fmt: skip
     name = args.corpus or args.name
     t0 = time.perf_counter()
     try:
+        cfg = DataConfig(
+            tokenizer_name=args.tokenizer,
+            num_workers=args.num_workers,
+            shard_tokens=args.shard_tokens,
+            cache_dir=args.cache_dir,
+        )  # inside the try: a bad --tokenizer is a ConfigError, a ValueError, so one line
         proc = TextDataProcessor(cfg, progress=not args.no_progress)
         train, val = proc.process_dataset(
             name,

@@ -47,8 +47,12 @@ def test_sampling_and_eval_settings(tmp_path, module, args, needle):
         ("--attention.kv_lora_rank=0", "attention.kv_lora_rank=0: MLA's keys and values come from this latent"),
         ("--attention.qk_rope_head_dim=0", "attention.qk_rope_head_dim=0: MLA sees token positions only"),
         ("--attention.track_max_logits=false", "--optim.qk_clip=false"),
+        (
+            "--data.tokenizer_name=llama",
+            "data.tokenizer_name='llama' is not a tokenizer; use gpt2, byte, tiktoken:PATH",
+        ),
     ],
-    ids=["kv-lora-0", "rope-0", "qk-clip-without-maxima"],
+    ids=["kv-lora-0", "rope-0", "qk-clip-without-maxima", "unknown-tokenizer"],
 )
 def test_config_that_would_train_nonsense(tmp_path, override, needle):
     line = _one_error_line("kimi.train", *TRAIN, f"--train.out_dir={tmp_path / 'o'}", override)
