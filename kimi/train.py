@@ -33,6 +33,7 @@ from kimi.checkpoint import Checkpointer, CheckpointError
 from kimi.config import Config, ConfigError, load_config
 from kimi.config_help import config_help
 from kimi.engine import build_engine, engine_class
+from kimi.optim import warmup_note
 from kimi.runtime import datasheet_peak_flops, setup_runtime
 from kimi.trainer.console import StepLogger
 from kimi.trainer.mixture_stats import MixtureStats
@@ -192,6 +193,8 @@ class Trainer:
         self.logger = StepLogger(tracker, rt.print, t, tokens, flops, datasheet_peak_flops(rt.device) * rt.world, start)
         self.preempt = Preemption(stop_after)
         rt.print(self.banner(start))
+        if note := warmup_note(cfg.optim, t.max_steps):
+            rt.print(note)
         if where := where_to_look(cfg.logging, t.out_dir):
             rt.print(where)
         row, status, step = {}, "FAILED", start
