@@ -72,3 +72,10 @@ def test_prepare_refuses_an_empty_split(tmp_path, text, needle):
     assert needle in line, line
     split = "train" if not text else "val"
     assert not (out / split / "manifest.json").exists()  # the empty split does not read as prepared
+
+
+@pytest.mark.parametrize("what", ["train", "dist"])
+def test_bench_with_a_missing_config(tmp_path, what):
+    """`kimi.bench train --config nope.yaml` printed a traceback (dist: one per spawned rank)."""
+    line = _one_error_line("kimi.bench", what, "--config", str(tmp_path / "nope.yaml"), "--steps", "1")
+    assert "nope.yaml' does not exist" in line, line
