@@ -1,5 +1,7 @@
 """The checkpoint directory: steps ordered by number, never as strings; a damaged or missing meta.json."""
 
+import os
+
 import pytest
 
 from kimi.checkpoint import CheckpointError, CheckpointStore, complete_steps, read_meta, resolve, verify
@@ -70,3 +72,15 @@ def test_newest_step_without_meta_json_falls_back_to_the_newest_complete_step(tm
         assert resolve(given).name == "step_000002"
     with pytest.raises(CheckpointError, match=r"step_000004' has no meta\.json.*older checkpoint"):
         resolve(store.dir / "step_000004")  # a step named outright is not swapped for another
+
+
+def test_checkpoint_files_get_the_mode_the_umask_gives(tmp_path):
+    """Prepared shards came out 0600 (tempfile.mkstemp, issue 17); checkpoints never went through it. This
+    keeps it so: every file of a step, meta.json included, is 0666 less the umask."""
+    old = os.umask(0o027)
+    try:
+        store = _saved(tmp_path)
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(store.dir)): oct(p.stat().st_mode & 0o777) for p in store.dir.rglob("*") if p.is_file()}
+    assert "step_000004/meta.json" in modes and set(modes.values()) == {"0o640"}, modes
