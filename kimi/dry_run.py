@@ -1,8 +1,9 @@
 """`python -m kimi.train --config configs/medium.yaml --dry-run --parallel.dp_shard=8 --parallel.ep=8`
 
-Builds the model on the meta device (no memory, no GPU) and prints what one GPU will hold under the
-requested layout: parameters, gradients, optimizer state and activations, plus FLOPs per step. The
-world size is dp_replicate x dp_shard (WORLD_SIZE from torchrun when set).
+Counts the model on the meta device (no memory, no GPU; a few layers, scaled, so any depth answers at
+once) and prints what one GPU will hold under the requested layout: parameters, gradients, optimizer
+state and activations, plus FLOPs per step. The world size is dp_replicate x dp_shard (WORLD_SIZE from
+torchrun when set).
 
 Shared by every engine: activations (per micro-batch) are roughly 34*D + 5*H*T bytes per token and
 layer in bf16 without checkpointing (Korthikanti et al. 2022, flash attention drops the 5*H*T term) plus
@@ -15,11 +16,12 @@ These are estimates to plan a layout, not measurements: `python -m kimi.bench` m
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
 
-from kimi.config import Config, ConfigError
+from kimi.config import Config, ConfigError, KimiConfig
 
 GiB = 1024**3
 
@@ -28,18 +30,64 @@ def _fmt(n_bytes: float) -> str:
     return f"{n_bytes / GiB:8.2f} GiB"
 
 
-def memory_plan(cfg: Config, world: int) -> dict:
-    """Sizes of cfg's model on the meta device, its activations, and each engine's per-GPU estimate
-    (`memory_estimate` in kimi/engine/<name>.py: {"params", "grads", "optim", "activations"} in bytes)."""
-    from kimi.engine import ENGINES, engine_module
+def _counts(cfg: Config, m: KimiConfig) -> dict[str, int]:
+    """What the plan needs from the model `m` (a variant of cfg.model), built on the meta device."""
     from kimi.model import KimiModel
     from kimi.optim.muon import param_group_name
+
+    with torch.device("meta"):
+        model = KimiModel(m)
+    named = list(model.named_parameters())
+    return {
+        "total": model.num_params(),
+        "active": model.num_active_params(),
+        "non_embedding": model.num_params(non_embedding=True),
+        "expert_params": sum(p.numel() for n, p in named if ".experts." in n),
+        "muon": sum(p.numel() for n, p in named if param_group_name(n, p, cfg.optim) == "muon"),
+        "flops_per_token": model.flops_per_token(cfg.block_size),
+        "block_params": max(sum(p.numel() for p in blk.parameters()) for blk in model.layers),
+        "block_expert": max(sum(p.numel() for n, p in b.named_parameters() if ".experts." in n) for b in model.layers),
+    }
+
+
+def _with_layers(m: KimiConfig, dense: int, moe: int) -> KimiConfig:
+    if not m.moe.use_moe:
+        return dataclasses.replace(m, n_layer=dense)
+    return dataclasses.replace(m, n_layer=dense + moe, moe=dataclasses.replace(m.moe, first_k_dense_replace=dense))
+
+
+def model_counts(cfg: Config) -> dict[str, int]:
+    """The model's sizes without building all of it: every count is linear in the number of dense and MoE
+    layers (the two kinds of Block, each the same at every depth), so three models of at most three layers
+    give its slope per kind and the rest. Building the whole model on the meta device still costs Python
+    objects per layer: --model.n_layer=100000 took minutes and gigabytes; this takes the same time at any depth."""
+    m = cfg.model
+    moe = max(0, m.n_layer - m.moe.first_k_dense_replace) if m.moe.use_moe else 0  # as KimiConfig.is_moe_layer
+    dense = m.n_layer - moe
+    d0, m0 = min(dense, 1), min(moe, 1)
+    base = _counts(cfg, _with_layers(m, d0, m0))
+    per_dense = _counts(cfg, _with_layers(m, d0 + 1, m0)) if dense else {}
+    per_moe = _counts(cfg, _with_layers(m, d0, m0 + 1)) if moe else {}
+    out = {}
+    for k, v in base.items():
+        if k.startswith("block_"):  # the largest block: every kind is in `base`
+            out[k] = v
+            continue
+        slope_d = per_dense[k] - v if dense else 0
+        slope_m = per_moe[k] - v if moe else 0
+        out[k] = v + slope_d * (dense - d0) + slope_m * (moe - m0)
+    return out
+
+
+def memory_plan(cfg: Config, world: int) -> dict:
+    """Sizes of cfg's model (model_counts), its activations, and each engine's per-GPU estimate
+    (`memory_estimate` in kimi/engine/<name>.py: {"params", "grads", "optim", "activations"} in bytes)."""
+    from kimi.engine import ENGINES, engine_module
     from kimi.parallel import ParallelDims
 
     m = cfg.model
     dims = ParallelDims.for_model(cfg.parallel, m, world)
-    with torch.device("meta"):
-        model = KimiModel(m)
+    counts = model_counts(cfg)
     T, D = cfg.block_size, m.n_embd
     tokens = cfg.train.micro_batch_size * T
     moe_extra = m.moe.top_k * (D + 3 * (m.moe.expert_hidden or 0)) * 2 if m.moe.use_moe else 0
@@ -48,23 +96,22 @@ def memory_plan(cfg: Config, world: int) -> dict:
     else:
         act = tokens * (34 * D + moe_extra) * m.n_layer
     sizes = {
-        "total": model.num_params(),
-        "expert_params": sum(p.numel() for n, p in model.named_parameters() if ".experts." in n),
-        "muon": sum(p.numel() for n, p in model.named_parameters() if param_group_name(n, p, cfg.optim) == "muon"),
-        "block_params": max(sum(p.numel() for p in blk.parameters()) for blk in model.layers),
-        "block_expert": max(
-            sum(p.numel() for n, p in blk.named_parameters() if ".experts." in n) for blk in model.layers
-        ),
+        "total": counts["total"],
+        "expert_params": counts["expert_params"],
+        "muon": counts["muon"],
+        "block_params": counts["block_params"],
+        "block_expert": counts["block_expert"],
         "activations": act + tokens * m.vocab_size * 4 * 2,  # + fp32 logits and their gradient
     }
     return {
         "world": dims.world_size,
         "dims": dims,
-        "total": sizes["total"],
-        "active": model.num_active_params(),
-        "non_embedding": model.num_params(non_embedding=True),
-        "expert_params": sizes["expert_params"],
-        "flops_per_step": model.flops_per_token(T) * cfg.train.global_batch_size * T,
+        "total": counts["total"],
+        "active": counts["active"],
+        "non_embedding": counts["non_embedding"],
+        "expert_params": counts["expert_params"],
+        "flops_per_step": counts["flops_per_token"] * cfg.train.global_batch_size * T,
+        "sizes": sizes,
         "engines": {name: engine_module(name).memory_estimate(sizes, dims, cfg.parallel) for name in ENGINES},
     }
 

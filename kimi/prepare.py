@@ -15,8 +15,24 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from kimi.config import DataConfig
+
+
+def _not_a_directory(out: Path) -> str | None:
+    """Why --out cannot be a directory (it, or a folder above it, is a file), else None. Said before any
+    work: mkdir would fail later with a bare errno ('Not a directory: .../train/manifest.json')."""
+    for p in (out, *out.parents):
+        if p.exists():
+            if p.is_dir():
+                return None
+            return (
+                f"--out {out} is a file; give a directory"
+                if p == out
+                else f"--out {out}: {p} is a file; give a directory"
+            )
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,13 +82,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.val_files and not args.files:
         p.error("--val-files goes with --files")
+    if args.out and (problem := _not_a_directory(Path(args.out))):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     from kimi.data.pipeline import TextDataProcessor
 
-    cfg = DataConfig(tokenizer_name=args.tokenizer, num_workers=args.num_workers, shard_tokens=args.shard_tokens,
-                     cache_dir=args.cache_dir)  # fmt: skip
     name = args.corpus or args.name
     t0 = time.perf_counter()
     try:
+        cfg = DataConfig(
+            tokenizer_name=args.tokenizer,
+            num_workers=args.num_workers,
+            shard_tokens=args.shard_tokens,
+            cache_dir=args.cache_dir,
+        )  # inside the try: a bad --tokenizer is a ConfigError, a ValueError, so one line
         proc = TextDataProcessor(cfg, progress=not args.no_progress)
         train, val = proc.process_dataset(
             name,

@@ -33,6 +33,7 @@ from kimi.checkpoint import Checkpointer, CheckpointError
 from kimi.config import Config, ConfigError, load_config
 from kimi.config_help import config_help
 from kimi.engine import build_engine, engine_class
+from kimi.optim import warmup_note
 from kimi.runtime import datasheet_peak_flops, setup_runtime
 from kimi.trainer.console import StepLogger
 from kimi.trainer.mixture_stats import MixtureStats
@@ -151,7 +152,11 @@ class Trainer:
             val_set = build_data(*data, split="val")
         self.batches = BatchIterator(train_set, t.global_batch_size, t.micro_batch_size, rt.rank, rt.world)
         torch.manual_seed(t.seed)  # identical initial weights on every rank
-        self.engine = build_engine(cfg, (KimiModel(m) if model is None else model).to(rt.device), rt)
+        model = (KimiModel(m) if model is None else model).to(rt.device)
+        # Counted before the engine wraps it, so every engine reports the same model: DeepSpeed keeps only this
+        # rank's experts (plain (E/ep, F, D) tensors) where FSDP2's DTensors still count all of them.
+        self.params = (model.num_params(), model.num_active_params(), model.flops_per_token(cfg.block_size))
+        self.engine = build_engine(cfg, model, rt)
         self.raw_model = self.engine.raw_model
         self.qk_clip = None
         if cfg.optim.qk_clip:
@@ -188,10 +193,12 @@ class Trainer:
             truncate_metrics(Path(t.out_dir) / "metrics.jsonl", start)
         tracker = Tracker(t.out_dir, cfg.logging, cfg.to_dict(), rt.rank, resume_run_id=state.get("mlflow_run_id"))
         tokens = t.global_batch_size * cfg.block_size
-        flops = self.raw_model.flops_per_token(cfg.block_size) * tokens
+        flops = self.params[2] * tokens
         self.logger = StepLogger(tracker, rt.print, t, tokens, flops, datasheet_peak_flops(rt.device) * rt.world, start)
         self.preempt = Preemption(stop_after)
         rt.print(self.banner(start))
+        if note := warmup_note(cfg.optim, t.max_steps):
+            rt.print(note)
         if where := where_to_look(cfg.logging, t.out_dir):
             rt.print(where)
         row, status, step = {}, "FAILED", start
@@ -303,9 +310,9 @@ class Trainer:
         return f"Try a lower --optim.lr (now {self.cfg.optim.lr:g}) or check the data{skip}; {where}."
 
     def banner(self, start: int) -> str:
-        m, t, rt = self.raw_model, self.cfg.train, self.rt
+        (total, active, _), t, rt = self.params, self.cfg.train, self.rt
         return (
-            f"training {m.num_params() / 1e6:.2f}M params ({m.num_active_params() / 1e6:.2f}M active) on "
+            f"training {total / 1e6:.2f}M params ({active / 1e6:.2f}M active) on "
             f"{rt.world} x {rt.device.type} ({self.engine.name}) | global batch {t.global_batch_size} x "
             f"{self.cfg.block_size} tokens, micro {t.micro_batch_size}, accumulation {self.batches.grad_accum} | "
             f"steps {start} -> {t.max_steps}"

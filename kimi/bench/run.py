@@ -117,16 +117,19 @@ def main(argv: list[str] | None = None) -> None:
         from kimi.bench.kernels import run
 
         return run()
-    if args.what in ("compare", "throughput", "memory", "data"):
-        from kimi.config import ConfigError
-
-        try:
+    try:  # bad input (a ConfigError is a ValueError) is one line and exit code 2, never a traceback
+        if args.what in ("compare", "throughput", "memory", "data"):
             benches = {"compare": compare, "throughput": throughput, "memory": memory, "data": data}
             return benches[args.what].main(args, overrides)
-        except (ConfigError, ValueError, FileNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+        return run_train_or_dist(args, overrides)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_train_or_dist(args: argparse.Namespace, overrides: list[str]) -> None:
     overrides = [*overrides, f"--train.max_steps={args.steps}"]
+    load_config(args.config, overrides)  # here, once: in `dist` each spawned rank would print its traceback
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{os.cpu_count()}"
     results = []
     if args.what == "train":

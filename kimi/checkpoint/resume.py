@@ -6,9 +6,9 @@
         ckpt.save(step, last=step == max_steps, force=preempted, val_loss=..., extra={...})
 
 Resume policy (load): `train.resume` None resumes when OUT/checkpoints holds a step, True demands one,
-False refuses one. A missing or dangling `latest` falls back to the newest complete step (said in one
-line); step directories that are all incomplete are never trained over from step 0. The stored config is
-compared with this run's: fields that would change the parameters or the data stream refuse the resume
+False refuses one. A missing or dangling `latest`, or one naming a step without meta.json, falls back
+to the newest complete step (said in one line); step directories that are all incomplete are never
+trained over from step 0. The stored config is compared with this run's: fields that would change the parameters or the data stream refuse the resume
 (FROZEN_ON_RESUME), the others are printed as `field old -> new` and this run's values hold, including
 the optimizer's hyperparameters and the lr schedule's shape (`states` restore only positions).
 
@@ -85,10 +85,13 @@ class Checkpointer:
                 "use another --out-dir, or drop --train.resume=false to continue it"
             )
         if not store.link_ok():
-            self.say(
-                f"'{store.dir / 'latest'}' is missing or points to a deleted step; "
-                f"resuming from the newest complete checkpoint, {latest.name}"
+            link = store.dir / "latest"
+            why = (
+                f"points to {link.resolve().name}, which has no meta.json (an interrupted or damaged save)"
+                if link.exists()
+                else "is missing or points to a deleted step"
             )
+            self.say(f"'{link}' {why}; resuming from the newest complete checkpoint, {latest.name}")
         self._check_engine(latest)
         changes = config_changes(latest, self.cfg)  # raises CheckpointError where a change cannot work
         state, meta = store.load(latest, self.engine.read)

@@ -20,15 +20,17 @@ new one, never a half checkpoint behind a pointer (tests/e2e/test_checkpoint_fau
 each of these points). Leftover `*.tmp` directories are removed at the next save. A save that fails
 (e.g. a full disk) removes its `.tmp` directory and raises CheckpointError; `latest` is untouched.
 
-Integrity: meta.json lists the sha256 of every other file of the step; loading checks them (older
-checkpoints without the list still load). The step directories, not the link, are the truth: a
-missing or dangling `latest` means the newest complete step (one with meta.json).
+Integrity: meta.json lists the sha256 of every other file of the step, and its own (`meta_sha256`, over
+the rest of it), so a damaged meta.json is blamed on itself; loading checks them (older checkpoints without
+them still load). The step directories, not the link, are the truth: a missing or dangling `latest`, or one
+naming a step without meta.json, means the newest complete step (one with meta.json).
 
 Steps are ordered by their number, never as strings (step_1000000 comes after step_999999).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -140,13 +142,37 @@ def _older_advice(step_dir: Path) -> str:
     )
 
 
+def _meta_sha256(meta: dict[str, Any]) -> str:
+    """meta.json's checksum of itself: a flipped digit in the checksums it lists is then blamed on meta.json,
+    not on the file whose checksum it damaged."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def load_meta(step_dir: Path) -> dict[str, Any]:
+    """A step's meta.json, checked: CheckpointError naming meta.json when it is missing, not JSON, or edited
+    since it was written (its `meta_sha256`; older checkpoints without one are read as they are)."""
+    f = step_dir / META
+    if not f.is_file():
+        raise CheckpointError(f"'{step_dir}' has no {META} (an interrupted save?); {_older_advice(step_dir)}")
+    try:
+        meta = json.loads(f.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"'{f}' is not valid JSON ({e}); {_older_advice(step_dir)}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"'{f}' is not a JSON object; {_older_advice(step_dir)}")
+    if "meta_sha256" in meta and meta["meta_sha256"] != _meta_sha256(meta):
+        raise CheckpointError(
+            f"'{f}' is damaged (its contents differ from its own meta_sha256); {_older_advice(step_dir)}"
+        )
+    return meta
+
+
 def verify(step_dir: Path, collective: bool = False) -> None:
     """Check the files of a step directory against the checksums in its meta.json; raise CheckpointError
     naming the first missing or corrupt file. `collective=True` (every rank calls it) splits the files
     between ranks, so the checkpoint is read once in all, not once per rank."""
-    if not (step_dir / META).is_file():
-        raise CheckpointError(f"'{step_dir}' has no {META} (an interrupted save?); {_older_advice(step_dir)}")
-    sums = json.loads((step_dir / META).read_text()).get("checksums")
+    sums = load_meta(step_dir).get("checksums")
     required = ["train_state.pt", ".metadata"] if sums is None else sorted(sums)  # before checksums: presence
     rank, world = (_rank(), dist.get_world_size()) if collective and dist.is_initialized() else (0, 1)
     problem = None
@@ -182,10 +208,12 @@ def resolve(path: str | Path) -> Path:
     """A checkpoint path given by a user: a step directory, a `latest`/`best` link, an `OUT/checkpoints`
     directory or a run's `OUT` directory (both meaning its latest step)."""
     p = Path(path)
-    if p.name == "latest" and p.is_symlink() and not p.exists():  # dangling: its step was deleted
+    if p.name == "latest" and p.is_symlink() and not (p / META).is_file():  # its step deleted or incomplete
         p = p.parent
     if not p.exists():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
+    if p.is_dir() and p.name.startswith(STEP_PREFIX) and step_number(p) >= 0 and not (p / META).exists():
+        load_meta(p)  # a step named outright is not swapped for another: say what it lacks
     if p.is_dir() and not (p / META).exists():
         for d in (p, p / "checkpoints"):
             found = CheckpointStore(d).latest()
@@ -196,7 +224,7 @@ def resolve(path: str | Path) -> Path:
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
-    return json.loads((resolve(path) / META).read_text())
+    return load_meta(resolve(path))
 
 
 class CheckpointStore:
@@ -212,13 +240,14 @@ class CheckpointStore:
         """The step to resume from: the `latest` link's target or, when the link is missing or points to a
         deleted directory, the newest complete step directory (`link_ok()` tells which)."""
         link = self.dir / "latest"
-        if link.exists():
+        if (link / META).is_file():
             return link.resolve()
         steps = complete_steps(self.dir)
         return steps[-1] if steps else None
 
     def link_ok(self) -> bool:
-        return (self.dir / "latest").exists()
+        """`latest` names a complete step (one with meta.json)."""
+        return (self.dir / "latest" / META).is_file()
 
     def incomplete_steps(self) -> list[Path]:
         """Step directories without meta.json: not ours to resume from, nor to overwrite."""
@@ -302,6 +331,7 @@ class CheckpointStore:
             "time": time.strftime("%Y-%m-%d %H:%M:%S"),
             "checksums": checksums(tmp),
         }
+        meta["meta_sha256"] = _meta_sha256(meta)
         (tmp / META).write_text(json.dumps(meta, indent=2))
         _pause_for_test("meta", step, self.dir.parent)
         if final.exists():  # re-saving a step (e.g. preempted right after a periodic save)
@@ -326,7 +356,10 @@ class CheckpointStore:
         best = self.dir / "best"
         if not best.exists():
             return float("inf")
-        val = json.loads((best / META).read_text()).get("val_loss")
+        try:
+            val = load_meta(best.resolve()).get("val_loss")
+        except CheckpointError:  # a damaged best step is not worth keeping as `best`
+            return float("inf")
         return float("inf") if val is None else val
 
     def _rotate(self) -> None:
@@ -348,4 +381,4 @@ class CheckpointStore:
         rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
         if rng_file.exists():
             set_rng_state(torch.load(rng_file, weights_only=False))
-        return train_state, json.loads((path / META).read_text())
+        return train_state, load_meta(path)

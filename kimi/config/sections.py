@@ -263,6 +263,17 @@ def _parse_mix(value: Any) -> Any:
     return out
 
 
+# The tokenizer names kimi/data/tokenizer.py builds (TOKENIZERS, FILE_KINDS there; a unit test keeps the two
+# lists equal): config sits below kimi.data and cannot import them, but must refuse a name nothing can build.
+TOKENIZER_NAMES = ("gpt2", "byte")
+FILE_TOKENIZER_KINDS = ("tiktoken", "hf")
+
+
+def _is_tokenizer_name(name: str) -> bool:
+    kind, colon, path = name.partition(":")
+    return name in TOKENIZER_NAMES or bool(colon and kind in FILE_TOKENIZER_KINDS and path)
+
+
 @section("data")
 class DataConfig:
     """Training data: dataset, tokenizer, and how `kimi.prepare` writes shards."""
@@ -287,6 +298,11 @@ class DataConfig:
         return _parse_mix(value)
 
     def __post_init__(self) -> None:
+        if not _is_tokenizer_name(self.tokenizer_name):
+            raise ConfigError(
+                f"data.tokenizer_name={self.tokenizer_name!r} is not a tokenizer; use gpt2, byte, "
+                "tiktoken:PATH (a tiktoken BPE file) or hf:PATH (a Hugging Face tokenizer.json)"
+            )
         if self.mix and self.dataset != "toy":
             raise ConfigError(
                 f"data.mix and data.dataset={self.dataset!r} both name the training data; "

@@ -276,8 +276,15 @@ def build_dataset(
     root = Path(data_cfg.dataset).expanduser()
     split_dir = _split_dir(root, split)
     if split_dir is None:
-        what = "not found" if not root.exists() else f"holds no {split}/manifest.json"
-        raise DataError(f"data directory '{root}' {what}; run python -m kimi.prepare --corpus shakespeare --out {root}")
+        if not root.exists():
+            raise DataError(
+                f"data directory '{root}' not found; run python -m kimi.prepare --corpus shakespeare --out {root}"
+            )
+        what = "is a file, not" if not root.is_dir() else "is not"
+        raise DataError(
+            f"'{root}' {what} a prepared dataset directory (no {split}/manifest.json); prepare one with "
+            "python -m kimi.prepare --files YOUR_TEXT --out DIR (or --corpus shakespeare) and give that DIR"
+        )
     try:
         ds = ShardDataset(split_dir, block_size, seed, verify=data_cfg.verify_shards)
     except ShardError as e:

@@ -22,8 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +56,22 @@ def _dtype_code(dtype: np.dtype) -> int:
     raise ValueError(f"shards hold uint16 or uint32 tokens, not {dtype}")
 
 
+def _new_tmp(path: Path) -> tuple[int, str]:
+    """A new temp file beside `path` (`.NAME.XXXX.tmp`), open for writing, with the mode any new file gets
+    (0666 less the umask, as open() applies it): tempfile.mkstemp's 0600 would survive the rename and leave
+    a shared dataset unreadable to the other users of the machine."""
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), str(tmp)
+        except FileExistsError:
+            continue
+
+
 def atomic_write_bytes(path: Path, parts: list[bytes | memoryview]) -> None:
     """Write `parts` to `path` through a temp file + fsync + rename."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _new_tmp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             for part in parts:
@@ -79,7 +91,7 @@ class ShardWriter:
     def __init__(self, path: str | Path, dtype: np.dtype):
         self.path, self.dtype, self.num_tokens = Path(path), np.dtype(dtype).newbyteorder("<"), 0
         _dtype_code(self.dtype)
-        fd, self.tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        fd, self.tmp = _new_tmp(self.path)
         self.file = os.fdopen(fd, "wb")
         self.file.write(bytes(HEADER_BYTES))
 

@@ -133,6 +133,8 @@ def expand_sources(
             skipped.extend(unknown)
         elif p.is_file():
             out.append(Source(p, (p,)))
+        elif p.exists():  # /dev/null, a pipe, a socket: nothing to hash or to read twice
+            raise CorpusError(f"input '{p}' is not a regular file or folder; give text files or folders of them")
         else:
             raise CorpusError(f"input '{p}' does not exist")
     if skipped:

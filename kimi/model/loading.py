@@ -8,6 +8,7 @@ key or shape mismatch), never a traceback from deep inside load_state_dict.
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,9 @@ def model_config_from(cfg: Any) -> KimiConfig:
     return from_dict(KimiConfig, cfg, "model")
 
 
+GIVE = "give a .pt file (python -m kimi.convert), a step directory, OUT/checkpoints/latest or a run's OUT dir"
+
+
 def read_pt(path, map_location="cpu") -> tuple[KimiConfig, dict[str, torch.Tensor]]:
     """(model config, state dict) from a `.pt` file ({"config": ..., "model": state_dict}). Checkpoint
     directories (DCP or DeepSpeed) are not model code: kimi.load_model takes both."""
@@ -41,7 +45,11 @@ def read_pt(path, map_location="cpu") -> tuple[KimiConfig, dict[str, torch.Tenso
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line answer
+        if not zipfile.is_zipfile(path):  # not torch.save's format at all: torch's reason would be a paragraph
+            raise ValueError(f"'{path}' is not a nanoKimi checkpoint (not a file torch.save wrote); {GIVE}") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if first.startswith("Weights only load failed"):  # torch's essay on weights_only: say what it means
+            first = "it holds Python objects besides tensors and plain containers (torch.load(weights_only=True))"
         raise ValueError(f"cannot read checkpoint '{path}': {first}") from None
     if not isinstance(obj, dict) or "config" not in obj or "model" not in obj:
         raise ValueError(f"'{path}' is not a nanoKimi checkpoint (expected a dict with 'config' and 'model')")

@@ -31,6 +31,17 @@ def _check(cfg: OptimConfig, max_steps: int) -> None:
         raise ConfigError(f"optim.decay_fraction={cfg.decay_fraction} must be in [0, 1]")
 
 
+def warmup_note(cfg: OptimConfig, max_steps: int) -> str | None:
+    """One line when the warmup outlasts the run (the lr never reaches cfg.lr), else None. Said, not refused:
+    a short smoke run of a real config (nano's 100-step warmup, `--train.max_steps=5`) is a normal thing to do."""
+    if not 0 < max_steps < cfg.warmup_steps:
+        return None
+    return (
+        f"note: optim.warmup_steps={cfg.warmup_steps} > train.max_steps={max_steps}: the lr peaks at "
+        f"{max_steps / cfg.warmup_steps:.0%} of optim.lr={cfg.lr:g}; lower --optim.warmup_steps if that is not meant"
+    )
+
+
 def lr_lambda(step: int, cfg: OptimConfig, max_steps: int) -> float:
     """The lr multiplier for optimizer step `step` (0-based) of a `max_steps`-step run."""
     w, lo = cfg.warmup_steps, cfg.min_lr_ratio

@@ -154,12 +154,36 @@ def test_corrupt_or_missing_checkpoint_files_are_refused(tmp_path):
     assert CheckpointStore(ckpts).latest().name == "step_000002"
     # Old checkpoints (no checksums) still load; a missing file is named with what to do.
     meta = json.loads((ckpts / "step_000002" / "meta.json").read_text())
-    del meta["checksums"]
+    del meta["checksums"], meta["meta_sha256"]
     (ckpts / "step_000002" / "meta.json").write_text(json.dumps(meta))
     load_model_state(ckpts / "step_000002")
     (ckpts / "step_000002" / "train_state.pt").unlink()
     res = _cli(out, "--train.max_steps=6")
     _one_error_line(res, "train_state.pt' is missing", "start a new --out-dir")
+
+
+def test_damaged_or_missing_meta_json_in_the_newest_step(tmp_path):
+    """meta.json itself damaged: a flipped checksum digit or broken JSON is one line naming meta.json (not
+    `.metadata`, not a bare 'Expecting ...'); meta.json gone from the step `latest` names: the run resumes
+    from the newest complete step and says so (it used to refuse: 'holds no checkpoint')."""
+    out = tmp_path / "run"
+    _train(out, "--train.max_steps=4", "--train.ckpt_interval=2", "--train.keep_last=3")
+    meta = out / "checkpoints" / "step_000004" / "meta.json"
+    good = meta.read_text()
+    i = good.index('".metadata": "') + len('".metadata": "')
+    meta.write_text(good[:i] + ("0" if good[i] != "0" else "1") + good[i + 1 :])
+    line = _one_error_line(_cli(out, "--train.max_steps=6"), "step_000004/meta.json' is damaged", "step_000002")
+    assert ".metadata" not in line
+    meta.write_text(good.replace(",", "", 1))
+    _one_error_line(_cli(out, "--train.max_steps=6"), "step_000004/meta.json' is not valid JSON (Expecting")
+    meta.unlink()
+    res = _cli(out, "--train.max_steps=6", "--train.ckpt_interval=2", "--train.keep_last=3")
+    assert res.returncode == 0, res.stderr
+    assert (
+        "latest' points to step_000004, which has no meta.json (an interrupted or damaged save); "
+        "resuming from the newest complete checkpoint, step_000002"
+    ) in res.stdout
+    assert [r["step"] for r in _rows(out)] == [1, 2, 3, 4, 5, 6]  # steps 3-4 trained again, not doubled
 
 
 # ----------------------------------------------------------------------------- changed config

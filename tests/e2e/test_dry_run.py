@@ -2,10 +2,16 @@
 
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
+import torch
 
 from kimi.config import load_config
 from kimi.dry_run import memory_plan
+from kimi.model import KimiModel
+from kimi.optim.muon import param_group_name
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,3 +58,45 @@ def test_layout_error_is_one_line():
 def test_batch_that_does_not_split_is_one_line():
     res = _run("--config", "configs/small.yaml", "--dry-run", "--parallel.dp_shard=8", "--train.micro_batch_size=16")
     assert res.returncode == 2 and "not divisible" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_absurd_depth_answers_at_once():
+    """`--model.n_layer=100000` built 100000 blocks on the meta device: past 2.7 GB and still going after
+    150 s, printing nothing. The sizes come from a few layers now; the run must end well inside the limit."""
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "kimi.train", "--config", "configs/debug.yaml", "--dry-run",
+                          "--model.n_layer=100000"], cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert time.monotonic() - t0 < 30, time.monotonic() - t0
+    cfg = load_config(ROOT / "configs" / "debug.yaml", ["--model.n_layer=100000"])
+    assert f"parameters: total {memory_plan(cfg, 1)['total']:,} |" in res.stdout
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["--model.n_layer=5", "--moe.first_k_dense_replace=2"],
+        ["--model.n_layer=3", "--moe.first_k_dense_replace=3"],
+        ["--model.n_layer=4", "--moe.use_moe=false"],
+        ["--model.n_layer=3", "--attention.type=mha", "--model.tie_embeddings=true"],
+    ],
+    ids=["debug", "dense-then-moe", "all-dense-k", "no-moe", "mha-tied"],
+)
+def test_sizes_from_a_few_layers_equal_the_whole_model(overrides):
+    """memory_plan counts a few layers of each kind and scales them; the whole model built on the meta
+    device gives the same numbers."""
+    cfg = load_config(ROOT / "configs" / "debug.yaml", overrides)
+    plan = memory_plan(cfg, 1)
+    with torch.device("meta"):
+        model = KimiModel(cfg.model)
+    T = cfg.block_size
+    assert plan["total"] == model.num_params()
+    assert plan["active"] == model.num_active_params()
+    assert plan["non_embedding"] == model.num_params(non_embedding=True)
+    assert plan["expert_params"] == sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert plan["flops_per_step"] == model.flops_per_token(T) * cfg.train.global_batch_size * T
+    assert plan["sizes"]["muon"] == sum(
+        p.numel() for n, p in model.named_parameters() if param_group_name(n, p, cfg.optim) == "muon"
+    )
+    assert plan["sizes"]["block_params"] == max(sum(p.numel() for p in b.parameters()) for b in model.layers)

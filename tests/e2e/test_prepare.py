@@ -345,3 +345,20 @@ def test_named_corpus(name, tmp_path):
     assert (info["train"].num_tokens, info["val"].num_tokens) == EXPECTED[name]
     again, _ = _prepare_named(name, tmp_path / name)
     assert again["train"].skipped and again["val"].skipped
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_prepared_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
+    """Shards, manifests and the resume state came out 0600 (tempfile.mkstemp's mode): unreadable to the
+    other users of a shared dataset directory. They get 0666 less the umask, as any new file does."""
+    (tmp_path / "in.txt").write_text("\n\n".join(DOCS * 20))
+    old = os.umask(umask)
+    try:
+        assert main(["--files", str(tmp_path / "in.txt"), "--out", str(tmp_path / "d"), "--no-progress"]) == 0
+    finally:
+        os.umask(old)
+    files = sorted(p for p in (tmp_path / "d").rglob("*") if p.is_file())
+    assert {p.name for p in files} >= {"manifest.json", "shard_00000.bin"}
+    assert {p.relative_to(tmp_path): oct(p.stat().st_mode & 0o777) for p in files} == {
+        p.relative_to(tmp_path): oct(mode) for p in files
+    }

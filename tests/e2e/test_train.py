@@ -157,3 +157,15 @@ def test_first_step_and_saves_are_printed(tmp_path, capsys):
     said = capsys.readouterr().out
     assert "step     1/3" in said and "step     3/3" in said and "step     2/3" not in said
     assert "checkpoint: step 3 ->" in said
+
+
+def test_warmup_longer_than_the_run_is_said(tmp_path, capsys):
+    """optim.warmup_steps > train.max_steps used to pass silently: the lr never reaches optim.lr. It is
+    said in one line, not refused: short smoke runs of real configs (nano's 100-step warmup under
+    `--train.max_steps=5`, debug's 2 under `--train.max_steps=1`) are legitimate and widely used."""
+    train(_cfg(tmp_path / "a", "--train.max_steps=1", "--train.eval_interval=0"))
+    out = capsys.readouterr().out
+    note = "note: optim.warmup_steps=2 > train.max_steps=1: the lr peaks at 50% of optim.lr=0.003"
+    assert sum(note in line for line in out.splitlines()) == 1, out
+    train(_cfg(tmp_path / "b", "--train.max_steps=2", "--train.eval_interval=0"))
+    assert "optim.warmup_steps" not in capsys.readouterr().out  # warmup == max_steps reaches the peak

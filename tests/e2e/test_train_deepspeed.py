@@ -4,6 +4,7 @@
 - Preemption: a real `torch.distributed.run ... -m kimi.train` job, SIGTERM to its whole process group
   mid-run, checkpoints and exits; the rerun resumes and reproduces the uninterrupted DeepSpeed losses bit
   for bit (same layout, same reduction order).
+- The start banner (and the FLOPs behind MFU) count the whole model under both engines at EP=2.
 - generate / evaluate / convert read the DeepSpeed checkpoint on one process (kimi.load_model -> kimi.engine.read_model_state -> the DeepSpeed engine's reader).
 - World 4, EP=2, ZeRO-2 (each expert on 2 ranks: expert gradients reduced over their replicas, Muon's
   expert all-gather over 2 ranks) matches one process (FSDP2, no parallelism): losses and grad norms
@@ -161,3 +162,31 @@ def test_world4_ep2_zero2_with_expert_replicas_matches_one_process(tmp_path):
     assert got.keys() == want.keys()
     for name in want:  # the experts of both EP ranks, written by each EP rank's first replica
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=W4_ATOL, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _banners(rank, world, tmp):
+    from kimi.train import Trainer
+
+    out = {}
+    for engine in ("fsdp2", "deepspeed"):
+        cfg = load_config(ROOT / "configs" / "debug.yaml", _overrides(f"{tmp}/{engine}", f"--parallel.engine={engine}"))
+        trainer = Trainer(cfg)
+        out[engine] = (trainer.banner(0), trainer.params)
+    return out
+
+
+def test_both_engines_banners_count_the_whole_model(tmp_path):
+    """The banner said 0.51M params under DeepSpeed and 0.61M under FSDP2 for debug.yaml at EP=2: DeepSpeed's
+    raw model keeps only this rank's experts (plain (E/ep, F, D) tensors), FSDP2's DTensors count globally.
+    Both count the model as built, before the engine wraps it. (The test was seen red on the banner alone.)"""
+    from kimi.model import KimiModel
+
+    banners = run_distributed(_banners, 2, args=(str(tmp_path),), timeout=600)[0]
+    cfg = load_config(ROOT / "configs" / "debug.yaml")
+    m = KimiModel(cfg.model)
+    want = f"training {m.num_params() / 1e6:.2f}M params ({m.num_active_params() / 1e6:.2f}M active) on 2 x cpu"
+    assert banners["fsdp2"][0].startswith(want + " (fsdp2)"), banners
+    assert banners["deepspeed"][0].startswith(want + " (deepspeed)"), banners
+    # The FLOPs behind the log line's MFU come from the same count (they were low under DeepSpeed too).
+    full = (m.num_params(), m.num_active_params(), m.flops_per_token(cfg.block_size))
+    assert banners["fsdp2"][1] == banners["deepspeed"][1] == full

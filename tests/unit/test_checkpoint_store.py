@@ -1,6 +1,10 @@
-"""The checkpoint directory's ordering: steps by number, never as strings."""
+"""The checkpoint directory: steps ordered by number, never as strings; a damaged or missing meta.json."""
 
-from kimi.checkpoint import CheckpointStore, complete_steps
+import os
+
+import pytest
+
+from kimi.checkpoint import CheckpointError, CheckpointStore, complete_steps, read_meta, resolve, verify
 
 
 def _step(root, n, complete=True):
@@ -22,3 +26,61 @@ def test_steps_past_999999_sort_by_number(tmp_path):
     assert [p.name for p in store.incomplete_steps()] == ["step_1000001"]
     store._rotate()
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_1000000", "step_1000001"]  # the 2 newest
+
+
+# ----------------------------------------------------------------------------- a damaged meta.json (issue 17)
+
+
+def _saved(root):
+    """Two real steps through CheckpointStore.save (a trivial engine writer), `latest` -> step_000004."""
+    store = CheckpointStore(root / "checkpoints", keep_last=3)
+    for step in (2, 4):
+        store.save(step, lambda tmp: (tmp / "weights.bin").write_bytes(b"w" * 64), {"step": step}, "a: 1\n", {})
+    return store
+
+
+def test_one_flipped_digit_in_meta_json_blames_meta_json(tmp_path):
+    """A checksum digit flipped inside meta.json used to blame the file that checksum names (`weights.bin`
+    here, `.metadata` in a DCP step): meta.json now carries its own checksum, and the error names it."""
+    store = _saved(tmp_path)
+    meta = store.dir / "step_000004" / "meta.json"
+    text = meta.read_text()
+    i = text.index('"weights.bin": "') + len('"weights.bin": "')
+    meta.write_text(text[:i] + ("0" if text[i] != "0" else "1") + text[i + 1 :])
+    with pytest.raises(CheckpointError, match=r"step_000004/meta\.json' is damaged .*older checkpoint") as e:
+        verify(store.dir / "step_000004")
+    assert "weights.bin" not in str(e.value)
+    verify(store.dir / "step_000002")  # the untouched one still passes
+
+
+def test_broken_json_in_meta_json_names_the_file(tmp_path):
+    store = _saved(tmp_path)
+    meta = store.dir / "step_000004" / "meta.json"
+    meta.write_text(meta.read_text().replace(",", "", 1))
+    for read in (verify, read_meta):
+        with pytest.raises(CheckpointError, match=r"step_000004/meta\.json' is not valid JSON \(Expecting"):
+            read(store.dir / "step_000004")
+
+
+def test_newest_step_without_meta_json_falls_back_to_the_newest_complete_step(tmp_path):
+    """`latest` -> a step whose meta.json is gone: the store (and `resolve`, which generate and evaluate
+    use) fall back to the newest complete step instead of refusing with 'holds no checkpoint'."""
+    store = _saved(tmp_path)
+    (store.dir / "step_000004" / "meta.json").unlink()
+    assert store.latest().name == "step_000002" and not store.link_ok()
+    for given in (store.dir / "latest", store.dir, tmp_path):
+        assert resolve(given).name == "step_000002"
+    with pytest.raises(CheckpointError, match=r"step_000004' has no meta\.json.*older checkpoint"):
+        resolve(store.dir / "step_000004")  # a step named outright is not swapped for another
+
+
+def test_checkpoint_files_get_the_mode_the_umask_gives(tmp_path):
+    """Prepared shards came out 0600 (tempfile.mkstemp, issue 17); checkpoints never went through it. This
+    keeps it so: every file of a step, meta.json included, is 0666 less the umask."""
+    old = os.umask(0o027)
+    try:
+        store = _saved(tmp_path)
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(store.dir)): oct(p.stat().st_mode & 0o777) for p in store.dir.rglob("*") if p.is_file()}
+    assert "step_000004/meta.json" in modes and set(modes.values()) == {"0o640"}, modes

@@ -257,3 +257,24 @@ def test_readme_use_it_reads_what_the_quickstart_writes():
     use_it = (root / "README.md").read_text().split("## Use it", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
     dirs = [a or b for a, b in re.findall(r"--checkpoint (\S+)|sqlite:///(\S+)/mlflow\.db", use_it)]
     assert len(dirs) == 3 and set(dirs) == {out}, dirs
+
+
+@pytest.mark.parametrize("name", ["gpt2", "byte", "tiktoken:/some/k2/tiktoken.model", "hf:~/tok/tokenizer.json"])
+def test_tokenizer_names_that_exist_load(name):
+    assert load_config(None, [f"--data.tokenizer_name={name}"]).data.tokenizer_name == name
+
+
+@pytest.mark.parametrize("name", ["llama", "tiktoken:", "hf:", "sentencepiece:/x.model", "GPT2"])
+def test_an_unknown_tokenizer_name_is_refused_at_load(name):
+    """`--data.tokenizer_name=llama` used to train and write checkpoints that `generate` then refused."""
+    with pytest.raises(ConfigError, match=rf"data.tokenizer_name='{re.escape(name)}' is not a tokenizer; use gpt2,"):
+        load_config(None, {"data": {"tokenizer_name": name}})  # (on the command line, YAML reads `hf:` as a map)
+
+
+def test_config_tokenizer_names_are_the_data_layers():
+    """The config layer cannot import kimi.data; its copy of the built-in names must not drift."""
+    from kimi.config.sections import FILE_TOKENIZER_KINDS, TOKENIZER_NAMES
+    from kimi.data.tokenizer import TOKENIZERS
+    from kimi.data.tokenizer_files import FILE_KINDS
+
+    assert set(TOKENIZER_NAMES) == set(TOKENIZERS) and set(FILE_TOKENIZER_KINDS) == set(FILE_KINDS)

@@ -51,7 +51,7 @@ def test_load_model_errors_are_one_line(tmp_path):
     with pytest.raises(ValueError, match="not a nanoKimi checkpoint"):
         load_model(tmp_path / "foreign.pt")
     (tmp_path / "junk.pt").write_text("not a torch file")
-    with pytest.raises(ValueError, match="cannot read checkpoint"):
+    with pytest.raises(ValueError, match=r"junk.pt' is not a nanoKimi checkpoint \(not a file torch.save wrote\)"):
         load_model(tmp_path / "junk.pt")
     with pytest.raises(ValueError, match="does not exist"):
         load_model(tmp_path / "nope.pt")
