@@ -15,7 +15,8 @@ the optimizer's hyperparameters and the lr schedule's shape (`states` restore on
 The engine (kimi/engine/) writes and reads the model and optimizer inside the step directory; each entry
 of `states` (anything with state_dict / load_state_dict) goes into train_state.pt under its name, the
 format train_state.pt has always had ({"step", "scheduler", "data", "nonfinite", "mlflow_run_id", ...}); a
-state that an older checkpoint lacks keeps its fresh value.
+state newer than the format (NEWER_STATES) that an older checkpoint lacks keeps its fresh value; any
+other missing state is refused.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ class Writer(Protocol):
     def read(self, path: Path) -> None: ...
 
     def checkpoint_meta(self) -> dict[str, Any]: ...
+
+
+NEWER_STATES = {"nonfinite"}  # states newer than the format: an older checkpoint lacks them, they start fresh
 
 
 class Checkpointer:
@@ -96,8 +100,10 @@ class Checkpointer:
         changes = config_changes(latest, self.cfg)  # raises CheckpointError where a change cannot work
         state, meta = store.load(latest, self.engine.read)
         for name, s in self.states.items():
-            if name in state:  # "nonfinite" (the skip counters) is newer than the format: older ones start at 0
+            if name in state:
                 s.load_state_dict(state[name])
+            elif name not in NEWER_STATES:
+                raise CheckpointError(f"'{latest}' holds no '{name}' state; it is damaged or not from kimi.train")
         self.say(f"resumed from {latest} (step {state['step']}, written at world size {meta.get('world_size')})")
         if changes:
             self.say("config differs from the checkpoint: " + ", ".join(changes))

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from kimi.checkpoint import CheckpointError, CheckpointStore, verify
 from kimi.config import load_config
@@ -157,6 +158,14 @@ def test_corrupt_or_missing_checkpoint_files_are_refused(tmp_path):
     del meta["checksums"], meta["meta_sha256"]
     (ckpts / "step_000002" / "meta.json").write_text(json.dumps(meta))
     load_model_state(ckpts / "step_000002")
+    # A train_state.pt without the data stream's position is refused, not resumed from the first window.
+    state_pt = ckpts / "step_000002" / "train_state.pt"
+    good = state_pt.read_bytes()
+    state = torch.load(state_pt, weights_only=False)
+    del state["data"]
+    torch.save(state, state_pt)
+    _one_error_line(_cli(out, "--train.max_steps=6"), "holds no 'data' state")
+    state_pt.write_bytes(good)
     (ckpts / "step_000002" / "train_state.pt").unlink()
     res = _cli(out, "--train.max_steps=6")
     _one_error_line(res, "train_state.pt' is missing", "start a new --out-dir")
