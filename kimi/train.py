@@ -255,7 +255,7 @@ class Trainer:
                      f"({g.in_a_row} in a row, {g.total} in all; train.nonfinite=skip)")  # fmt: skip
         else:
             t_opt = rt.sync_time() if prof else 0.0
-            engine.step()  # the router-bias update runs first, as the optimizer's pre-step hook
+            engine.step()  # the router-bias update runs first, as the engine's pre-step hook
             if prof:
                 self.phases["optim_ms"] = 1000 * (rt.sync_time() - t_opt)
             qk = self.qk_clip.step() if self.qk_clip else max_logit_stats(self.raw_model, rt.all_reduce_max)

@@ -12,7 +12,7 @@
 Checkpoints: kimi.checkpoint.Checkpointer calls `write(tmp)` / `read(step_dir)` inside its atomic
 sequence, and stores `checkpoint_meta()`; the lr schedule's position is `schedule_state` (a Stateful).
 Hooks that must run right before every applied update (the router-bias update) are registered with
-`register_step_pre_hook`: they fire on `step()`, never on `skip()`.
+`register_step_pre_hook`: they fire once on each `step()`, never on `skip()`.
 
 An engine lives in one file, kimi/engine/<name>.py, with all it knows: wrapping, the backward / clip /
 step semantics, its checkpoint format (write, read, and `read_model_state` for one process), its memory
@@ -79,7 +79,11 @@ class Engine(ABC):
         return {"engine": self.name}
 
     def register_step_pre_hook(self, hook: Callable[[], None]) -> None:
-        """`hook()` runs right before each applied optimizer update (on every rank), never on skip()."""
+        """`hook()` runs once right before each applied optimizer update (on every rank), never on skip().
+
+        Here: a pre-step hook on the optimizer, right for an engine that calls its step() once per update
+        (FSDP2). An engine whose optimizer is stepped several times per update overrides this (DeepSpeed:
+        ZeRO steps the client optimizer once per param group)."""
         self._optimizer.register_step_pre_hook(lambda opt, args, kwargs: hook())
 
     def scale_rows_(self, p: Tensor, scale: Tensor) -> None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -229,6 +230,7 @@ class DeepSpeedEngine(Engine):
         self._optimizer = client  # ZeRO steps it with the partitions; its param_groups carry the lr
         self._scheduler = build_scheduler(client, optim, train.max_steps)
         self.schedule_state = ScheduleState(client, self._scheduler)
+        self._pre_step_hooks: list[Callable[[], None]] = []
         self._attach_flat_shards()
 
     def _attach_flat_shards(self) -> None:
@@ -290,7 +292,15 @@ class DeepSpeedEngine(Engine):
         # a scalar per group). Non-finite gradients give inf (DeepSpeed's combine_grad_norm_groups).
         return self.ds.optimizer.scaled_global_norm()
 
+    def register_step_pre_hook(self, hook: Callable[[], None]) -> None:
+        # Not on the client optimizer: ZeRO steps it once per param group (each group swapped in alone,
+        # stage_1_and_2._optimizer_step), which would run the hook 3 times per update (Muon, AdamW with and
+        # without decay; more with expert groups). step() runs them once; skip() never does.
+        self._pre_step_hooks.append(hook)
+
     def step(self) -> None:
+        for hook in self._pre_step_hooks:
+            hook()
         self.ds.step()  # ZeRO: global norm, clip, client optimizer on the partitions, all-gather params, zero grads
         self._scheduler.step()
 

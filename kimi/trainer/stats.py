@@ -1,8 +1,8 @@
 """What a training step reads off the model besides the loss: routing, attention maxima, all-to-all traffic.
 
-The router-bias update (aux-loss-free balancing) runs in ONE place: `RouterBias`, registered as an
-optimizer pre-step hook by the trainer (engine.register_step_pre_hook), so it runs exactly when an update
-is applied and never on a skipped step, whatever the engine (torchtitan does the same; its PR #1324
+The router-bias update (aux-loss-free balancing) runs in ONE place: `RouterBias`, registered as a
+pre-step hook by the trainer (engine.register_step_pre_hook), so it runs once per applied update and
+never on a skipped step, whatever the engine (torchtitan does the same; its PR #1324
 fixed an accumulation bug that a separate call had caused).
 """
 

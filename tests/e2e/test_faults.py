@@ -125,6 +125,34 @@ def _nan_at(step: int | tuple[int, ...], micro_per_step: int):
     return hook
 
 
+class PreStepHookCount:
+    """Trainer hooks that count, per step, how often the engine ran its pre-step hooks (where the router-bias
+    update lives): one more hook registered through `engine.register_step_pre_hook`, as the trainer does.
+    `per_step[i]` is the count of this process's (i + 1)-th step: 1 on an applied step, 0 on a skipped one.
+    `on_build` is chained (fault injection)."""
+
+    def __init__(self, on_build=None) -> None:
+        self.per_step: list[int] = []
+        self._n, self._on_build = 0, on_build
+
+    def hooks(self):
+        from kimi.train import Hooks
+
+        return Hooks(on_build=self._build, on_step=self._step)
+
+    def _build(self, trainer) -> None:
+        trainer.engine.register_step_pre_hook(self._count)
+        if self._on_build:
+            self._on_build(trainer)
+
+    def _count(self) -> None:
+        self._n += 1
+
+    def _step(self, step: int, row: dict) -> None:
+        self.per_step.append(self._n)
+        self._n = 0
+
+
 # `python -m kimi.train` with a NaN in the embedding output of training step NAN_STEP (a forward hook set
 # on the built trainer): the real entry point, argument parsing and exit code, with a real NaN in the model.
 _NAN_CLI = """
@@ -209,9 +237,10 @@ def test_skip_mid_run_then_trains_on(tmp_path, engine):
     - a finite step resets the streak: max_nonfinite_skips=1 must not stop the run at step 4;
     - a skipped step moves no weight or router bias, QK-clip included (tau 0.05 clips every real step);
     - what follows a skip equals a fresh process resumed from the skipped step's checkpoint: no routing
-      counts (bias update, entropy) and no attention maxima (QK-clip) of the skipped forward leak into it.
-    Under DeepSpeed the kept-counts case is not seen: its logged routing stats are 0 / NaN on every step
-    (the pre-step hook fires once per ZeRO param group and the later calls read zeroed counts).
+      counts (bias update, entropy) and no attention maxima (QK-clip) of the skipped forward leak into it;
+    - the engine runs its pre-step hooks (the router-bias update) once per applied step and never on a
+      skipped one, and the applied steps log real routing stats. DeepSpeed once ran them once per ZeRO
+      param group (3 per step): the later calls read zeroed counts and logged imbalance 0 and entropy NaN.
     """
     from kimi.train import Hooks
 
@@ -223,11 +252,14 @@ def test_skip_mid_run_then_trains_on(tmp_path, engine):
                                    f"--parallel.engine={name}", *stage, *MID_RUN])  # fmt: skip
 
     run, ref = tmp_path / "run", tmp_path / "resumed"
-    row = train(cfg(run), hooks=Hooks(on_build=_nan_in_head_at((2, 4))))
+    count = PreStepHookCount(on_build=_nan_in_head_at((2, 4)))
+    row = train(cfg(run), hooks=count.hooks())
     rows = _rows(run)
     assert row["step"] == 5 and [r.get("nonfinite_skips") for r in rows] == [None, 1, 1, 2, 2], rows
     assert [math.isfinite(r["loss"]) for r in rows] == [True, False, True, False, True], rows
-    assert all(r["qk_clipped_heads"] > 0 for r in rows[::2]), rows  # QK-clip acts on the applied steps
+    assert count.per_step == [1, 0, 1, 0, 1]
+    for r in rows[::2]:  # the applied steps: QK-clip acts, and the routing stats are those of real counts
+        assert r["qk_clipped_heads"] > 0 and r["expert_imbalance"] >= 1 and r["router_entropy"] > 0, r
 
     def model(step):
         return load_model_state(run / "checkpoints" / f"step_{step:06d}")[1]

@@ -5,6 +5,8 @@
   mid-run, checkpoints and exits; the rerun resumes and reproduces the uninterrupted DeepSpeed losses bit
   for bit (same layout, same reduction order).
 - The start banner (and the FLOPs behind MFU) count the whole model under both engines at EP=2.
+- The router-bias update (the engine's pre-step hook) runs once per step, so the logged routing stats
+  (imbalance, entropy) and the expert-load table are FSDP2's, at 2 ranks (EP=2) and on one process.
 - generate / evaluate / convert read the DeepSpeed checkpoint on one process (kimi.load_model -> kimi.engine.read_model_state -> the DeepSpeed engine's reader).
 - World 4, EP=2, ZeRO-2 (each expert on 2 ranks: expert gradients reduced over their replicas, Muon's
   expert all-gather over 2 ranks) matches one process (FSDP2, no parallelism): losses and grad norms
@@ -21,6 +23,7 @@ bucketed reduce to each partition's owner) and clip with a different formula (De
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -33,6 +36,7 @@ import torch
 
 from kimi.config import load_config
 from tests.dist_utils import free_port, run_distributed
+from tests.e2e.test_faults import PreStepHookCount
 
 pytest.importorskip("deepspeed")
 
@@ -41,6 +45,7 @@ STEPS = 20
 RTOL = 1e-5
 W4 = ("--moe.num_experts=6",)  # see test_world4_ep2_zero2_with_expert_replicas_matches_one_process
 W4_RTOL, W4_ATOL = 2e-5, 1e-4  # world 4 vs one process (see the module docstring)
+ROUTING_RTOL = 1e-6  # logged routing stats, DeepSpeed vs FSDP2 (the same integer counts; entropy in fp32)
 
 
 def _overrides(out, *extra):
@@ -54,20 +59,34 @@ def _rows(out) -> list[dict]:
     return rows
 
 
-def _both_engines(rank, world, tmp):
+def _both_engines(rank, world, tmp) -> dict[str, list[int]]:
     from kimi.train import train
 
+    calls = {}
     for engine in ("fsdp2", "deepspeed"):
-        train(
-            load_config(ROOT / "configs" / "debug.yaml", _overrides(f"{tmp}/{engine}", f"--parallel.engine={engine}"))
-        )
+        count = PreStepHookCount()
+        cfg = load_config(ROOT / "configs" / "debug.yaml", _overrides(f"{tmp}/{engine}", f"--parallel.engine={engine}"))
+        train(cfg, hooks=count.hooks())
+        calls[engine] = count.per_step
+    return calls
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """engine -> (out dir, metrics rows, each rank's pre-step hook calls per step)."""
     tmp = tmp_path_factory.mktemp("engines")
-    run_distributed(_both_engines, 2, args=(str(tmp),), timeout=600)
-    return {e: (tmp / e, _rows(tmp / e)) for e in ("fsdp2", "deepspeed")}
+    calls = run_distributed(_both_engines, 2, args=(str(tmp),), timeout=600)
+    return {e: (tmp / e, _rows(tmp / e), [c[e] for c in calls]) for e in ("fsdp2", "deepspeed")}
+
+
+def _assert_routing_stats_match(rows: list[dict], ref: list[dict]) -> None:
+    """Each step's logged routing stats are real (imbalance >= 1: max/mean of non-zero counts; a finite
+    entropy) and equal the reference run's to ROUTING_RTOL."""
+    assert len(rows) == len(ref)
+    for a, b in zip(rows, ref):
+        for key in ("expert_imbalance", "router_entropy"):
+            assert math.isfinite(a[key]) and a[key] > 0 and (key == "router_entropy" or a[key] >= 1), (key, a)
+            assert abs(a[key] - b[key]) <= ROUTING_RTOL * abs(b[key]), f"step {a['step']} {key}: {a[key]} vs {b[key]}"
 
 
 def test_deepspeed_loop_matches_fsdp2(runs):
@@ -79,6 +98,35 @@ def test_deepspeed_loop_matches_fsdp2(runs):
     meta = json.loads((runs["deepspeed"][0] / "checkpoints" / "latest" / "meta.json").read_text())
     assert (meta["engine"], meta["ep"], meta["world_size"], meta["zero_stage"]) == ("deepspeed", 2, 2, 1)
     assert "checksums" in meta  # the shared Checkpointer wrote it
+
+
+def test_routing_stats_match_fsdp2_and_the_bias_hook_runs_once_per_step(runs):
+    """EP=2 on 2 ranks: the router-bias update (a pre-step hook) runs once per step on each rank under both
+    engines, so DeepSpeed logs FSDP2's routing stats. It once ran once per ZeRO param group (4 per step here:
+    Muon, AdamW, AdamW without decay, experts), and the later calls, reading counts the first had zeroed,
+    logged imbalance 0.0 and entropy NaN."""
+    assert runs["deepspeed"][2] == runs["fsdp2"][2] == [[1] * STEPS] * 2
+    _assert_routing_stats_match(runs["deepspeed"][1], runs["fsdp2"][1])
+
+
+def test_one_process_routing_stats_and_expert_load_match_fsdp2(tmp_path):
+    """One process (ZeRO's groups are then whole, and Muon, AdamW decay / no-decay are 3 of them): the
+    pre-step hook runs once per step, and the logged routing stats and the expert-load table at each eval
+    are FSDP2's."""
+    from kimi.train import train
+
+    rows, calls, loads = {}, {}, {}
+    for engine in ("fsdp2", "deepspeed"):
+        out, count = tmp_path / engine, PreStepHookCount()
+        args = [f"--train.out_dir={out}", "--logging.mlflow=false", "--train.max_steps=4", "--train.eval_interval=2",
+                f"--parallel.engine={engine}"]  # fmt: skip
+        train(load_config(ROOT / "configs" / "debug.yaml", args), hooks=count.hooks())
+        rows[engine], calls[engine] = _rows(out), count.per_step
+        loads[engine] = [json.loads(line) for line in (out / "expert_load.jsonl").read_text().splitlines()]
+    assert calls["deepspeed"] == calls["fsdp2"] == [1, 1, 1, 1]
+    _assert_routing_stats_match(rows["deepspeed"], rows["fsdp2"])
+    assert [e["step"] for e in loads["deepspeed"]] == [2, 4] and loads["deepspeed"] == loads["fsdp2"], loads
+    assert all(min(map(min, e["loads"])) > 0 for e in loads["deepspeed"]), loads  # tokens reached every expert
 
 
 def test_deepspeed_checkpoint_reads_on_one_process(runs, tmp_path):
