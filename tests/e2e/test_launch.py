@@ -120,14 +120,15 @@ def torchrun_agent(pid: int) -> int:
     return pid
 
 
-@pytest.mark.parametrize("target", ["launcher", "agent"])
+@pytest.mark.parametrize("target", ["launcher", "agent", "group"])
 def test_sigterm_mid_run_exits_3_with_a_checkpoint(tmp_path: Path, target: str) -> None:
-    """SIGTERM to launch/train.sh, or to its torchrun agent (as SLURM or a pod's kill does), mid-run: the
-    workers finish their step, checkpoint and exit 3; torchrun reports 1, the launcher must say 3."""
+    """SIGTERM to launch/train.sh, to its torchrun agent, or to the whole process group (as `kill -TERM -PGID`
+    or a container stop does: torchrun gets it twice then, once forwarded) mid-run: the workers finish their
+    step, checkpoint and exit 3; torchrun reports 1, the launcher must say 3."""
     args = ("--train.max_steps=500", f"--train.out_dir={tmp_path}", *FAST)
     proc = subprocess.Popen(
         ["launch/train.sh", *args], cwd=REPO, env=launcher_env(CONFIG=CONFIG, NPROC="2", OMP_NUM_THREADS="1"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     try:
         metrics, deadline = tmp_path / "metrics.jsonl", time.monotonic() + 240
@@ -137,12 +138,14 @@ def test_sigterm_mid_run_exits_3_with_a_checkpoint(tmp_path: Path, target: str) 
             time.sleep(0.05)
         if target == "launcher":
             os.kill(proc.pid, signal.SIGTERM)
-        else:
+        elif target == "agent":
             os.kill(torchrun_agent(proc.pid), signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher, torchrun and the workers
             proc.wait()
     assert proc.returncode == 3, stderr[-3000:]
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip()]
