@@ -37,6 +37,13 @@ class Preemption:
             signal.signal(sig, handler)
 
 
+def clear_requeue_mark() -> None:
+    """At start: a mark left by an earlier round (torchrun --max-restarts restarts workers that exited 3)
+    must not make a later failure look like a save."""
+    if path := os.environ.get(REQUEUE_FILE_ENV):
+        Path(path).unlink(missing_ok=True)
+
+
 def mark_requeue(step: int | None) -> None:
     """Leave the launcher's marker (if it named one): "checkpoint at `step` written, requeue me". Every
     process that exits REQUEUE_EXIT_CODE writes the same line, each through its own temporary file and an
