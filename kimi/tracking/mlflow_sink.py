@@ -162,7 +162,8 @@ class MlflowSink:
 
     def _main(self) -> None:
         try:
-            self._connect()
+            if self._connect() and self._reconcile_rows is not None:
+                self._flush(force=True)  # reconcile a resumed run now; after _connect, so run_id waits not for it
             next_flush, next_sys = time.monotonic() + self._flush_s, time.monotonic() + self._sys_s
             while True:
                 with self._cv:
@@ -210,7 +211,6 @@ class MlflowSink:
                 run = self._create()
             self.run_id = run.info.run_id  # known before params go out, so a retry never makes a second run
             self._send_meta()
-            self._reconcile()
             return True
         except Exception as e:
             self._fail("connect", e)
