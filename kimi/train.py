@@ -38,7 +38,7 @@ from kimi.runtime import datasheet_peak_flops, setup_runtime
 from kimi.trainer.console import StepLogger
 from kimi.trainer.mixture_stats import MixtureStats
 from kimi.trainer.nonfinite import NONFINITE_EXIT_CODE, NonFiniteError, NonFiniteGuard, weights_finite
-from kimi.trainer.preemption import REQUEUE_EXIT_CODE, Preemption
+from kimi.trainer.preemption import REQUEUE_EXIT_CODE, Preemption, clear_requeue_mark, mark_requeue
 from kimi.trainer.stats import RouterBias, a2a_stats, forget_step, max_logit_stats
 from kimi.trainer.validator import Validator
 
@@ -63,7 +63,10 @@ def main(argv: list[str] | None = None) -> None:
 
             dry_run(cfg)
             return
-        if train(cfg).get("preempted"):
+        clear_requeue_mark()
+        row = train(cfg)
+        if row.get("preempted"):
+            mark_requeue(row.get("step"))
             sys.exit(REQUEUE_EXIT_CODE)
     except NonFiniteError as e:
         if int(os.environ.get("RANK", "0")) == 0:  # every rank stops on it; one says so

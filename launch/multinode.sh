@@ -17,6 +17,10 @@
 # but torchrun's own lines; each node says so in one line at launch. Only torchrun's static rendezvous
 # honours --node_rank, at the cost of c10d's restarts; this script keeps c10d.
 #
+# Exit code: torchrun's, except 3 when the trainer was preempted (SIGTERM or SIGUSR1, to this script,
+# to torchrun or to the workers) and wrote its checkpoint: a requeue policy can key on 3 (see
+# run_torchrun in launch/torchrun.sh; torchrun itself would report 1).
+#
 # Knobs (environment variables, default in brackets):
 #   CONFIG       YAML config                                        [configs/debug.yaml]
 #   ENGINE       fsdp2 or deepspeed: --parallel.engine=$ENGINE      [the config's; fsdp2 by default]
@@ -28,6 +32,8 @@
 #   MASTER_ADDR  host of the rendezvous store (node 0)              [standalone if NNODES=1, else required]
 #   MASTER_PORT  its port                                           [29500]
 #   RDZV_ID      rendezvous id, the same on every node of one job   [nanokimi-$MASTER_PORT]
+#   MAX_RESTARTS torchrun --max-restarts: times the agent restarts failed workers, which resume
+#                from the latest checkpoint                          [0]
 #   OMP_NUM_THREADS  threads per process                            [CPUs on this node / NPROC, at least 1]
 #   MODULE       Python module to run                               [kimi.train]
 #   TORCHRUN     the launcher command                               [see below]
@@ -59,6 +65,7 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_PORT=${MASTER_PORT:-29500}
 RDZV_ID=${RDZV_ID:-nanokimi-$MASTER_PORT}
 MODULE=${MODULE:-kimi.train}
+MAX_RESTARTS=${MAX_RESTARTS:-0}
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=launch/torchrun.sh
 source "$root/launch/torchrun.sh"
@@ -98,6 +105,6 @@ else
     echo "launch: node $NODE_RANK of $NNODES ($(hostname -f 2>/dev/null || hostname)): the training log appears" \
         "on the node that c10d makes rank 0, the one whose host name sorts first, not necessarily NODE_RANK=0" >&2
 fi
-cmd=("${TORCHRUN_CMD[@]}" "${rdzv[@]}" --nproc_per_node="$NPROC" -m "$MODULE" --config "$CONFIG" ${engine[@]+"${engine[@]}"} "$@")
+cmd=("${TORCHRUN_CMD[@]}" "${rdzv[@]}" --nproc_per_node="$NPROC" --max-restarts="$MAX_RESTARTS" -m "$MODULE" --config "$CONFIG" ${engine[@]+"${engine[@]}"} "$@")
 echo "+ ${cmd[*]}" >&2
-exec "${cmd[@]}"
+run_torchrun "${cmd[@]}"

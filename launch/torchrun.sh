@@ -23,3 +23,40 @@ find_torchrun() {
         return 2
     fi
 }
+
+# `run_torchrun CMD...` runs the launcher command and returns its exit code, except after a preemption:
+# the trainer exits 3 (kimi/trainer/preemption.py REQUEUE_EXIT_CODE) once its checkpoint is written, but
+# torchrun reports any worker failure as 1 (and a TERM to torchrun itself as 1 plus a traceback), so a
+# requeue policy keyed on 3 would never fire. The workers also write KIMI_REQUEUE_FILE (a fresh path here
+# unless set, e.g. on shared storage by slurm/common.sh) when they exit 3; when torchrun failed and the
+# file exists, this returns REQUEUE_EXIT_CODE [3]. TERM and HUP to this shell are passed on to torchrun
+# (which passes them to its workers), so signalling the launcher is the same as signalling torchrun.
+run_torchrun() {
+    local own_marker=0 pid rc
+    if [[ -z "${KIMI_REQUEUE_FILE:-}" ]]; then
+        KIMI_REQUEUE_FILE=$(mktemp -u "${TMPDIR:-/tmp}/kimi-requeue.XXXXXX")
+        own_marker=1
+    fi
+    export KIMI_REQUEUE_FILE
+    rm -f "$KIMI_REQUEUE_FILE"
+    "$@" &
+    pid=$!
+    # shellcheck disable=SC2064  # $pid is fixed now
+    trap "kill -TERM $pid 2>/dev/null || true" TERM
+    # shellcheck disable=SC2064
+    trap "kill -HUP $pid 2>/dev/null || true" HUP
+    # `wait` returns early (status > 128) whenever a trap runs: wait again until torchrun has ended.
+    while :; do
+        rc=0
+        wait "$pid" || rc=$?
+        kill -0 "$pid" 2>/dev/null || break
+    done
+    trap - TERM HUP
+    if [[ $rc -ne 0 && -f "$KIMI_REQUEUE_FILE" ]]; then
+        echo "launch: torchrun exited with $rc after the trainer wrote its checkpoint ($(cat "$KIMI_REQUEUE_FILE"));" \
+            "exiting with ${REQUEUE_EXIT_CODE:-3}" >&2
+        rc=${REQUEUE_EXIT_CODE:-3}
+    fi
+    [[ $own_marker -eq 0 ]] || rm -f "$KIMI_REQUEUE_FILE"
+    return "$rc"
+}

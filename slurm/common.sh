@@ -14,6 +14,8 @@
 #   MASTER_PORT         rendezvous port                [20000 + job id % 20000]
 #   REQUEUE_EXIT_CODE   the trainer's "checkpoint written, requeue me" exit code [3]
 #   SHUTDOWN_TIMEOUT    seconds torchrun lets workers finish after TERM before SIGKILL [90]
+#   MAX_RESTARTS        torchrun --max-restarts: times each agent restarts failed workers, which
+#                       resume from the latest checkpoint [0]
 #
 # How a preemption travels. `--signal=B:USR1@120` sends USR1 to this batch shell only, 120 s before
 # the time limit (test it with `scancel --signal=USR1 --batch JOBID`). The trap below turns it into
@@ -27,15 +29,17 @@
 # torchrun handles TERM in every version: it passes it on to its workers, gives them SHUTDOWN_TIMEOUT
 # seconds, then SIGKILLs. The trainer, on TERM, finishes its step, writes a checkpoint and exits with
 # REQUEUE_EXIT_CODE. torchrun reports any worker failure as exit code 1, so the code does not reach
-# this shell through torchrun; the job is requeued (`scontrol requeue`) when srun returns
-# REQUEUE_EXIT_CODE (a launcher that keeps the code), or when USR1 arrived, srun failed and
-# OUT_DIR/checkpoints/latest moved during this run (a trainer that dies without saving is not
-# requeued in a loop). The requeued job keeps its id (so MASTER_PORT and the rendezvous id), appends
+# this shell through torchrun: a trainer that exits REQUEUE_EXIT_CODE also writes
+# OUT_DIR/.requeue-$SLURM_JOB_ID (KIMI_REQUEUE_FILE, on the storage all nodes share), and "saved" is:
+# srun returned REQUEUE_EXIT_CODE, or it failed and that file exists. A saved job is requeued
+# (`scontrol requeue`, exit 0) unless TERM reached this shell; a trainer that dies without saving is
+# not requeued in a loop. The requeued job keeps its id (so MASTER_PORT and the rendezvous id), appends
 # to the same slurm-%j.out, starts after AuthInfo's cred_expire (120 s by default) and the trainer
 # resumes from OUT_DIR/checkpoints/latest.
 # TERM means slurm is ending the job (`scancel JOBID`, the time limit itself, preemption): slurm
 # sends it to the steps and to this shell at once. The trainer still saves, but this shell does not
-# requeue: `scontrol requeue` would bring a cancelled job back to life (seen on 22.05).
+# requeue: `scontrol requeue` would bring a cancelled job back to life (seen on 22.05). It exits
+# REQUEUE_EXIT_CODE then, for a requeue policy outside the job to key on.
 set -euo pipefail
 
 : "${SLURM_JOB_ID:?submit this with sbatch (or run it inside an allocation)}"
@@ -43,6 +47,7 @@ set -euo pipefail
 EXTRA=${EXTRA:-}
 MODULE=${MODULE:-kimi.train}
 REQUEUE_EXIT_CODE=${REQUEUE_EXIT_CODE:-3}
+MAX_RESTARTS=${MAX_RESTARTS:-0}
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-90}
 export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 
@@ -83,19 +88,18 @@ if [[ -n "${ENGINE:-}" ]]; then
 fi
 # srun in 22.05 does not inherit --cpus-per-task from sbatch: pass it, or all workers share one CPU.
 cmd=(srun --ntasks-per-node=1 --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK}
-    "${TORCHRUN_CMD[@]}" --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node="$NPROC"
+    "${TORCHRUN_CMD[@]}" --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node="$NPROC" --max-restarts="$MAX_RESTARTS"
     --rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT"
     -m "$MODULE" --config "$CONFIG" --train.out_dir="$OUT_DIR" "${extra[@]}" "$@")
 
-ckpt_stamp() {  # what `latest` points at and when it was written; empty when there is none
-    local latest=$OUT_DIR/checkpoints/latest
-    if [[ -e "$latest" || -L "$latest" ]]; then stat -c '%N %y' "$latest"; fi
-}
+mkdir -p "$OUT_DIR"
+export KIMI_REQUEUE_FILE=$OUT_DIR/.requeue-$SLURM_JOB_ID  # the trainer's "saved, requeue me" (see above)
+rm -f "$KIMI_REQUEUE_FILE"
 
-signals=0 got_usr1=0 got_term=0
+signals=0 got_term=0
 on_signal() {
     echo "slurm: got SIG$1 at $(date +%T): asking every step to checkpoint and stop (SIGTERM)"
-    if [[ $1 == USR1 ]]; then got_usr1=1; else got_term=1; fi
+    [[ $1 == USR1 ]] || got_term=1
     # After a plain scancel the job is gone already and this fails: the steps have their TERM then.
     if [[ $signals -eq 0 ]]; then scancel --signal=TERM "$SLURM_JOB_ID" 2>/dev/null || true; fi
     signals=$((signals + 1))
@@ -106,7 +110,6 @@ trap 'on_signal TERM' TERM
 echo "slurm: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NUM_NODES node(s) [$SLURM_JOB_NODELIST]," \
     "head $MASTER_ADDR:$MASTER_PORT, $NPROC process(es)/node, OMP_NUM_THREADS=$OMP_NUM_THREADS"
 echo "+ ${cmd[*]}"
-before=$(ckpt_stamp)
 "${cmd[@]}" &
 srun_pid=$!
 # `wait` returns early (status > 128) whenever a trap runs; wait again until srun itself has ended.
@@ -118,16 +121,14 @@ while :; do
 done
 echo "slurm: srun exited with $rc after $signals signal(s)"
 
-requeue=0
-if [[ $got_term -eq 0 ]]; then
-    if [[ $rc -eq $REQUEUE_EXIT_CODE ]]; then
-        requeue=1
-    elif [[ $got_usr1 -eq 1 && $rc -ne 0 && "$(ckpt_stamp)" != "$before" ]]; then
-        requeue=1  # torchrun turned the trainer's REQUEUE_EXIT_CODE into 1; the new checkpoint tells
-    fi
+saved=""
+if [[ $rc -eq $REQUEUE_EXIT_CODE || ($rc -ne 0 && -f "$KIMI_REQUEUE_FILE") ]]; then
+    saved=$(cat "$KIMI_REQUEUE_FILE" 2>/dev/null || echo "exit code $rc")
+    rc=$REQUEUE_EXIT_CODE  # torchrun turned the trainer's REQUEUE_EXIT_CODE into 1; the file tells
 fi
-if [[ $requeue -eq 1 ]]; then
-    echo "slurm: checkpoint written ($(ckpt_stamp)); requeueing job $SLURM_JOB_ID"
+rm -f "$KIMI_REQUEUE_FILE"
+if [[ -n $saved && $got_term -eq 0 ]]; then
+    echo "slurm: checkpoint written ($saved); requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
 fi

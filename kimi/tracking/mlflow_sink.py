@@ -14,6 +14,15 @@ MLflow's HTTP client would retry a dead server for minutes by default, so unless
 MLFLOW_HTTP_REQUEST_MAX_RETRIES / _BACKOFF_FACTOR / _TIMEOUT are lowered to 2 / 1 / 5 s, which makes a
 refused connection cost ~2-3 s and a black-holed one <= ~18 s, all of it in this thread. MLflow's usage
 telemetry is switched off too (MLFLOW_DISABLE_TELEMETRY), unless the user set that variable.
+
+Resume (`reconcile`): points still queued when a job was killed never reached MLflow, though
+metrics.jsonl has them; and the points a killed job sent after its last checkpoint are sent again when
+the resumed job redoes those steps. So before it sends anything else, a resumed sink reads the run's
+history of every metric it holds or metrics.jsonl names, sends the (key, step) points of metrics.jsonl
+the run lacks, and from then on drops queued points whose (key, step) the run already holds (system/
+metrics excepted: they are samples, several per step). A (key, step) is never sent twice; MLflow cannot
+delete points, so duplicates already in a run stay. The cost is one history read per metric name at
+resume (a long run: a few MB), in this thread.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import posixpath
 import re
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("kimi.tracking")
@@ -69,11 +79,15 @@ class MlflowSink:
         fallback_note: str,
         sampler: Any = None,
         tags_fn: Any = None,
+        reconcile: Callable[[], list[tuple[int, int, dict[str, float]]]] | None = None,
     ) -> None:
         self.uri, self.experiment, self.run_name = uri, experiment, run_name
         self._params, self._resume_id, self._artifact_location = params, resume_run_id, artifact_location
         self._flush_s, self._sys_s, self._retry_s = max(0.01, flush_interval), system_interval, retry_interval
         self._note, self._sampler, self._tags_fn = fallback_note, sampler, tags_fn
+        # (step, timestamp_ms, {key: value}) rows the run should hold; None once reconciled (see the top)
+        self._reconcile_rows = reconcile
+        self._held: set[tuple[str, int]] = set()  # (MLflow key, step) the run held past those rows
         self._cv = threading.Condition()
         self._points: collections.deque = collections.deque()  # (key, value, timestamp_ms, step)
         self._artifacts: collections.deque = collections.deque()  # (local_path, artifact_dir or None)
@@ -148,7 +162,8 @@ class MlflowSink:
 
     def _main(self) -> None:
         try:
-            self._connect()
+            if self._connect() and self._reconcile_rows is not None:
+                self._flush(force=True)  # reconcile a resumed run now; after _connect, so run_id waits not for it
             next_flush, next_sys = time.monotonic() + self._flush_s, time.monotonic() + self._sys_s
             while True:
                 with self._cv:
@@ -279,11 +294,18 @@ class MlflowSink:
         except Exception as e:
             self._fail("log params", e)
             return False
+        try:
+            self._reconcile()
+        except Exception as e:
+            self._fail("reconcile with metrics.jsonl", e)
+            return False
         while True:
             with self._cv:
                 chunk = [self._points.popleft() for _ in range(min(FLUSH_POINTS, len(self._points)))]
             if not chunk:
                 break
+            if self._held:
+                chunk = [p for p in chunk if (mlflow_key(p[0]), p[3]) not in self._held]
             try:
                 self._client.log_batch(self.run_id, metrics=[Metric(mlflow_key(k), v, t, s) for k, v, t, s in chunk])
             except Exception as e:
@@ -311,6 +333,32 @@ class MlflowSink:
             lost = f" ({self._dropped} oldest points were dropped while it was down)" if self._dropped else ""
             log.info("MLflow logging is back on (%s); queued metrics sent%s", self.uri, lost)
         return True
+
+    def _reconcile(self) -> None:
+        """Send what the resumed run lacks of metrics.jsonl; remember what it holds past it (see the top).
+        Safe to repeat after a failure: it reads the run's histories again."""
+        if self._reconcile_rows is None or self.run_id is None:
+            return
+        from mlflow.entities import Metric
+
+        rows = self._reconcile_rows()
+        last = max((step for step, _, _ in rows), default=0)
+        keys = {mlflow_key(k) for _, _, metrics in rows for k in metrics}
+        keys |= {k for k in self._client.get_run(self.run_id).data.metrics if not k.startswith("system/")}
+        held = {(m.key, m.step) for key in sorted(keys) for m in self._client.get_metric_history(self.run_id, key)}
+        missing = [
+            Metric(mlflow_key(k), v, ts, step)
+            for step, ts, metrics in rows
+            for k, v in metrics.items()
+            if (mlflow_key(k), step) not in held
+        ]
+        for i in range(0, len(missing), FLUSH_POINTS):
+            self._client.log_batch(self.run_id, metrics=missing[i : i + FLUSH_POINTS])
+        self._held = {(key, step) for key, step in held if step > last}
+        self._reconcile_rows = None
+        if missing or self._held:
+            log.info("MLflow run %s reconciled with %s: %d missing points sent; %d points after step %d already "
+                     "held (not sent again)", self.run_id, self._note, len(missing), len(self._held), last)  # fmt: skip
 
     def _finish(self, status: str) -> None:
         if self._flush(force=True) and self.run_id is not None:

@@ -111,6 +111,8 @@ class Tracker:
                 fallback_note=str(self.metrics_path),
                 sampler=self._sampler,
                 tags_fn=provenance_tags,
+                # The rows before this job's first log(): what a resumed MLflow run should hold.
+                reconcile=_rows_reader(self.metrics_path, self.metrics_path.stat().st_size) if resume_run_id else None,
             )
 
     # ------------------------------------------------------------------ per step
@@ -124,14 +126,10 @@ class Tracker:
         if not self.enabled or self._finished:
             return
         row: dict[str, Any] = {"step": int(step)}
-        numeric: dict[str, float] = {}
         for k, v in metrics.items():
-            if k == "step":
-                continue
-            v = v.item() if hasattr(v, "item") else v  # 0-d tensors / numpy scalars
-            row[k] = v
-            if isinstance(v, (int, float)):  # bool is an int: logged as 0/1
-                numeric[k] = float(v)
+            if k != "step":
+                row[k] = v.item() if hasattr(v, "item") else v  # 0-d tensors / numpy scalars
+        numeric = numeric_values(row)
         self._write(self._jsonl, row)
         if self._sink is not None:
             if self._sampler is not None and self._sampler.cuda_device is None:
@@ -275,6 +273,31 @@ class Tracker:
             if not self._write_failed:
                 self._write_failed = True
                 log.warning("tracker: cannot write %s (%s); metrics are only going to MLflow now", f.name, e)
+
+
+def numeric_values(row: dict[str, Any]) -> dict[str, float]:
+    """The values of a metrics row that go to MLflow: numbers (bool as 0/1), not the step, not strings."""
+    return {k: float(v) for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+
+
+def _rows_reader(path: Path, nbytes: int):
+    """A function that reads the first `nbytes` of metrics.jsonl (the rows written before this job began,
+    already cut to its resume step) as (step, timestamp_ms, MLflow values) for the sink's reconcile."""
+
+    def read() -> list[tuple[int, int, dict[str, float]]]:
+        with open(path, "rb") as f:
+            lines = f.read(nbytes).decode(errors="replace").splitlines()
+        ts, rows = int(time.time() * 1000), []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                rows.append((row["step"], ts, numeric_values(row)))
+        return rows
+
+    return read
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:

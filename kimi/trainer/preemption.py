@@ -4,9 +4,15 @@ resumes from that checkpoint."""
 
 from __future__ import annotations
 
+import os
 import signal
+from pathlib import Path
 
 REQUEUE_EXIT_CODE = 3
+# The launchers (launch/torchrun.sh run_torchrun, slurm/common.sh) name a file here: torchrun turns any
+# worker's exit code into 1, so a process that exits REQUEUE_EXIT_CODE also writes this file, and the
+# launcher returns REQUEUE_EXIT_CODE when it exists after torchrun has ended.
+REQUEUE_FILE_ENV = "KIMI_REQUEUE_FILE"
 
 
 class Preemption:
@@ -29,3 +35,23 @@ class Preemption:
         """Give the signals back (a process that goes on after train() must stay killable)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def clear_requeue_mark() -> None:
+    """At start: a mark left by an earlier round (torchrun --max-restarts restarts workers that exited 3)
+    must not make a later failure look like a save."""
+    if path := os.environ.get(REQUEUE_FILE_ENV):
+        Path(path).unlink(missing_ok=True)
+
+
+def mark_requeue(step: int | None) -> None:
+    """Leave the launcher's marker (if it named one): "checkpoint at `step` written, requeue me". Every
+    process that exits REQUEUE_EXIT_CODE writes the same line, each through its own temporary file and an
+    atomic rename, so a reader never sees a partial one."""
+    path = os.environ.get(REQUEUE_FILE_ENV)
+    if not path:
+        return
+    target = Path(path)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    tmp.write_text(f"step {step}\n")
+    os.replace(tmp, target)

@@ -94,7 +94,8 @@ def test_signalled_job_requeues_and_resumes_to_the_same_loss(slurm_cluster: Clus
 
 
 def test_cancelled_job_stays_cancelled(slurm_cluster: Cluster, jobs: dict) -> None:  # noqa: F811
-    """A plain scancel sends TERM to the batch shell as well: the trainer saves, nothing is requeued."""
+    """A plain scancel sends TERM to the batch shell as well: the trainer saves, nothing is requeued, and the
+    batch shell exits 3 (the trainer's code, which torchrun reports as 1) for a requeue policy outside."""
     job, out = jobs["cancelled"]
     wait_for_steps(slurm_cluster, job, out, jobs["tmp"])
     slurm_cluster.run("scancel", str(job))
@@ -104,6 +105,7 @@ def test_cancelled_job_stays_cancelled(slurm_cluster: Cluster, jobs: dict) -> No
         time.sleep(0.2)
     info = slurm_cluster.wait(job, timeout=JOB_TIMEOUT)
     assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), log_of(jobs["tmp"], job)
+    assert "slurm: done, exit code 3" in log_of(jobs["tmp"], job)
 
 
 def test_job_completes_with_checkpoint_and_mlflow_run(slurm_cluster: Cluster, jobs: dict) -> None:  # noqa: F811

@@ -7,7 +7,8 @@
   survive a resume; a NaN token on the Triton router is skipped too;
 - a NaN on one of 2 ranks (FSDP2 + EP) is skipped by both, and the run trains on;
 - SIGTERM / SIGUSR1 mid-run: exit 3, a checkpoint at the step it stopped, and the resume reproduces the
-  uninterrupted run bit for bit, with every metrics row exactly once.
+  uninterrupted run bit for bit, with every metrics row exactly once; the launchers' requeue file
+  (KIMI_REQUEUE_FILE) is written on that save and cleared when a process starts.
 """
 
 import json
@@ -28,6 +29,7 @@ from kimi.config import load_config
 from kimi.engine import read_model_state as load_model_state
 from kimi.train import REQUEUE_EXIT_CODE, train
 from kimi.trainer.nonfinite import NONFINITE_EXIT_CODE
+from kimi.trainer.preemption import Preemption
 
 ROOT = Path(__file__).resolve().parents[2]
 DEBUG = ROOT / "configs" / "debug.yaml"
@@ -413,3 +415,19 @@ def test_signal_checkpoints_and_resumes_bit_exact(tmp_path, uninterrupted, sig):
     assert [r["step"] for r in rows] == list(range(1, SIGNAL_STEPS + 1))  # none missing, none twice
     assert [r["loss"] for r in rows] == [r["loss"] for r in uninterrupted]  # bit for bit
     assert [r["grad_norm"] for r in rows] == [r["grad_norm"] for r in uninterrupted]
+
+
+def test_requeue_mark_is_written_on_a_save_and_cleared_at_start(tmp_path, monkeypatch):
+    """The launchers' KIMI_REQUEUE_FILE: written by a process that exits 3 (its step in it), removed when a
+    process starts (a mark from an earlier torchrun round must not make a later crash look like a save)."""
+    from kimi.train import main
+
+    mark = tmp_path / "requeue"
+    monkeypatch.setenv("KIMI_REQUEUE_FILE", str(mark))
+    mark.write_text("step 7\n")  # an earlier round's
+    main([*BASE, f"--train.out_dir={tmp_path / 'done'}", "--train.max_steps=2"])
+    assert not mark.exists()
+    monkeypatch.setattr("kimi.train.Preemption", lambda stop_after=None: Preemption(stop_after=2))  # as a signal
+    with pytest.raises(SystemExit) as e:
+        main([*BASE, f"--train.out_dir={tmp_path / 'preempted'}", "--train.max_steps=4"])
+    assert e.value.code == REQUEUE_EXIT_CODE and mark.read_text() == "step 2\n"

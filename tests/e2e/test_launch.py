@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,14 +20,17 @@ CONFIG = "configs/debug.yaml"
 FAST = ("--train.micro_batch_size=4", "--logging.mlflow=false", "--train.eval_interval=0")
 
 
-def launch(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+def launcher_env(**env: str) -> dict[str, str]:
     # CUDA_VISIBLE_DEVICES="" hides any GPU, so the CPU fallback runs wherever the test does. With no
     # virtual environment active the launchers take VENV's torchrun: the environment running these tests.
-    dropped = ("NPROC", "NGPU", "MASTER_ADDR", "CONFIG", "VIRTUAL_ENV", "TORCHRUN", "PYTHON")
+    dropped = ("NPROC", "NGPU", "MASTER_ADDR", "CONFIG", "VIRTUAL_ENV", "TORCHRUN", "PYTHON", "MAX_RESTARTS")
     inherited = {k: v for k, v in os.environ.items() if k not in dropped}
-    full_env = {**inherited, "CUDA_VISIBLE_DEVICES": "", "MODULE": MODULE, "VENV": sys.prefix, **env}
+    return {**inherited, "CUDA_VISIBLE_DEVICES": "", "MODULE": MODULE, "VENV": sys.prefix, **env}
+
+
+def launch(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [f"launch/{script}", *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=300
+        [f"launch/{script}", *args], cwd=REPO, env=launcher_env(**env), capture_output=True, text=True, timeout=300
     )
 
 
@@ -60,7 +65,7 @@ def test_train_sh_runs_two_cpu_processes(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     plus = [line for line in proc.stderr.splitlines() if line.startswith("+ ")]
     assert plus == [
-        f"+ {sys.prefix}/bin/torchrun --standalone --nproc_per_node=2 -m {MODULE} --config {CONFIG} "
+        f"+ {sys.prefix}/bin/torchrun --standalone --nproc_per_node=2 --max-restarts=0 -m {MODULE} --config {CONFIG} "
         f"--train.max_steps=2 --train.out_dir={tmp_path} {' '.join(FAST)}"
     ]
     assert "no GPU" in proc.stderr
@@ -106,3 +111,44 @@ def test_engine_knob_reaches_the_trainer() -> None:
     proc = launch("train.sh", "--dry-run", NPROC="1", ENGINE="deepspeed", PYTHON=sys.executable)
     assert proc.returncode == 0, proc.stderr
     assert "--parallel.engine=deepspeed" in proc.stderr and "deepspeed ZeRO-1 *" in proc.stdout
+
+
+def torchrun_agent(pid: int) -> int:
+    """The torchrun process at or below `pid`: the launcher's shell, or torchrun itself if it was exec'd."""
+    while "torchrun" not in Path(f"/proc/{pid}/cmdline").read_bytes().decode():
+        (pid,) = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return pid
+
+
+@pytest.mark.parametrize("target", ["launcher", "agent", "group"])
+def test_sigterm_mid_run_exits_3_with_a_checkpoint(tmp_path: Path, target: str) -> None:
+    """SIGTERM to launch/train.sh, to its torchrun agent, or to the whole process group (as `kill -TERM -PGID`
+    or a container stop does: torchrun gets it twice then, once forwarded) mid-run: the workers finish their
+    step, checkpoint and exit 3; torchrun reports 1, the launcher must say 3."""
+    args = ("--train.max_steps=500", f"--train.out_dir={tmp_path}", *FAST)
+    proc = subprocess.Popen(
+        ["launch/train.sh", *args], cwd=REPO, env=launcher_env(CONFIG=CONFIG, NPROC="2", OMP_NUM_THREADS="1"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        metrics, deadline = tmp_path / "metrics.jsonl", time.monotonic() + 240
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no training step logged in 240 s"
+            time.sleep(0.05)
+        if target == "launcher":
+            os.kill(proc.pid, signal.SIGTERM)
+        elif target == "agent":
+            os.kill(torchrun_agent(proc.pid), signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher, torchrun and the workers
+            proc.wait()
+    assert proc.returncode == 3, stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if line.strip()]
+    assert steps == list(range(1, len(steps) + 1)) and steps[-1] < 500
+    saved = json.loads((tmp_path / "checkpoints" / "latest" / "meta.json").read_text())["step"]
+    assert saved == steps[-1] and f"checkpoint at step {saved} written" in stdout
