@@ -78,7 +78,7 @@ def test_a_stopped_rank_ends_the_job_in_bounded_time_and_a_restart_resumes(tmp_p
     assert "restart can resume from checkpoints/latest (step_" in lines[0]
     assert f"exitcode  : {HANG_EXIT_CODE}" in stderr  # torchrun's summary: rank 0 left through our path
     assert took >= TIMEOUT_S - 1, took  # it was the timeout that ended it, not something faster
-    print(f"job ended {took:.1f} s after SIGSTOP: {lines[0]}")
+    print(f"job ended {took:.1f} s after SIGSTOP, torchrun exit {rc}: {lines[0]}")
 
     before = _steps(out)
     res = subprocess.run(_cmd(out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
