@@ -138,8 +138,8 @@ def setup_runtime(
     dims = ParallelDims.for_model(parallel, model, world)
     rank, mesh, dp_group = 0, None, None
     if world > 1:
-        rank, world, local_rank = init_distributed(parallel.backend, "cuda" if use_cuda else "cpu")
-        mesh = build_mesh(dims, device.type)
+        rank, world, local_rank = init_distributed(parallel.backend, "cuda" if use_cuda else "cpu", parallel.timeout_s)
+        mesh = build_mesh(dims, device.type, parallel.timeout_s)
         dp_group = dist.group.WORLD  # every rank is a data-parallel rank (EP borrows from FSDP's ranks)
     elif group_at_world_1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)

@@ -13,6 +13,8 @@ Preemption: SIGTERM / SIGUSR1 finish the current step, write a checkpoint and ex
 REQUEUE_EXIT_CODE (3); a run whose out_dir already holds a checkpoint resumes from it (kimi.checkpoint).
 NaN/inf: a step whose loss or gradient norm is not finite is never applied; `train.nonfinite` says
 whether the run stops there (exit 4) or skips the step. Weights that hold NaN/inf are never saved.
+A hung rank: a collective that waits longer than `parallel.timeout_s` ends every rank still running with
+one line and exit 5 (kimi.trainer.hang); a restart resumes from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from kimi.engine import build_engine, engine_class
 from kimi.optim import warmup_note
 from kimi.runtime import datasheet_peak_flops, setup_runtime
 from kimi.trainer.console import StepLogger
+from kimi.trainer.hang import HANG_EXIT_CODE, CollectiveTimeout, as_collective_timeout
 from kimi.trainer.mixture_stats import MixtureStats
 from kimi.trainer.nonfinite import NONFINITE_EXIT_CODE, NonFiniteError, NonFiniteGuard, weights_finite
 from kimi.trainer.preemption import REQUEUE_EXIT_CODE, Preemption, clear_requeue_mark, mark_requeue
@@ -68,6 +71,14 @@ def main(argv: list[str] | None = None) -> None:
         if row.get("preempted"):
             mark_requeue(row.get("step"))
             sys.exit(REQUEUE_EXIT_CODE)
+    except CollectiveTimeout as e:
+        # Every rank still running says so (the hung one may be rank 0). Then os._exit, skipping the
+        # `finally` below: destroy_process_group and the interpreter's teardown (gloo's pair destructors,
+        # atexit hooks) may wait on the hung peer's sockets, and an exit that can hang is the bug this fixes.
+        # The metrics and the tracker were flushed by Trainer.train's own `finally` already.
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(HANG_EXIT_CODE)
     except NonFiniteError as e:
         if int(os.environ.get("RANK", "0")) == 0:  # every rank stops on it; one says so
             print(f"error: {e}", file=sys.stderr)
@@ -228,6 +239,12 @@ class Trainer:
                 status = "FINISHED"
         except NonFiniteError as e:
             raise NonFiniteError(f"{e} {self.nonfinite_hint()}") from None
+        except RuntimeError as e:  # a rank that never joins a collective: gloo raises after parallel.timeout_s
+            latest = self.checkpointer.latest()
+            where = f"checkpoints/latest ({latest.name})" if latest else "the start (no checkpoint was written)"
+            if hung := as_collective_timeout(e, rt.rank, step, cfg.parallel.timeout_s, where):
+                raise hung from None
+            raise
         finally:
             self.preempt.restore()
             tracker.finish(status, config_yaml_text=cfg.to_yaml())

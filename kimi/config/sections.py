@@ -340,11 +340,14 @@ class ParallelConfig:
     ep: int = 1  # expert-parallel degree (divides num_experts)
     backend: str = "auto"  # "auto" (nccl on CUDA, gloo on CPU), "nccl", "gloo"
     engine: str = "fsdp2"  # what wraps the model and steps it: "fsdp2" or "deepspeed" (kimi/engine/)
+    timeout_s: float = 600.0  # seconds a collective waits for the other ranks; then the job stops (a hung rank)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)  # takes a dict too
 
     def __post_init__(self) -> None:
         if self.engine not in ("fsdp2", "deepspeed"):
             raise ConfigError(f"parallel.engine={self.engine!r} is not one of 'fsdp2', 'deepspeed'")
+        if not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
+            raise ConfigError(f"parallel.timeout_s={self.timeout_s} must be a number of seconds > 0")
 
 
 @section("logging")

@@ -99,6 +99,19 @@ def ds_config(optim: OptimConfig, parallel: ParallelConfig, t: TrainConfig, worl
 # ----------------------------------------------------------------------------- experts as DeepSpeed MoE params
 
 
+def register_world_group(timeout_s: float) -> None:
+    """DeepSpeed's data-parallel group is its own clone of the world (ZeRO's reduce-scatters and
+    all-gathers run on it), made by a plain `new_group` with torch's 30-minute default timeout; make the
+    clone ourselves with parallel.timeout_s, so a hung rank stops a DeepSpeed job as soon as an FSDP2 one."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    if groups._WORLD_GROUP is None:
+        groups._WORLD_GROUP = dist.new_group(list(range(dist.get_world_size())), timeout=timedelta(seconds=timeout_s))
+
+
 def _expert_group_name(ep: int) -> str:
     return f"ep_size_{ep}"  # DeepSpeed's own naming for its expert / expert-data-parallel groups
 
@@ -200,6 +213,7 @@ class DeepSpeedEngine(Engine):
         self.raw_model, self.rt = model, rt
         self.ep = dims.ep if model.moe_layers() else 1
         self.experts: list[nn.Parameter] = []
+        register_world_group(parallel.timeout_s)
         if self.ep > 1:
             apply_expert_parallel(model, submesh(rt.mesh, "ep"), profile=train.profile)
             group_name = register_expert_groups(rt.mesh, self.ep)

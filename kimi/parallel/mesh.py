@@ -107,8 +107,22 @@ class ParallelDims:
 _SUBMESHES: dict[int, dict[str, DeviceMesh]] = {}  # id(root mesh) -> name -> submesh
 
 
-def build_mesh(dims: ParallelDims, device_type: str = "cpu") -> DeviceMesh | None:
-    """The 3-D world mesh (dims `MESH_DIMS`) with its submeshes registered; None at world size 1.
+def _group_options(timeout_s: float):
+    """Backend options that carry `timeout_s`, for every group the mesh creates: without them DeviceMesh's
+    subgroups get torch's 30-minute default, not the world group's timeout (a hung rank would hold an
+    EP all-to-all that long). Gloo and NCCL each want their own Options class."""
+    if dist.get_backend() == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts.is_high_priority_stream = False  # what new_group uses when given none
+    else:
+        opts = dist.ProcessGroupGloo._Options()
+    opts._timeout = timedelta(seconds=timeout_s)
+    return opts
+
+
+def build_mesh(dims: ParallelDims, device_type: str = "cpu", timeout_s: float = 600.0) -> DeviceMesh | None:
+    """The 3-D world mesh (dims `MESH_DIMS`) with its submeshes registered; None at world size 1. Every
+    group it creates times a collective out after `timeout_s` (parallel.timeout_s).
 
     Needs an initialised process group of `dims.world_size` ranks. All ranks must call it (it creates groups).
     """
@@ -117,11 +131,14 @@ def build_mesh(dims: ParallelDims, device_type: str = "cpu") -> DeviceMesh | Non
     if not dist.is_initialized() or dist.get_world_size() != dims.world_size:
         raise RuntimeError(f"build_mesh needs an initialised process group of {dims.world_size} ranks")
     shape = (dims.dp_replicate, dims.dp_shard_mod_ep, dims.ep)
-    mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS)
+    opts = _group_options(timeout_s)
+    mesh = init_device_mesh(
+        device_type, shape, mesh_dim_names=MESH_DIMS, backend_override=dict.fromkeys(MESH_DIMS, opts)
+    )
     sub = {
-        "dp": mesh[MESH_DIMS]._flatten("dp"),
-        "fsdp": mesh[MESH_DIMS[1:]]._flatten("fsdp"),
-        "ep": mesh["dp_shard_in_ep"]._flatten("ep"),
+        "dp": mesh[MESH_DIMS]._flatten("dp", opts),
+        "fsdp": mesh[MESH_DIMS[1:]]._flatten("fsdp", opts),
+        "ep": mesh["dp_shard_in_ep"]._flatten("ep", opts),
         "dp_replicate": mesh["dp_replicate"],
         "dp_shard_mod_ep": mesh["dp_shard_mod_ep"],
     }

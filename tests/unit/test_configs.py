@@ -14,6 +14,7 @@ from kimi.config import (
     KimiConfig,
     MoEConfig,
     OptimConfig,
+    ParallelConfig,
     TrainConfig,
     config_from_dict,
     flatten_dict,
@@ -156,8 +157,9 @@ def test_config_stored_by_an_old_checkpoint_still_loads(tmp_path):
         (lambda: OptimConfig(lr="fast"), "optim.lr='fast' should be a number"),
         (lambda: TrainConfig(compile="maybe"), "train.compile='maybe' should be true or false"),
         (lambda: DeepSpeedConfig(zero_stage=3), "parallel.deepspeed.zero_stage=3 is not supported"),
+        (lambda: ParallelConfig(timeout_s=0), "parallel.timeout_s=0.0 must be a number of seconds > 0"),
     ],
-    ids=["model", "nested-dict", "unknown-key", "optim", "train", "deepspeed"],
+    ids=["model", "nested-dict", "unknown-key", "optim", "train", "deepspeed", "timeout"],
 )
 def test_sections_built_in_python_raise_one_line_config_errors(build, needle):
     with pytest.raises(ConfigError) as e:

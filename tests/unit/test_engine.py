@@ -311,3 +311,20 @@ def test_deepspeed_one_process_matches_fsdp2(tmp_path):
     (losses, norms), params = res["deepspeed"]
     assert losses == pytest.approx(ref_losses, rel=LOSS_RTOL) and norms == pytest.approx(ref_norms, rel=NORM_RTOL)
     _assert_params_close(params, ref_params)
+
+
+def _group_timeouts(rank, world, tmp):
+    from torch.distributed import distributed_c10d as c10d
+
+    cfg = _cfg(f"{tmp}/t", "deepspeed", "--parallel.timeout_s=17", "--parallel.zero_stage=2")
+    rt = _runtime(cfg)  # init_pg=False: the runtime makes the process group, as under torchrun
+    _build(cfg, rt)
+    cpu = torch.device("cpu")
+    return [(g.group_desc, g._get_backend(cpu).options._timeout.total_seconds()) for g in c10d._world.pg_map]
+
+
+def test_every_group_times_out_after_parallel_timeout_s(tmp_path):
+    """The world, the mesh's groups and DeepSpeed's own clone of the world: a hung rank stops each of
+    their collectives after parallel.timeout_s, none waits torch's 30-minute default for new groups."""
+    for timeouts in run_distributed(_group_timeouts, 2, args=(str(tmp_path),), init_pg=False, timeout=300):
+        assert len(timeouts) > 3 and {t for _, t in timeouts} == {17.0}, timeouts

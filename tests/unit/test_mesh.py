@@ -68,6 +68,9 @@ def test_world_size_one_is_a_no_op(monkeypatch):
         init_distributed("mpi", "cpu")
 
 
+SUBMESHES = ("dp", "fsdp", "ep", "hsdp", "efsdp", "dp_replicate", "dp_shard_mod_ep")
+
+
 def _ranks(mesh):
     return mesh.mesh.flatten().tolist()
 
@@ -81,7 +84,10 @@ def _body(rank, world_size):
 
     layouts = {}
     for dims in (ParallelDims(1, -1, 2, 4), ParallelDims(2, -1, 2, 4), ParallelDims(1, -1, 1, 4)):
-        mesh = build_mesh(dims, "cpu")
+        mesh = build_mesh(dims, "cpu", timeout_s=17)
+        # Every group times out after parallel.timeout_s, not torch's 30-minute default for new groups.
+        groups = [submesh(mesh, n).get_group(i) for n in SUBMESHES for i in range(submesh(mesh, n).ndim)]
+        assert {g._get_backend(torch.device("cpu")).options._timeout.total_seconds() for g in groups} == {17.0}
         assert mesh.mesh_dim_names == ("dp_replicate", "dp_shard_mod_ep", "dp_shard_in_ep")
         assert submesh(mesh, "dp").get_local_rank() == rank  # data rank = global rank
         names = ("dp", "fsdp", "ep", "hsdp", "efsdp")
