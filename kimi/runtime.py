@@ -55,6 +55,7 @@ class Runtime:
     amp_dtype: torch.dtype | None
     mesh: object | None  # kimi.parallel ParallelDims/DeviceMesh, None at world size 1
     dp_group: object | None  # process group of all data-parallel ranks (= world), None at world size 1
+    owns_group: bool = False  # the one-process group at world size 1 was made here (setup_runtime)
 
     @property
     def is_main(self) -> bool:
@@ -114,8 +115,18 @@ class Runtime:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def shutdown(self) -> None:
-        if dist.is_initialized():
+        """End of a run: ranks wait for each other; a one-process group this runtime made goes with it."""
+        if self.owns_group:
+            self.release_group()
+        elif dist.is_initialized():
             dist.barrier()
+
+    def release_group(self) -> None:
+        """Destroy the one-process group made for an engine that needs one (safe on any exit path: no
+        peer to wait for), so the next run in this Python process starts from none, as a fresh one would."""
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self.owns_group = False
 
 
 def setup_runtime(
@@ -136,13 +147,14 @@ def setup_runtime(
         torch.cuda.set_device(local_rank)
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     dims = ParallelDims.for_model(parallel, model, world)
-    rank, mesh, dp_group = 0, None, None
+    rank, mesh, dp_group, owns_group = 0, None, None, False
     if world > 1:
         rank, world, local_rank = init_distributed(parallel.backend, "cuda" if use_cuda else "cpu", parallel.timeout_s)
         mesh = build_mesh(dims, device.type, parallel.timeout_s)
         dp_group = dist.group.WORLD  # every rank is a data-parallel rank (EP borrows from FSDP's ranks)
     elif group_at_world_1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        owns_group = True
         for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", str(local_rank))):
             os.environ.setdefault(k, v)  # DeepSpeed reads the launcher's variables even then
     # CPU default stays fp32: bf16 autocast measured no faster on this project's CPU (docs/training.md).
@@ -150,4 +162,4 @@ def setup_runtime(
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Runtime(rank, world, local_rank, device, amp, mesh, dp_group)
+    return Runtime(rank, world, local_rank, device, amp, mesh, dp_group, owns_group)

@@ -248,6 +248,7 @@ class Trainer:
         finally:
             self.preempt.restore()
             tracker.finish(status, config_yaml_text=cfg.to_yaml())
+            rt.release_group()  # a failed run too leaves no one-process group behind in this process
         if status == "FINISHED":
             rt.print(self.summary(step - start, row))
         rt.shutdown()

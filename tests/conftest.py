@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 
 from tests.mlflow_server import mlflow_server  # noqa: F401  (fixture: a real `mlflow server` on 127.0.0.1)
@@ -11,3 +12,15 @@ from tests.mlflow_server import mlflow_server  # noqa: F401  (fixture: a real `m
 # On a CUDA machine the kernels compile for real and the flag is left alone.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_process_group():
+    """A test that leaves torch.distributed initialized breaks every later one that runs world 1 in this
+    process (seen as 'default process group twice' in an unrelated test): fail the leaker instead."""
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+        pytest.fail("the test left a torch.distributed process group initialized; destroy it in a finally")

@@ -102,14 +102,15 @@ def ds_config(optim: OptimConfig, parallel: ParallelConfig, t: TrainConfig, worl
 def register_world_group(timeout_s: float) -> None:
     """DeepSpeed's data-parallel group is its own clone of the world (ZeRO's reduce-scatters and
     all-gathers run on it), made by a plain `new_group` with torch's 30-minute default timeout; make the
-    clone ourselves with parallel.timeout_s, so a hung rank stops a DeepSpeed job as soon as an FSDP2 one."""
+    clone ourselves with parallel.timeout_s, so a hung rank stops a DeepSpeed job as soon as an FSDP2 one.
+    Made afresh for every engine: DeepSpeed caches it in its module, and a one-process run's group (kimi.runtime)
+    is destroyed when the run ends, so a cached clone would belong to a group that no longer exists."""
     from datetime import timedelta
 
     import torch.distributed as dist
     from deepspeed.utils import groups
 
-    if groups._WORLD_GROUP is None:
-        groups._WORLD_GROUP = dist.new_group(list(range(dist.get_world_size())), timeout=timedelta(seconds=timeout_s))
+    groups._WORLD_GROUP = dist.new_group(list(range(dist.get_world_size())), timeout=timedelta(seconds=timeout_s))
 
 
 def _expert_group_name(ep: int) -> str:
