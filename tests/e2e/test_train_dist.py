@@ -163,3 +163,22 @@ def test_killed_torchrun_job_resumes_exactly(tmp_path, ep2_run):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in res.stdout
     assert _losses(out) == ep2_run[1]  # same layout: bit for bit, no step lost or doubled
+
+
+CLIP = ["--optim.qk_clip_tau=0.15", "--train.max_steps=6"]  # debug's logits reach ~0.2: heads clip every step
+
+
+def _clip_losses(out):
+    rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["qk_clipped_heads"] > 0 for r in rows) >= 4, rows  # it clips: reduce_fn's max is on the path
+    return [r["loss"] for r in rows], [r["max_attn_logit"] for r in rows]
+
+
+def test_qk_clip_under_ep2_clips_as_one_process(tmp_path):
+    """QK-clip takes each head's max logit over all ranks (reduce_fn); a rank that clipped by its own
+    batch's max would scale its shard of W_q/W_k differently from its peers and drift from one process."""
+    train(_cfg(tmp_path / "one", *CLIP))
+    run_distributed(_train_rank, 2, args=(str(tmp_path / "ep2"), ["--parallel.ep=2", *CLIP], None), timeout=600)
+    (one, one_max), (ep2, ep2_max) = _clip_losses(tmp_path / "one"), _clip_losses(tmp_path / "ep2")
+    _close(ep2, one)
+    _close(ep2_max, one_max)
