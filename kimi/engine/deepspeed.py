@@ -427,15 +427,22 @@ def read_model_state(path: Path, cfg_dict: dict[str, Any] | None = None) -> dict
 
 
 def memory_estimate(sizes: dict, dims, parallel) -> dict[str, float]:
-    """Per-GPU bytes under ZeRO-1/2 (bf16 on GPU; for --dry-run): parameters replicated in bf16 (experts over
-    ep), fp32 master weights partitioned over all ranks (experts over their replicas), gradients full bf16
-    copies under ZeRO-1 and partitioned under ZeRO-2; optimizer state and activations as FSDP2's."""
+    """Per-GPU bytes under ZeRO-1/2 (for --dry-run): parameters replicated in the working dtype (bf16 on GPU,
+    fp32 on CPU; experts over ep), plus fp32 master weights partitioned over all ranks (experts over their
+    replicas; a copy even when the working dtype is fp32). Gradients kept to the step: the rank's partition
+    (ZeRO-1 and -2 alike). Optimizer state as FSDP2's. `buffers`, inside a step: ZeRO's reduce bucket (capped
+    at the rank's parameter count by ds_config) in the working dtype, and under ZeRO-1 also the rank's full
+    gradients, which it reduces only after backward (ZeRO-2 reduces them bucket by bucket). Measured on gloo
+    CPU ranks (docs/training.md): within 11% at world 1 to 8."""
     total, experts, muon = sizes["total"], sizes["expert_params"], sizes["muon"]
     local = total - experts + experts / max(1, dims.ep)  # this rank's parameters: dense whole, its experts
     partition = total / dims.world_size  # dense over all ranks, experts over their world/ep replicas
+    work = sizes["working_bytes"]
+    full_grads = local * work if parallel.deepspeed.zero_stage == 1 else 0
     return {
-        "params": local * 2 + partition * 4,  # bf16 model copy + fp32 master partition
-        "grads": (local if parallel.deepspeed.zero_stage == 1 else partition) * 2,
+        "params": local * work + partition * 4,  # the module's copy + the fp32 master partition
+        "grads": partition * work,
         "optim": (muon * 4 + (total - muon) * 8) / dims.dp_shard,
+        "buffers": min(DEEPSPEED_BUCKET, local) * work + full_grads,
         "activations": sizes["activations"],
     }
