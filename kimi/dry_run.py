@@ -10,8 +10,13 @@ layer in bf16 without checkpointing (Korthikanti et al. 2022, flash attention dr
 the MoE's dispatched copies (top_k x (D + 3F)) x 2 bytes; with activation checkpointing one D-vector per
 token and layer, plus one layer recomputed; plus the fp32 logits and their gradient. Parameters,
 gradients and optimizer state are each engine's own model (`memory_estimate` in kimi/engine/<name>.py);
-every registered engine is printed, the configured one marked.
-These are estimates to plan a layout, not measurements: `python -m kimi.bench` measures.
+every registered engine is printed, the configured one marked. `params`, `grads` and `optim` are what a
+rank holds from one step to the next; `buffers` are working copies alive only inside a step (FSDP2's
+all-gathered block). Precision follows the config: bf16 working copies where the run autocasts to bf16
+(train.dtype=bf16, or auto on a GPU: with train.device=auto the dry run plans for GPUs), fp32 otherwise
+(--train.device=cpu predicts a CPU run).
+These are estimates to plan a layout: the states are checked against real gloo runs at world 1 to 8 in
+docs/training.md (tests/unit/test_dry_run_measured.py at world 1 and 2); `python -m kimi.bench` measures.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import os
 
 import torch
 
-from kimi.config import Config, ConfigError, KimiConfig
+from kimi.config import Config, ConfigError, KimiConfig, TrainConfig
 
 GiB = 1024**3
 
@@ -76,12 +81,25 @@ def model_counts(cfg: Config) -> dict[str, int]:
         slope_d = per_dense[k] - v if dense else 0
         slope_m = per_moe[k] - v if moe else 0
         out[k] = v + slope_d * (dense - d0) + slope_m * (moe - m0)
+    # What is outside every block (embedding, final norm, head): FSDP2's root, kept gathered through a step.
+    out["root_params"] = out["total"] - sum(
+        n * (c["total"] - base["total"]) for n, c in ((dense, per_dense), (moe, per_moe)) if n
+    )
     return out
+
+
+def working_bytes(train: TrainConfig) -> int:
+    """Bytes per element of the weights' working copies (FSDP2's all-gathered blocks, DeepSpeed's module and
+    its gradients): 2 where the run autocasts to bf16 (kimi.runtime's rule, with device auto taken as a GPU),
+    else 4."""
+    bf16 = train.dtype == "bf16" or (train.dtype == "auto" and train.device != "cpu")
+    return 2 if bf16 else 4
 
 
 def memory_plan(cfg: Config, world: int) -> dict:
     """Sizes of cfg's model (model_counts), its activations, and each engine's per-GPU estimate
-    (`memory_estimate` in kimi/engine/<name>.py: {"params", "grads", "optim", "activations"} in bytes)."""
+    (`memory_estimate` in kimi/engine/<name>.py: {"params", "grads", "optim", "buffers", "activations"} in
+    bytes)."""
     from kimi.engine import ENGINES, engine_module
     from kimi.parallel import ParallelDims
 
@@ -101,6 +119,8 @@ def memory_plan(cfg: Config, world: int) -> dict:
         "muon": counts["muon"],
         "block_params": counts["block_params"],
         "block_expert": counts["block_expert"],
+        "root_params": counts["root_params"],
+        "working_bytes": working_bytes(cfg.train),
         "activations": act + tokens * m.vocab_size * 4 * 2,  # + fp32 logits and their gradient
     }
     return {
@@ -144,7 +164,7 @@ def dry_run(cfg: Config) -> dict[str, float]:
     heads = [f"{n}{' ZeRO-' + str(cfg.parallel.deepspeed.zero_stage) if n == 'deepspeed' else ''}" for n in names]
     heads = [f"{h}{' *' if n == cfg.parallel.engine else ''}" for h, n in zip(heads, names)]
     print("per-GPU memory (estimate; * = parallel.engine):  " + " ".join(f"{h:>20}" for h in heads))
-    for k in ("params", "grads", "optim", "activations", "total"):
+    for k in ("params", "grads", "optim", "buffers", "activations", "total"):
         cols = [sum(e.values()) if k == "total" else e[k] for e in plan["engines"].values()]
         print(f"  {k:<12}" + " ".join(f"{_fmt(c):>20}" for c in cols))
     print(

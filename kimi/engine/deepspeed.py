@@ -50,8 +50,23 @@ from kimi.engine.base import Engine
 _FORBIDDEN_KEYS = ("optimizer", "scheduler")  # ours come from optim.*; DeepSpeed's would replace them
 
 
-def ds_config(optim: OptimConfig, parallel: ParallelConfig, t: TrainConfig, world: int, bf16: bool) -> dict[str, Any]:
-    """The DeepSpeed JSON generated from our config, with `parallel.deepspeed.config` merged over it."""
+DEEPSPEED_BUCKET = 500_000_000  # DeepSpeed's default reduce_bucket_size, in elements
+
+
+def ds_config(
+    optim: OptimConfig,
+    parallel: ParallelConfig,
+    t: TrainConfig,
+    world: int,
+    bf16: bool,
+    local_params: int | None = None,
+) -> dict[str, Any]:
+    """The DeepSpeed JSON generated from our config, with `parallel.deepspeed.config` merged over it.
+
+    `local_params` (this rank's parameter count) caps ZeRO's reduce bucket: DeepSpeed allocates the whole
+    bucket (5e8 elements by default) at every backward, whatever the model's size: 1 GB in bf16 per GPU, 2 GB
+    per CPU rank, for a model of 0.6M parameters (measured). A bucket that holds every gradient of the rank
+    reduces exactly what the default one did (nothing here fills 5e8 elements), in one bucket as before."""
     accum = t.global_batch_size // (t.micro_batch_size * world)
     gen = {
         "train_batch_size": t.micro_batch_size * accum * world,
@@ -67,6 +82,7 @@ def ds_config(optim: OptimConfig, parallel: ParallelConfig, t: TrainConfig, worl
             "contiguous_gradients": True,
             "overlap_comm": False,
             "round_robin_gradients": False,
+            "reduce_bucket_size": min(DEEPSPEED_BUCKET, local_params or DEEPSPEED_BUCKET),
         },
         "zero_allow_untested_optimizer": True,  # our client optimizer
         "steps_per_print": 2**31 - 1,  # our loop logs
@@ -228,7 +244,8 @@ class DeepSpeedEngine(Engine):
         if self.experts:
             kw = {k: v for k, v in client.defaults.items() if k != "use_muon"}
             client = type(client)(split_expert_groups(client.param_groups), ns_dtype=client.ns_dtype, **kw)
-        self.ds_config = ds_config(optim, parallel, train, rt.world, rt.amp_dtype == torch.bfloat16)
+        local = sum(p.numel() for p in model.parameters())  # this rank's: dense whole, its experts
+        self.ds_config = ds_config(optim, parallel, train, rt.world, rt.amp_dtype == torch.bfloat16, local)
         if self.experts:
             model.add_module("_deepspeed_moe_marker", _moe_marker(num_experts))
         try:
@@ -410,15 +427,22 @@ def read_model_state(path: Path, cfg_dict: dict[str, Any] | None = None) -> dict
 
 
 def memory_estimate(sizes: dict, dims, parallel) -> dict[str, float]:
-    """Per-GPU bytes under ZeRO-1/2 (bf16 on GPU; for --dry-run): parameters replicated in bf16 (experts over
-    ep), fp32 master weights partitioned over all ranks (experts over their replicas), gradients full bf16
-    copies under ZeRO-1 and partitioned under ZeRO-2; optimizer state and activations as FSDP2's."""
+    """Per-GPU bytes under ZeRO-1/2 (for --dry-run): parameters replicated in the working dtype (bf16 on GPU,
+    fp32 on CPU; experts over ep), plus fp32 master weights partitioned over all ranks (experts over their
+    replicas; a copy even when the working dtype is fp32). Gradients kept to the step: the rank's partition
+    (ZeRO-1 and -2 alike). Optimizer state as FSDP2's. `buffers`, inside a step: ZeRO's reduce bucket (capped
+    at the rank's parameter count by ds_config) in the working dtype, and under ZeRO-1 also the rank's full
+    gradients, which it reduces only after backward (ZeRO-2 reduces them bucket by bucket). Measured on gloo
+    CPU ranks (docs/training.md): within 11% at world 1 to 8."""
     total, experts, muon = sizes["total"], sizes["expert_params"], sizes["muon"]
     local = total - experts + experts / max(1, dims.ep)  # this rank's parameters: dense whole, its experts
     partition = total / dims.world_size  # dense over all ranks, experts over their world/ep replicas
+    work = sizes["working_bytes"]
+    full_grads = local * work if parallel.deepspeed.zero_stage == 1 else 0
     return {
-        "params": local * 2 + partition * 4,  # bf16 model copy + fp32 master partition
-        "grads": (local if parallel.deepspeed.zero_stage == 1 else partition) * 2,
+        "params": local * work + partition * 4,  # the module's copy + the fp32 master partition
+        "grads": partition * work,
         "optim": (muon * 4 + (total - muon) * 8) / dims.dp_shard,
+        "buffers": min(DEEPSPEED_BUCKET, local) * work + full_grads,
         "activations": sizes["activations"],
     }

@@ -134,14 +134,19 @@ def _dcp_load(state: dict[str, Any], path: Path) -> None:
 
 def memory_estimate(sizes: dict, dims, parallel) -> dict[str, float]:
     """Per-GPU bytes under FSDP2 (for --dry-run; kimi/dry_run.py has the sizes). Every weight is sharded
-    over dp_shard (experts over ep inside it), fp32: 4 B, plus the largest block all-gathered in bf16;
-    gradients the same shards; Muon keeps one fp32 buffer per element, AdamW two."""
+    over dp_shard (experts over ep inside it) in fp32, 4 B; gradients the same shards (reduced in fp32);
+    Muon keeps one fp32 buffer per element, AdamW two. Inside a step the largest block is all-gathered in
+    the working dtype (bf16 on GPU), and the root's (embedding, head) stays gathered through forward and
+    backward (reshard_after_forward=False, kimi/parallel/fsdp.py): `buffers` (backward prefetch may hold one
+    more block). Measured on gloo CPU ranks (docs/training.md): the three states are exact to padding at
+    world 1 to 8."""
     shard = dims.dp_shard
-    gathered = (sizes["block_params"] - sizes["block_expert"] + sizes["block_expert"] / max(1, dims.ep)) * 2
+    block = sizes["block_params"] - sizes["block_expert"] + sizes["block_expert"] / max(1, dims.ep)
     total, muon = sizes["total"], sizes["muon"]
     return {
-        "params": total / shard * 4 + gathered,
+        "params": total / shard * 4,
         "grads": total / shard * 4,
         "optim": (muon * 4 + (total - muon) * 8) / shard,
+        "buffers": (sizes["root_params"] + block) * sizes["working_bytes"],
         "activations": sizes["activations"],
     }

@@ -15,6 +15,7 @@ the PIDs start.sh recorded. If slurm is not installed the fixture runs tests/clu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -98,16 +99,16 @@ def _ensure_installed() -> None:
         _unavailable(f"tests/cluster/install.sh failed: {proc.stderr.strip()[-500:]}")
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+@contextlib.contextmanager
+def running_cluster(directory: Path, nodes: int = 1) -> Iterator[Cluster]:
+    """tests/cluster/start.sh in `directory` on free loopback ports (NODES=nodes), stop.sh on exit."""
     if os.geteuid() != 0:
         _unavailable("the test cluster runs its daemons as root")
     _ensure_installed()
-    directory = tmp_path_factory.mktemp("slurm")
-    ports = {"SLURMCTLD_PORT": str(_free_port()), "SLURMD_PORT": str(_free_port())}
+    ports = {"SLURMCTLD_PORT": str(_free_port()), "SLURMD_PORT": str(_free_port()), "SLURMD2_PORT": str(_free_port())}
     start = subprocess.run(
         ["bash", str(HERE / "start.sh"), str(directory)],
-        env={**os.environ, **ports},
+        env={**os.environ, **ports, "NODES": str(nodes)},
         capture_output=True,
         text=True,
         timeout=120,
@@ -118,3 +119,9 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]
         yield Cluster(directory)
     finally:
         subprocess.run(["bash", str(HERE / "stop.sh"), str(directory)], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with running_cluster(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster

@@ -4,8 +4,13 @@
 # PID file per daemon in DIR/pids/, then waits (deadline $CLUSTER_TIMEOUT s) until the node is idle.
 #   bash tests/cluster/install.sh && bash tests/cluster/start.sh /tmp/cluster
 #   . /tmp/cluster/env; sbatch ...; bash tests/cluster/stop.sh /tmp/cluster
-# Knobs: SLURMCTLD_PORT (default 16817), SLURMD_PORT (16818), CLUSTER_TIMEOUT (30).
+# Knobs: SLURMCTLD_PORT (default 16817), SLURMD_PORT (16818), CLUSTER_TIMEOUT (30), NODES (1).
 # Non-default ports keep clear of a real slurmctld on the same host.
+# NODES=2 emulates a two-node cluster on this one host: a second slurmd (`slurmd -N localhost`) serves a
+# node named localhost on SLURMD2_PORT (default SLURMD_PORT + 1), each node offering all of this host's
+# CPUs. Node names must resolve to this host, since batch scripts rendezvous at the head node's name:
+# the host name and localhost do. Debian's slurm 22.05 refuses two nodes with one NodeHostname ("Duplicated
+# NodeHostName"), so each node keeps its own name as its host name.
 set -euo pipefail
 
 DIR=${1:?usage: start.sh DIR}
@@ -14,7 +19,15 @@ DIR=$(cd "$DIR" && pwd)
 CTLD_PORT=${SLURMCTLD_PORT:-16817}
 SLURMD_PORT=${SLURMD_PORT:-16818}
 TIMEOUT=${CLUSTER_TIMEOUT:-30}
+NODES=${NODES:-1}
+SLURMD2_PORT=${SLURMD2_PORT:-$((SLURMD_PORT + 1))}
 HOST=$(hostname -s)
+case "$NODES" in
+    1) names=("$HOST") ;;
+    2) [ "$HOST" != localhost ] || { echo "start.sh: NODES=2 needs a host name other than localhost" >&2; exit 1; }
+       names=("$HOST" localhost) ;;
+    *) echo "start.sh: NODES=$NODES is not 1 or 2" >&2; exit 1 ;;
+esac
 
 for b in munged slurmctld slurmd sinfo; do
     command -v "$b" >/dev/null || { echo "start.sh: $b not found; run tests/cluster/install.sh" >&2; exit 1; }
@@ -63,9 +76,9 @@ ReturnToService=2
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool/slurmd-%n
 SlurmctldPidFile=$DIR/run/slurmctld.pid
-SlurmdPidFile=$DIR/run/slurmd.pid
+SlurmdPidFile=$DIR/run/slurmd-%n.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmdLogFile=$DIR/log/slurmd.log
+SlurmdLogFile=$DIR/log/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 MailProg=/bin/true
@@ -78,8 +91,12 @@ KillWait=30
 InactiveLimit=0
 SchedulerType=sched/backfill
 NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$(nproc) RealMemory=$MEM_MB State=UNKNOWN
-PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
 CONF
+if [ "$NODES" = 2 ]; then
+    echo "NodeName=localhost NodeAddr=127.0.0.1 Port=$SLURMD2_PORT CPUs=$(nproc) RealMemory=$MEM_MB State=UNKNOWN" \
+        >>"$DIR/slurm.conf"
+fi
+echo "PartitionName=debug Nodes=$(IFS=,; echo "${names[*]}") Default=YES MaxTime=INFINITE State=UP" >>"$DIR/slurm.conf"
 
 cat >"$DIR/env" <<ENV
 export SLURM_CONF=$DIR/slurm.conf
@@ -106,22 +123,29 @@ slurmctld -D -c -f "$DIR/slurm.conf" </dev/null >>"$DIR/log/slurmctld.out" 2>&1 
 echo $! >"$DIR/pids/slurmctld.pid"
 slurmd -D -c -f "$DIR/slurm.conf" </dev/null >>"$DIR/log/slurmd.out" 2>&1 &
 echo $! >"$DIR/pids/slurmd.pid"
+daemons=(slurmctld slurmd)
+if [ "$NODES" = 2 ]; then
+    slurmd -D -c -N localhost -f "$DIR/slurm.conf" </dev/null >>"$DIR/log/slurmd2.out" 2>&1 &
+    echo $! >"$DIR/pids/slurmd2.pid"
+    daemons+=(slurmd2)
+fi
 
-# Poll (not sleep-and-hope) until the node reports idle.
+# Poll (not sleep-and-hope) until every node reports idle.
 state=""
-until [ "$state" = "idle" ]; do
-    for d in slurmctld slurmd; do
+want=$(printf 'idle %.0s' "${names[@]}")
+until [ "$state" = "$want" ]; do
+    for d in "${daemons[@]}"; do
         if ! kill -0 "$(cat "$DIR/pids/$d.pid")" 2>/dev/null; then
-            echo "start.sh: $d exited; last lines of $DIR/log/$d.log:" >&2
-            tail -n 10 "$DIR/log/$d.log" "$DIR/log/$d.out" >&2 || true
+            echo "start.sh: $d exited; last lines of its logs in $DIR/log/:" >&2
+            tail -n 10 "$DIR"/log/slurm*.log "$DIR/log/$d.out" >&2 || true
             exit 1
         fi
     done
     if [ $SECONDS -ge $deadline ]; then
-        echo "start.sh: node $HOST not idle after ${TIMEOUT}s (state '${state}'); see $DIR/log/" >&2
+        echo "start.sh: nodes ${names[*]} not all idle after ${TIMEOUT}s (states '${state}'); see $DIR/log/" >&2
         exit 1
     fi
     sleep 0.3
-    state=$(sinfo -h -n "$HOST" -o %t 2>/dev/null || true)
+    state=$(for n in "${names[@]}"; do printf '%s ' "$(sinfo -h -n "$n" -o %t 2>/dev/null || true)"; done)
 done
-echo "cluster: node $HOST idle ($(nproc) CPUs, ${MEM_MB} MiB); export SLURM_CONF=$DIR/slurm.conf"
+echo "cluster: node(s) ${names[*]} idle ($(nproc) CPUs each, ${MEM_MB} MiB); export SLURM_CONF=$DIR/slurm.conf"

@@ -21,7 +21,7 @@ if [ -s "$DIR/pids/slurmctld.pid" ] && kill -0 "$(cat "$DIR/pids/slurmctld.pid")
     fi
 fi
 
-for d in slurmd slurmctld munged; do
+for d in slurmd2 slurmd slurmctld munged; do  # slurmd2: the second node of NODES=2
     f=$DIR/pids/$d.pid
     [ -s "$f" ] || continue
     pid=$(cat "$f")

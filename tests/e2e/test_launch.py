@@ -152,3 +152,51 @@ def test_sigterm_mid_run_exits_3_with_a_checkpoint(tmp_path: Path, target: str) 
     assert steps == list(range(1, len(steps) + 1)) and steps[-1] < 500
     saved = json.loads((tmp_path / "checkpoints" / "latest" / "meta.json").read_text())["step"]
     assert saved == steps[-1] and f"checkpoint at step {saved} written" in stdout
+
+
+def test_multinode_sh_two_nodes_on_one_host_match_one_process(tmp_path: Path) -> None:
+    """launch/multinode.sh started twice, as node 0 and node 1 of a 2-node job (2 CPU processes each) meeting
+    at 127.0.0.1: c10d joins the two torchrun agents into one world of 4, EP=4 puts one expert on each rank,
+    so every all-to-all crosses the "nodes", and the losses are one process's (2e-5 relative, fp32 summed
+    in another order; tests/e2e/test_train_dist.py). Each agent is a real process: the test waits for both."""
+    from kimi.config import load_config
+    from kimi.train import train
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    steps, out = 4, tmp_path / "two_nodes"
+    args = (f"--train.max_steps={steps}", "--train.micro_batch_size=2", "--logging.mlflow=false",
+            "--train.eval_interval=0")  # fmt: skip
+    env = dict(CONFIG=CONFIG, NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NPROC="2",
+               OMP_NUM_THREADS="1")  # fmt: skip
+    logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
+    nodes = []
+    for rank, log in enumerate(logs):
+        with open(log, "w") as f:  # files, not pipes: neither agent can block on a full pipe we are not reading
+            nodes.append(subprocess.Popen(
+                ["launch/multinode.sh", *args, "--parallel.ep=4", f"--train.out_dir={out}"], cwd=REPO,
+                env=launcher_env(**env, NODE_RANK=str(rank)), stdout=f, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            ))  # fmt: skip
+    try:
+        for node in nodes:
+            node.wait(timeout=400)
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)  # the launcher, its torchrun agent and workers
+                node.wait()
+    outputs = [log.read_text() for log in logs]
+    for node, output in zip(nodes, outputs):
+        assert node.returncode == 0, output[-3000:]
+        assert "--nnodes=2 --node_rank=" in output and f"--rdzv_endpoint=127.0.0.1:{port}" in output
+    meta = json.loads((out / "checkpoints" / "latest" / "meta.json").read_text())
+    assert (meta["world_size"], meta["step"]) == (4, steps)
+
+    ref = tmp_path / "one_process"
+    train(load_config(REPO / CONFIG, [*args, f"--train.out_dir={ref}", "--train.micro_batch_size=4"]))
+    rows, want = ([json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (out, ref))
+    assert [r["step"] for r in rows] == [r["step"] for r in want] == list(range(1, steps + 1))
+    for a, b in zip(rows, want):
+        assert abs(a["loss"] - b["loss"]) <= 2e-5 * abs(b["loss"]), f"step {a['step']}: {a['loss']} vs {b['loss']}"

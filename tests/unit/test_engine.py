@@ -328,3 +328,15 @@ def test_every_group_times_out_after_parallel_timeout_s(tmp_path):
     their collectives after parallel.timeout_s, none waits torch's 30-minute default for new groups."""
     for timeouts in run_distributed(_group_timeouts, 2, args=(str(tmp_path),), init_pg=False, timeout=300):
         assert len(timeouts) > 3 and {t for _, t in timeouts} == {17.0}, timeouts
+
+
+def test_zero_reduce_bucket_is_capped_at_the_rank_parameters(tmp_path):
+    """DeepSpeed allocates its whole reduce bucket at every backward (5e8 elements by default: 2 GB per CPU
+    rank, 1 GB per GPU in bf16, measured 2e9 bytes for the 0.6M-parameter debug model); ds_config caps it at
+    the rank's parameter count, which still holds every gradient of the rank (one bucket, as before)."""
+    from kimi.engine.deepspeed import DEEPSPEED_BUCKET, ds_config
+
+    cfg = _cfg(tmp_path, "deepspeed")
+    for local, want in ((611_584, 611_584), (10 * DEEPSPEED_BUCKET, DEEPSPEED_BUCKET)):
+        gen = ds_config(cfg.optim, cfg.parallel, cfg.train, world=2, bf16=False, local_params=local)
+        assert gen["zero_optimization"]["reduce_bucket_size"] == want
