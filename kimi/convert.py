@@ -6,9 +6,10 @@
 Parameter names already follow HF's; the mapping renames blocks (input_layernorm -> attn_norm, mlp -> ffn,
 gate -> router, e_score_correction_bias -> expert_bias) and stacks / unstacks experts (HF stores
 `experts.{e}.gate_proj.weight` on disk and a fused `gate_up_proj` in memory; both are read). Only HF
-configs whose forward nanoKimi reproduces exactly are accepted; anything else (YaRN or other RoPE
-scaling, non-SiLU activations, attention biases, FP8-quantised weights, ...) is refused with one line,
-rather than converted into a model that silently computes something else.
+configs whose forward nanoKimi reproduces exactly are accepted (plain RoPE or YaRN, as Kimi K2 and
+DeepSeek-V3 publish it); anything else (other RoPE scaling, non-SiLU activations, attention biases,
+FP8-quantised weights, ...) is refused with one line, rather than converted into a model that silently
+computes something else.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from kimi.config import AttentionConfig, Config, KimiConfig, MoEConfig
+from kimi.config import AttentionConfig, Config, KimiConfig, MoEConfig, RopeScalingConfig
 
 HF_MODEL_TYPES = ("deepseek_v3", "kimi_k2")
 
@@ -40,9 +41,7 @@ def kimi_config_from_hf(hf: dict) -> KimiConfig:
     if hf.get("model_type") not in HF_MODEL_TYPES:
         refuse(f"model_type={hf.get('model_type')!r}; only {HF_MODEL_TYPES} are supported")
     rope = hf.get("rope_parameters") or {}
-    if hf.get("rope_scaling") or rope.get("rope_type", "default") != "default":
-        kind = (hf.get("rope_scaling") or rope).get("rope_type") or (hf.get("rope_scaling") or {}).get("type")
-        refuse(f"RoPE scaling {kind!r} (e.g. YaRN) is not implemented; only plain RoPE converts exactly")
+    rope_scaling = _rope_scaling_from_hf(hf.get("rope_scaling") or rope, hf, refuse)
     if hf.get("hidden_act", "silu") != "silu":
         refuse(f"hidden_act={hf['hidden_act']!r}; experts and MLPs here are SwiGLU (silu)")
     if hf.get("attention_bias"):
@@ -67,6 +66,7 @@ def kimi_config_from_hf(hf: dict) -> KimiConfig:
         v_head_dim=hf["v_head_dim"],
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         rope_interleave=bool(hf.get("rope_interleave", True)),
+        rope_scaling=rope_scaling,
     )
     first_dense = hf.get("first_k_dense_replace") or 0
     moe = MoEConfig(
@@ -95,6 +95,38 @@ def kimi_config_from_hf(hf: dict) -> KimiConfig:
         attention=attention,
         moe=moe,
     )
+
+
+_YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+
+
+def _rope_scaling_from_hf(scaling: dict, hf: dict, refuse) -> RopeScalingConfig:
+    """HF's `rope_scaling` (transformers 4, the published configs) or `rope_parameters` (transformers 5)."""
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind == "default":
+        return RopeScalingConfig()
+    if kind != "yarn":
+        refuse(f"RoPE scaling {kind!r} is not implemented; plain RoPE and YaRN convert exactly")
+    if scaling.get("attention_factor") is not None or scaling.get("truncate", True) is not True:
+        refuse(
+            "YaRN with an explicit attention_factor or truncate=false is not implemented (DeepSeek-V3's has neither)"
+        )
+    # HF's defaults for what a config leaves out: beta 32 / 1 (also for 0 or null), original context =
+    # max_position_embeddings, factor = the ratio of the two, mscale 1 and no softmax correction
+    got = {k: scaling[k] for k in _YARN_KEYS if scaling.get(k) is not None}
+    got["beta_fast"], got["beta_slow"] = scaling.get("beta_fast") or 32.0, scaling.get("beta_slow") or 1.0
+    got.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings", 4096))
+    if "factor" not in got:
+        got["factor"] = hf.get("max_position_embeddings", 4096) / got["original_max_position_embeddings"]
+    return RopeScalingConfig(type="yarn", **got)
+
+
+def _rope_scaling_to_hf(s: RopeScalingConfig, theta: float) -> dict:
+    if s.type == "none":
+        return {"rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+    params = {"rope_type": "yarn", "rope_theta": theta, **{k: getattr(s, k) for k in _YARN_KEYS}}
+    # transformers 5 reads rope_parameters; 4.x (and the published K2 / V3 configs) rope_scaling
+    return {"rope_parameters": params, "rope_scaling": {**params, "type": "yarn"}}
 
 
 def hf_config_from_kimi(cfg: KimiConfig, dtype: str = "float32") -> dict:
@@ -143,7 +175,7 @@ def hf_config_from_kimi(cfg: KimiConfig, dtype: str = "float32") -> dict:
         "rms_norm_eps": cfg.rms_norm_eps,
         "tie_word_embeddings": cfg.tie_embeddings,
         "rope_theta": a.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta},
+        **_rope_scaling_to_hf(a.rope_scaling, a.rope_theta),
         "rope_interleave": a.rope_interleave,
         "attention_bias": False,
         "attention_dropout": 0.0,
