@@ -304,8 +304,11 @@ def from_hf(hf_dir) -> tuple[KimiConfig, dict[str, torch.Tensor]]:
     return cfg, check_state_dict(model, sd)
 
 
-def to_hf(cfg: KimiConfig, sd: dict[str, torch.Tensor], out_dir) -> Path:
-    """Write config.json + model.safetensors that transformers' DeepseekV3ForCausalLM loads."""
+def to_hf(cfg: KimiConfig, sd: dict[str, torch.Tensor], out_dir, tokenizer: str | None = None) -> Path:
+    """Write config.json + model.safetensors that transformers' DeepseekV3ForCausalLM loads; with `tokenizer`
+    (a name as in data.tokenizer_name) also tokenizer.json + tokenizer_config.json (AutoTokenizer) and a
+    generation_config.json that stops at its end-of-document token and never picks the rows of a vocabulary
+    padded past the tokenizer's (as kimi.generate does)."""
     from safetensors.torch import save_file
 
     from kimi.model import KimiModel
@@ -318,9 +321,28 @@ def to_hf(cfg: KimiConfig, sd: dict[str, torch.Tensor], out_dir) -> Path:
     tensors = hf_state_from_kimi(sd, cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:
+        hf_cfg.update(_write_tokenizer(tokenizer, cfg, out_dir))
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
     return out_dir
+
+
+def _write_tokenizer(name: str, cfg: KimiConfig, out_dir: Path) -> dict:
+    from kimi.data.hf_tokenizer import write_hf_tokenizer
+    from kimi.data.tokenizer import get_tokenizer
+
+    n_vocab = get_tokenizer(name).n_vocab
+    if n_vocab > cfg.vocab_size:
+        raise ConvertError(
+            f"tokenizer {name!r} has {n_vocab} tokens but the model only {cfg.vocab_size}; pass the --tokenizer "
+            "the model was trained with"
+        )
+    ids = {"bos_token_id": None, **write_hf_tokenizer(name, out_dir, cfg.block_size)}
+    ids["pad_token_id"] = ids["eos_token_id"]  # no padding token of its own; batches pad with eot
+    gen = {**ids, "suppress_tokens": list(range(n_vocab, cfg.vocab_size)) or None}
+    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    return ids
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,19 +351,29 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--from-hf", metavar="HF_DIR", help="HF DeepSeek-V3 directory -> nanoKimi .pt")
     g.add_argument("--to-hf", metavar="CKPT", help="nanoKimi .pt or checkpoint directory -> HF directory")
     p.add_argument("out", help="OUT.pt (--from-hf) or OUT_DIR (--to-hf)")
+    p.add_argument(
+        "--tokenizer",
+        help="--to-hf: the tokenizer to write beside the weights (gpt2, byte, tiktoken:PATH, hf:PATH; default: "
+        "the one a checkpoint directory was trained with; a .pt records none, so none without this flag)",
+    )
     args = p.parse_args(argv)
+    if args.tokenizer and args.from_hf:
+        p.error("--tokenizer goes with --to-hf (an HF directory's own tokenizer stays beside it)")
     try:
         if args.from_hf:
             cfg, sd = from_hf(args.from_hf)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             torch.save({"config": Config(model=cfg).to_dict(), "model": sd}, args.out)
         else:
-            from kimi.loading import read_weights
+            from kimi.loading import read_weights, tokenizer_name_of
 
             if Path(args.out).exists() and not Path(args.out).is_dir():
                 raise ConvertError(f"OUT_DIR '{args.out}' is an existing file; give a directory (new or existing)")
             cfg, sd = read_weights(args.to_hf)
-            to_hf(cfg, sd, args.out)
+            tokenizer = args.tokenizer or tokenizer_name_of(args.to_hf)
+            to_hf(cfg, sd, args.out, tokenizer)
+            if tokenizer is None:
+                print("no tokenizer written (a .pt file records none); add --tokenizer NAME for AutoTokenizer")
     except ValueError as e:  # ConvertError, ConfigError and checkpoint errors are all one-liners
         print(f"error: {e}", file=sys.stderr)
         return 2
