@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -328,6 +329,23 @@ def to_hf(cfg: KimiConfig, sd: dict[str, torch.Tensor], out_dir, tokenizer: str 
     return out_dir
 
 
+def _import_tokenizer(hf_dir: Path, out_pt: Path, cfg: KimiConfig) -> str | None:
+    """The HF folder's tokenizer, copied beside OUT.pt (OUT.pt.tokenizer/), where generate and evaluate find it."""
+    from kimi.data.tokenizer import get_tokenizer
+    from kimi.data.tokenizer_files import beside_pt, import_hf_tokenizer
+
+    dest = beside_pt(out_pt)
+    shutil.rmtree(dest, ignore_errors=True)  # a stale one from an earlier conversion to the same name
+    name = import_hf_tokenizer(hf_dir, dest)
+    if name is not None and (n := get_tokenizer(name).n_vocab) > cfg.vocab_size:
+        shutil.rmtree(dest)
+        raise ConvertError(
+            f"the tokenizer in '{hf_dir}' has {n} tokens but config.json's vocab_size is {cfg.vocab_size}; "
+            "the checkpoint and its tokenizer do not belong together"
+        )
+    return name
+
+
 def _write_tokenizer(name: str, cfg: KimiConfig, out_dir: Path) -> dict:
     from kimi.data.hf_tokenizer import write_hf_tokenizer
     from kimi.data.tokenizer import get_tokenizer
@@ -363,7 +381,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.from_hf:
             cfg, sd = from_hf(args.from_hf)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            tokenizer = _import_tokenizer(Path(args.from_hf), Path(args.out), cfg)
             torch.save({"config": Config(model=cfg).to_dict(), "model": sd}, args.out)
+            print(f"tokenizer: {tokenizer}" if tokenizer else "the HF folder has no tokenizer (none written)")
         else:
             from kimi.loading import read_weights, tokenizer_name_of
 

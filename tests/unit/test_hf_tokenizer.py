@@ -14,6 +14,7 @@ from kimi.config import KimiConfig  # noqa: E402
 from kimi.convert import main as convert_main  # noqa: E402
 from kimi.data import tokenizer as tk  # noqa: E402
 from kimi.data.hf_tokenizer import tiktoken_to_hf_json  # noqa: E402
+from kimi.data.tokenizer_files import KIMI_PATTERN  # noqa: E402
 from kimi.generate import Generator  # noqa: E402
 from kimi.model import KimiModel  # noqa: E402
 
@@ -26,21 +27,6 @@ TEXTS = [
     "<|endoftext|> special text, [EOS] too",
     "def f(x):\n    return x ** 2  # code\n",
 ]
-# Kimi K2's published pre-tokenizer pattern (Han runs, case-aware words with contractions, 1-3 digits, ...)
-K2_PATTERN = "|".join(
-    [
-        r"[\p{Han}]+",
-        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+"
-        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
-        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*"
-        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
-        r"\p{N}{1,3}",
-        r" ?[^\s\p{L}\p{N}]+[\r\n]*",
-        r"\s*[\r\n]+",
-        r"\s+(?!\S)",
-        r"\s+",
-    ]
-)
 
 
 def k2_style_file(tmp_path):
@@ -51,7 +37,7 @@ def k2_style_file(tmp_path):
     path = tmp_path / "tiktoken.model"
     path.write_text("".join(f"{base64.b64encode(t).decode()} {i}\n" for i, t in enumerate(tokens)))
     specials = {"[BOS]": 3010, "[EOS]": 3011}
-    (tmp_path / "tiktoken.model.json").write_text(json.dumps({"pat_str": K2_PATTERN, "special_tokens": specials,
+    (tmp_path / "tiktoken.model.json").write_text(json.dumps({"pat_str": KIMI_PATTERN, "special_tokens": specials,
                                                                "eot": "[EOS]"}))  # fmt: skip
     tk._cached.cache_clear()
     return f"tiktoken:{path}"
@@ -110,3 +96,61 @@ def test_tokenizer_larger_than_the_model_is_refused(tmp_path, capsys):
     assert convert_main(["--to-hf", str(tmp_path / "m.pt"), str(tmp_path / "hf"), "--tokenizer", "gpt2"]) == 2
     err = capsys.readouterr().err
     assert "50257 tokens but the model only 257" in err and err.count("\n") == 1
+
+
+def hf_checkpoint_with_tokenizer(tmp_path, kind: str, vocab_size: int = 3072):
+    """A tiny HF DeepSeek-V3 folder with the tokenizer files a K2 (tiktoken) or an HF-tokenizer release has."""
+    from tests.unit.test_hf_parity import hf_config, random_hf_model
+
+    d = tmp_path / "hf"
+    random_hf_model(hf_config(None, vocab_size=vocab_size)).save_pretrained(d)
+    src = tmp_path / "src"
+    src.mkdir()
+    if kind == "tiktoken":
+        k2_style_file(src)
+        (d / "tiktoken.model").write_bytes((src / "tiktoken.model").read_bytes())
+        added = {"3010": {"content": "[BOS]", "special": True}, "3011": {"content": "[EOS]", "special": True}}
+        config = {"auto_map": {"AutoTokenizer": ["tokenization_kimi.TikTokenTokenizer", None]},
+                  "added_tokens_decoder": added, "eos_token": "[EOS]", "bos_token": "[BOS]"}  # fmt: skip
+        (d / "tokenizer_config.json").write_text(json.dumps(config))
+    else:
+        from tests.unit.test_tokenizer_files import write_hf
+
+        write_hf(d / "tokenizer.json")
+    return d
+
+
+@pytest.mark.parametrize("kind", ["tiktoken", "tokenizer.json"])
+def test_from_hf_takes_the_checkpoints_tokenizer_along(tmp_path, kind):
+    """--from-hf puts the tokenizer beside OUT.pt, generate decodes with it, and --to-hf of that .pt writes it."""
+    from kimi.generate import load_generator
+
+    d = hf_checkpoint_with_tokenizer(tmp_path, kind)
+    assert convert_main(["--from-hf", str(d), str(tmp_path / "k.pt")]) == 0
+    tk._cached.cache_clear()
+    gen = load_generator(str(tmp_path / "k.pt"))
+    text = "the cat sat on the mat. 日本語 It's 1234!"
+    if kind == "tiktoken":
+        assert gen.tokenizer.eot_token == 3011 and gen.tokenizer._pat_str == KIMI_PATTERN
+        assert gen.tokenizer.encode_ordinary(text) == tk.get_tokenizer(k2_style_file(tmp_path / "src")).encode_ordinary(
+            text
+        )
+    assert gen.tokenizer.decode(gen.tokenizer.encode_ordinary(text)) == text
+    assert convert_main(["--to-hf", str(tmp_path / "k.pt"), str(tmp_path / "back")]) == 0
+    back = transformers.AutoTokenizer.from_pretrained(tmp_path / "back")
+    assert back(text).input_ids == gen.tokenizer.encode_ordinary(text)
+    assert back.eos_token_id == gen.tokenizer.eot_token
+
+
+def test_from_hf_refuses_a_tokenizer_it_cannot_read_or_that_outgrows_the_model(tmp_path, capsys):
+    d = hf_checkpoint_with_tokenizer(tmp_path, "tiktoken", vocab_size=1024)  # 3,012 tokens, 1,024 rows
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert convert_main(["--from-hf", str(d), str(tmp_path / "k.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "3012 tokens but config.json's vocab_size is 1024" in err and err.count("\n") == 1
+    assert not (tmp_path / "k.pt").exists() and not (tmp_path / "k.pt.tokenizer").exists()
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**config, "auto_map": {"AutoTokenizer": ["mine.Tok", None]}}))
+    assert convert_main(["--from-hf", str(d), str(tmp_path / "k.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "pre-tokenizer pattern lives in tokenizer code" in err and err.count("\n") == 1
