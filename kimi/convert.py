@@ -305,13 +305,57 @@ def from_hf(hf_dir) -> tuple[KimiConfig, dict[str, torch.Tensor]]:
     return cfg, check_state_dict(model, sd)
 
 
-def to_hf(cfg: KimiConfig, sd: dict[str, torch.Tensor], out_dir, tokenizer: str | None = None) -> Path:
+def write_shards(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int) -> list[str]:
+    """HF's layout: one model.safetensors, or model-0000i-of-0000n.safetensors of at most `max_shard_bytes`
+    each (a larger tensor gets one to itself) with model.safetensors.index.json mapping names to files."""
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": {k: f for f, sh in zip(names, shards) for k in sh}}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    for f, shard in zip(names, shards):
+        save_file(shard, str(out_dir / f), metadata={"format": "pt"})
+    return names
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '100KB' or a plain number of bytes -> bytes (decimal units, as HF's max_shard_size)."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    t = text.strip().upper()
+    unit = next((u for u in units if t.endswith(u)), "B")
+    try:
+        n = float(t.removesuffix(unit))
+    except ValueError:
+        raise ConvertError(f"--max-shard-size {text!r} is not a size; write e.g. 5GB or 500MB") from None
+    if n <= 0:
+        raise ConvertError(f"--max-shard-size {text!r} must be positive")
+    return int(n * units[unit])
+
+
+def to_hf(
+    cfg: KimiConfig,
+    sd: dict[str, torch.Tensor],
+    out_dir,
+    tokenizer: str | None = None,
+    max_shard_bytes: int = 5 * 10**9,
+) -> Path:
     """Write config.json + model.safetensors that transformers' DeepseekV3ForCausalLM loads; with `tokenizer`
     (a name as in data.tokenizer_name) also tokenizer.json + tokenizer_config.json (AutoTokenizer) and a
     generation_config.json that stops at its end-of-document token and never picks the rows of a vocabulary
     padded past the tokenizer's (as kimi.generate does)."""
-    from safetensors.torch import save_file
-
     from kimi.model import KimiModel
     from kimi.model.loading import check_state_dict
 
@@ -324,7 +368,9 @@ def to_hf(cfg: KimiConfig, sd: dict[str, torch.Tensor], out_dir, tokenizer: str 
     out_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:
         hf_cfg.update(_write_tokenizer(tokenizer, cfg, out_dir))
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    for old in [*out_dir.glob("model*.safetensors"), out_dir / "model.safetensors.index.json"]:
+        old.unlink(missing_ok=True)  # a re-export with other shards leaves none of the previous ones
+    write_shards(tensors, out_dir, max_shard_bytes)
     (out_dir / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
     return out_dir
 
@@ -370,6 +416,12 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--to-hf", metavar="CKPT", help="nanoKimi .pt or checkpoint directory -> HF directory")
     p.add_argument("out", help="OUT.pt (--from-hf) or OUT_DIR (--to-hf)")
     p.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="--to-hf: largest safetensors file; more weights go to model-0000i-of-0000n files with an index "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
         "--tokenizer",
         help="--to-hf: the tokenizer to write beside the weights (gpt2, byte, tiktoken:PATH, hf:PATH; default: "
         "the one a checkpoint directory was trained with; a .pt records none, so none without this flag)",
@@ -391,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConvertError(f"OUT_DIR '{args.out}' is an existing file; give a directory (new or existing)")
             cfg, sd = read_weights(args.to_hf)
             tokenizer = args.tokenizer or tokenizer_name_of(args.to_hf)
-            to_hf(cfg, sd, args.out, tokenizer)
+            to_hf(cfg, sd, args.out, tokenizer, parse_size(args.max_shard_size))
             if tokenizer is None:
                 print("no tokenizer written (a .pt file records none); add --tokenizer NAME for AutoTokenizer")
     except ValueError as e:  # ConvertError, ConfigError and checkpoint errors are all one-liners

@@ -171,8 +171,12 @@ def test_kimi_model_to_hf(tmp_path, routing):
             if "norm" in n:
                 p.add_(torch.randn(p.shape) * 0.1)
     torch.save({"config": dataclasses.asdict(cfg), "model": ours.state_dict()}, tmp_path / "k.pt")
-    assert convert_main(["--to-hf", str(tmp_path / "k.pt"), str(tmp_path / "hf")]) == 0
+    assert convert_main(["--to-hf", str(tmp_path / "k.pt"), str(tmp_path / "hf"), "--max-shard-size=40KB"]) == 0
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"] is True
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    shards = sorted((tmp_path / "hf").glob("model-*.safetensors"))
+    assert len(shards) > 2 and set(index["weight_map"].values()) == {f.name for f in shards}
+    assert all(f.stat().st_size < 40_000 + 4096 for f in shards)  # 40 KB of tensors + a header
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").float().eval()
     idx = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
