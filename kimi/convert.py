@@ -6,9 +6,10 @@
 Parameter names already follow HF's; the mapping renames blocks (input_layernorm -> attn_norm, mlp -> ffn,
 gate -> router, e_score_correction_bias -> expert_bias) and stacks / unstacks experts (HF stores
 `experts.{e}.gate_proj.weight` on disk and a fused `gate_up_proj` in memory; both are read). Only HF
-configs whose forward nanoKimi reproduces exactly are accepted; anything else (YaRN or other RoPE
-scaling, non-SiLU activations, attention biases, FP8-quantised weights, ...) is refused with one line,
-rather than converted into a model that silently computes something else.
+configs whose forward nanoKimi reproduces exactly are accepted (plain RoPE or YaRN, as Kimi K2 and
+DeepSeek-V3 publish it); anything else (other RoPE scaling, non-SiLU activations, attention biases,
+FP8-quantised weights, ...) is refused with one line, rather than converted into a model that silently
+computes something else.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
 import torch
 
-from kimi.config import AttentionConfig, Config, KimiConfig, MoEConfig
+from kimi.config import AttentionConfig, Config, KimiConfig, MoEConfig, RopeScalingConfig
 
 HF_MODEL_TYPES = ("deepseek_v3", "kimi_k2")
 
@@ -40,9 +42,7 @@ def kimi_config_from_hf(hf: dict) -> KimiConfig:
     if hf.get("model_type") not in HF_MODEL_TYPES:
         refuse(f"model_type={hf.get('model_type')!r}; only {HF_MODEL_TYPES} are supported")
     rope = hf.get("rope_parameters") or {}
-    if hf.get("rope_scaling") or rope.get("rope_type", "default") != "default":
-        kind = (hf.get("rope_scaling") or rope).get("rope_type") or (hf.get("rope_scaling") or {}).get("type")
-        refuse(f"RoPE scaling {kind!r} (e.g. YaRN) is not implemented; only plain RoPE converts exactly")
+    rope_scaling = _rope_scaling_from_hf(hf.get("rope_scaling") or rope, hf, refuse)
     if hf.get("hidden_act", "silu") != "silu":
         refuse(f"hidden_act={hf['hidden_act']!r}; experts and MLPs here are SwiGLU (silu)")
     if hf.get("attention_bias"):
@@ -67,6 +67,7 @@ def kimi_config_from_hf(hf: dict) -> KimiConfig:
         v_head_dim=hf["v_head_dim"],
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         rope_interleave=bool(hf.get("rope_interleave", True)),
+        rope_scaling=rope_scaling,
     )
     first_dense = hf.get("first_k_dense_replace") or 0
     moe = MoEConfig(
@@ -95,6 +96,38 @@ def kimi_config_from_hf(hf: dict) -> KimiConfig:
         attention=attention,
         moe=moe,
     )
+
+
+_YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+
+
+def _rope_scaling_from_hf(scaling: dict, hf: dict, refuse) -> RopeScalingConfig:
+    """HF's `rope_scaling` (transformers 4, the published configs) or `rope_parameters` (transformers 5)."""
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind == "default":
+        return RopeScalingConfig()
+    if kind != "yarn":
+        refuse(f"RoPE scaling {kind!r} is not implemented; plain RoPE and YaRN convert exactly")
+    if scaling.get("attention_factor") is not None or scaling.get("truncate", True) is not True:
+        refuse(
+            "YaRN with an explicit attention_factor or truncate=false is not implemented (DeepSeek-V3's has neither)"
+        )
+    # HF's defaults for what a config leaves out: beta 32 / 1 (also for 0 or null), original context =
+    # max_position_embeddings, factor = the ratio of the two, mscale 1 and no softmax correction
+    got = {k: scaling[k] for k in _YARN_KEYS if scaling.get(k) is not None}
+    got["beta_fast"], got["beta_slow"] = scaling.get("beta_fast") or 32.0, scaling.get("beta_slow") or 1.0
+    got.setdefault("original_max_position_embeddings", hf.get("max_position_embeddings", 4096))
+    if "factor" not in got:
+        got["factor"] = hf.get("max_position_embeddings", 4096) / got["original_max_position_embeddings"]
+    return RopeScalingConfig(type="yarn", **got)
+
+
+def _rope_scaling_to_hf(s: RopeScalingConfig, theta: float) -> dict:
+    if s.type == "none":
+        return {"rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+    params = {"rope_type": "yarn", "rope_theta": theta, **{k: getattr(s, k) for k in _YARN_KEYS}}
+    # transformers 5 reads rope_parameters; 4.x (and the published K2 / V3 configs) rope_scaling
+    return {"rope_parameters": params, "rope_scaling": {**params, "type": "yarn"}}
 
 
 def hf_config_from_kimi(cfg: KimiConfig, dtype: str = "float32") -> dict:
@@ -143,7 +176,7 @@ def hf_config_from_kimi(cfg: KimiConfig, dtype: str = "float32") -> dict:
         "rms_norm_eps": cfg.rms_norm_eps,
         "tie_word_embeddings": cfg.tie_embeddings,
         "rope_theta": a.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta},
+        **_rope_scaling_to_hf(a.rope_scaling, a.rope_theta),
         "rope_interleave": a.rope_interleave,
         "attention_bias": False,
         "attention_dropout": 0.0,
@@ -272,10 +305,57 @@ def from_hf(hf_dir) -> tuple[KimiConfig, dict[str, torch.Tensor]]:
     return cfg, check_state_dict(model, sd)
 
 
-def to_hf(cfg: KimiConfig, sd: dict[str, torch.Tensor], out_dir) -> Path:
-    """Write config.json + model.safetensors that transformers' DeepseekV3ForCausalLM loads."""
+def write_shards(tensors: dict[str, torch.Tensor], out_dir: Path, max_shard_bytes: int) -> list[str]:
+    """HF's layout: one model.safetensors, or model-0000i-of-0000n.safetensors of at most `max_shard_bytes`
+    each (a larger tensor gets one to itself) with model.safetensors.index.json mapping names to files."""
     from safetensors.torch import save_file
 
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": {k: f for f, sh in zip(names, shards) for k in sh}}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    for f, shard in zip(names, shards):
+        save_file(shard, str(out_dir / f), metadata={"format": "pt"})
+    return names
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '100KB' or a plain number of bytes -> bytes (decimal units, as HF's max_shard_size)."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    t = text.strip().upper()
+    unit = next((u for u in units if t.endswith(u)), "B")
+    try:
+        n = float(t.removesuffix(unit))
+    except ValueError:
+        raise ConvertError(f"--max-shard-size {text!r} is not a size; write e.g. 5GB or 500MB") from None
+    if n <= 0:
+        raise ConvertError(f"--max-shard-size {text!r} must be positive")
+    return int(n * units[unit])
+
+
+def to_hf(
+    cfg: KimiConfig,
+    sd: dict[str, torch.Tensor],
+    out_dir,
+    tokenizer: str | None = None,
+    max_shard_bytes: int = 5 * 10**9,
+) -> Path:
+    """Write config.json + model.safetensors that transformers' DeepseekV3ForCausalLM loads; with `tokenizer`
+    (a name as in data.tokenizer_name) also tokenizer.json + tokenizer_config.json (AutoTokenizer) and a
+    generation_config.json that stops at its end-of-document token and never picks the rows of a vocabulary
+    padded past the tokenizer's (as kimi.generate does)."""
     from kimi.model import KimiModel
     from kimi.model.loading import check_state_dict
 
@@ -286,9 +366,47 @@ def to_hf(cfg: KimiConfig, sd: dict[str, torch.Tensor], out_dir) -> Path:
     tensors = hf_state_from_kimi(sd, cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        hf_cfg.update(_write_tokenizer(tokenizer, cfg, out_dir))
+    for old in [*out_dir.glob("model*.safetensors"), out_dir / "model.safetensors.index.json"]:
+        old.unlink(missing_ok=True)  # a re-export with other shards leaves none of the previous ones
+    write_shards(tensors, out_dir, max_shard_bytes)
     (out_dir / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
     return out_dir
+
+
+def _import_tokenizer(hf_dir: Path, out_pt: Path, cfg: KimiConfig) -> str | None:
+    """The HF folder's tokenizer, copied beside OUT.pt (OUT.pt.tokenizer/), where generate and evaluate find it."""
+    from kimi.data.tokenizer import get_tokenizer
+    from kimi.data.tokenizer_files import beside_pt, import_hf_tokenizer
+
+    dest = beside_pt(out_pt)
+    shutil.rmtree(dest, ignore_errors=True)  # a stale one from an earlier conversion to the same name
+    name = import_hf_tokenizer(hf_dir, dest)
+    if name is not None and (n := get_tokenizer(name).n_vocab) > cfg.vocab_size:
+        shutil.rmtree(dest)
+        raise ConvertError(
+            f"the tokenizer in '{hf_dir}' has {n} tokens but config.json's vocab_size is {cfg.vocab_size}; "
+            "the checkpoint and its tokenizer do not belong together"
+        )
+    return name
+
+
+def _write_tokenizer(name: str, cfg: KimiConfig, out_dir: Path) -> dict:
+    from kimi.data.hf_tokenizer import write_hf_tokenizer
+    from kimi.data.tokenizer import get_tokenizer
+
+    n_vocab = get_tokenizer(name).n_vocab
+    if n_vocab > cfg.vocab_size:
+        raise ConvertError(
+            f"tokenizer {name!r} has {n_vocab} tokens but the model only {cfg.vocab_size}; pass the --tokenizer "
+            "the model was trained with"
+        )
+    ids = {"bos_token_id": None, **write_hf_tokenizer(name, out_dir, cfg.block_size)}
+    ids["pad_token_id"] = ids["eos_token_id"]  # no padding token of its own; batches pad with eot
+    gen = {**ids, "suppress_tokens": list(range(n_vocab, cfg.vocab_size)) or None}
+    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    return ids
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,19 +415,37 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--from-hf", metavar="HF_DIR", help="HF DeepSeek-V3 directory -> nanoKimi .pt")
     g.add_argument("--to-hf", metavar="CKPT", help="nanoKimi .pt or checkpoint directory -> HF directory")
     p.add_argument("out", help="OUT.pt (--from-hf) or OUT_DIR (--to-hf)")
+    p.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="--to-hf: largest safetensors file; more weights go to model-0000i-of-0000n files with an index "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        help="--to-hf: the tokenizer to write beside the weights (gpt2, byte, tiktoken:PATH, hf:PATH; default: "
+        "the one a checkpoint directory was trained with; a .pt records none, so none without this flag)",
+    )
     args = p.parse_args(argv)
+    if args.tokenizer and args.from_hf:
+        p.error("--tokenizer goes with --to-hf (an HF directory's own tokenizer stays beside it)")
     try:
         if args.from_hf:
             cfg, sd = from_hf(args.from_hf)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            tokenizer = _import_tokenizer(Path(args.from_hf), Path(args.out), cfg)
             torch.save({"config": Config(model=cfg).to_dict(), "model": sd}, args.out)
+            print(f"tokenizer: {tokenizer}" if tokenizer else "the HF folder has no tokenizer (none written)")
         else:
-            from kimi.loading import read_weights
+            from kimi.loading import read_weights, tokenizer_name_of
 
             if Path(args.out).exists() and not Path(args.out).is_dir():
                 raise ConvertError(f"OUT_DIR '{args.out}' is an existing file; give a directory (new or existing)")
             cfg, sd = read_weights(args.to_hf)
-            to_hf(cfg, sd, args.out)
+            tokenizer = args.tokenizer or tokenizer_name_of(args.to_hf)
+            to_hf(cfg, sd, args.out, tokenizer, parse_size(args.max_shard_size))
+            if tokenizer is None:
+                print("no tokenizer written (a .pt file records none); add --tokenizer NAME for AutoTokenizer")
     except ValueError as e:  # ConvertError, ConfigError and checkpoint errors are all one-liners
         print(f"error: {e}", file=sys.stderr)
         return 2

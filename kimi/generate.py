@@ -168,20 +168,14 @@ class Generator:
 
 
 def load_generator(checkpoint: str, device: str = "auto") -> Generator:
-    from kimi.checkpoint import read_meta, resolve
-    from kimi.loading import load_model
+    from kimi.checkpoint import resolve
+    from kimi.loading import load_model, tokenizer_name_of
 
     path = resolve(checkpoint)
     model = load_model(path)
     dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     model.to(dev)
-    meta = read_meta(path) if path.is_dir() else {}
-    name = meta.get("tokenizer", "gpt2")
-    if path.is_dir():  # tiktoken:/hf: tokenizers are read from the checkpoint's own copies of their files
-        from kimi.data.tokenizer_files import CHECKPOINT_DIR, name_in
-
-        name = name_in(name, path / CHECKPOINT_DIR)
-    return Generator(model, tokenizer_name=name)
+    return Generator(model, tokenizer_name=tokenizer_name_of(path) or "gpt2")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,6 +30,18 @@ def read_weights(path: str | Path, map_location="cpu") -> tuple[KimiConfig, dict
     return model_config_from(cfg_dict), state_dict
 
 
+def tokenizer_name_of(path: str | Path) -> str | None:
+    """The tokenizer a checkpoint directory was trained with (file tokenizers pointed at the checkpoint's own
+    copies of their files), or the one beside a `.pt` file; None where a `.pt` has none."""
+    from kimi.checkpoint import read_meta, resolve
+    from kimi.data.tokenizer_files import CHECKPOINT_DIR, name_in, tokenizer_of_pt
+
+    step = resolve(path)
+    if not step.is_dir():
+        return tokenizer_of_pt(step)  # kimi.convert --from-hf puts an HF checkpoint's tokenizer beside the .pt
+    return name_in(read_meta(step).get("tokenizer", "gpt2"), step / CHECKPOINT_DIR)
+
+
 def load_model(path: str | Path, map_location="cpu") -> KimiModel:
     """A KimiModel with the weights (and buffers: router biases) stored at `path`, in train mode as built.
     Every failure is a ValueError of one line (missing file, foreign format, key or shape mismatch)."""

@@ -3,6 +3,7 @@
     Config
       model: KimiConfig           n_layer, n_head, n_embd, vocab_size, block_size, ...
         attention: AttentionConfig  MLA (or plain MHA for the dense baseline)
+          rope_scaling: RopeScalingConfig  YaRN context extension
         moe: MoEConfig              routed + shared experts, aux-loss-free routing
       optim: OptimConfig          Muon/AdamW, QK-clip, schedule
       train: TrainConfig          steps, batch, eval, checkpoints
@@ -37,6 +38,7 @@ from kimi.config.sections import (
     MoEConfig,
     OptimConfig,
     ParallelConfig,
+    RopeScalingConfig,
     TrainConfig,
 )
 
@@ -51,6 +53,7 @@ __all__ = [
     "MoEConfig",
     "OptimConfig",
     "ParallelConfig",
+    "RopeScalingConfig",
     "TrainConfig",
     "config_error",
     "config_from_dict",

@@ -16,6 +16,28 @@ import yaml
 from kimi.config.build import ConfigError, _plain, _round_up, section
 
 
+@section("attention.rope_scaling")
+class RopeScalingConfig:
+    """RoPE context extension (YaRN, as Kimi K2 and DeepSeek-V3 publish it); type "none" is plain RoPE."""
+
+    type: str = "none"  # "none" (plain RoPE) or "yarn"
+    factor: float = 1.0  # context extension: positions up to factor x original_max_position_embeddings
+    original_max_position_embeddings: int = 4096  # the context the model was pre-trained at
+    beta_fast: float = 32.0  # rotations above which a frequency is kept as is (extrapolated)
+    beta_slow: float = 1.0  # rotations below which a frequency is divided by factor (interpolated)
+    mscale: float = 1.0  # cos/sin scale 0.1*mscale*ln(factor)+1, over the same with mscale_all_dim
+    mscale_all_dim: float = 0.0  # >0: also scale attention logits by (0.1*mscale_all_dim*ln(factor)+1)^2
+
+    def __post_init__(self) -> None:
+        if self.type not in ("none", "yarn"):
+            raise ConfigError(f"attention.rope_scaling.type={self.type!r} is not one of 'none', 'yarn'")
+        if self.type == "yarn" and (self.factor < 1.0 or self.original_max_position_embeddings < 1):
+            raise ConfigError(
+                f"attention.rope_scaling: factor={self.factor} must be >= 1 and original_max_position_embeddings="
+                f"{self.original_max_position_embeddings} >= 1 for YaRN"
+            )
+
+
 @section("attention")
 class AttentionConfig:
     """Attention: MLA (Kimi K2 / DeepSeek-V3) or plain MHA."""
@@ -28,6 +50,7 @@ class AttentionConfig:
     v_head_dim: int = 32  # per-head value dims
     rope_theta: float = 10000.0  # RoPE base frequency
     rope_interleave: bool = True  # DeepSeek-V3 checkpoints store RoPE dims interleaved
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)  # YaRN; takes a dict too
     bias: bool = False  # biases on the attention projections (MHA baseline only)
     track_max_logits: bool = True  # record per-head max pre-softmax logit (needed by QK-clip)
 

@@ -35,6 +35,26 @@ TIKTOKEN_EOT_NAMES = ("<|endoftext|>", "[EOS]", "</s>")
 HF_EOT_NAMES = ("<|endoftext|>", "</s>", "[EOS]", "<eos>", "<|end_of_text|>")
 
 
+# The pre-tokenizer pattern of Kimi K2's and Moonlight's tiktoken.model (their tokenization_kimi.py /
+# tokenization_moonshot.py hold it in code, not in a file): Han runs, case-aware words with English
+# contractions, 1-3 digits, punctuation runs, newlines, spaces.
+KIMI_PATTERN = "|".join(
+    [
+        r"[\p{Han}]+",
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+"
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*"
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+        r"\p{N}{1,3}",
+        r" ?[^\s\p{L}\p{N}]+[\r\n]*",
+        r"\s*[\r\n]+",
+        r"\s+(?!\S)",
+        r"\s+",
+    ]
+)
+KIMI_TOKENIZER_CODE = ("tokenization_kimi", "tokenization_moonshot")  # auto_map names that mean KIMI_PATTERN
+
+
 class TokenizerFileError(ValueError):
     """A tokenizer file is missing or does not parse; the message names the file and the fix."""
 
@@ -205,3 +225,53 @@ def build_file_tokenizer(name: str, default_pat_str: str) -> FileEncoding | HFEn
     """The tokenizer `tiktoken:PATH` or `hf:PATH` names; `default_pat_str` where a tiktoken file has none."""
     kind, path = split_spec(name)
     return build_tiktoken_file(path, name, default_pat_str) if kind == "tiktoken" else build_hf_file(path, name)
+
+
+# ----------------------------------------------------------------------------- the tokenizer of an HF checkpoint
+
+
+def beside_pt(pt: Path) -> Path:
+    """Where `kimi.convert --from-hf` puts the tokenizer of OUT.pt: the folder OUT.pt.tokenizer."""
+    return pt.with_name(pt.name + ".tokenizer")
+
+
+def tokenizer_of_pt(pt: Path) -> str | None:
+    """The tokenizer name recorded beside a `.pt` (see import_hf_tokenizer), or None."""
+    folder = beside_pt(Path(pt))
+    for kind, file in (("hf", "tokenizer.json"), ("tiktoken", "tiktoken.model")):
+        if (folder / file).is_file():
+            return f"{kind}:{folder / file}"
+    return None
+
+
+def import_hf_tokenizer(hf_dir: Path, dest: Path) -> str | None:
+    """Copy an HF checkpoint's tokenizer into `dest` in a form `--tokenizer` reads; returns its name, None when
+    the folder has none. A tokenizer.json (with its tokenizer_config.json) goes as is. A tiktoken.model (Kimi
+    K2, Moonlight) gets the sidecar JSON this module reads: special tokens and eos from tokenizer_config.json
+    (added_tokens_decoder, eos_token), the pattern from its tokenizer code, which must be a known one."""
+    side = hf_dir / "tokenizer_config.json"
+    opts = _read_json(side, "the checkpoint's tokenizer settings") if side.is_file() else {}
+    if (hf_dir / "tokenizer.json").is_file():
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            if (hf_dir / f).is_file():
+                shutil.copyfile(hf_dir / f, dest / f)
+        return f"hf:{dest / 'tokenizer.json'}"
+    if not (hf_dir / "tiktoken.model").is_file():
+        return None
+    code = json.dumps(opts.get("auto_map", {}))
+    if not any(k in code for k in KIMI_TOKENIZER_CODE):
+        raise TokenizerFileError(
+            f"'{hf_dir / 'tiktoken.model'}': its pre-tokenizer pattern lives in tokenizer code this converter "
+            f'does not know ({code}); write tiktoken.model.json with its "pat_str" and use --tokenizer tiktoken:PATH'
+        )
+    specials = {v["content"]: int(k) for k, v in opts.get("added_tokens_decoder", {}).items()}
+    eos = opts.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    if eos not in specials:
+        raise TokenizerFileError(f"'{side}': eos_token {eos!r} is not one of its added_tokens_decoder tokens")
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(hf_dir / "tiktoken.model", dest / "tiktoken.model")
+    sidecar = {"pat_str": KIMI_PATTERN, "special_tokens": specials, "eot": eos}
+    _tiktoken_sidecar(dest / "tiktoken.model").write_text(json.dumps(sidecar, indent=1) + "\n", encoding="utf-8")
+    return f"tiktoken:{dest / 'tiktoken.model'}"

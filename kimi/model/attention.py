@@ -21,7 +21,7 @@ from torch import nn
 
 from kimi.config import AttentionConfig
 from kimi.model.cache import MHALayerCache, MLALayerCache
-from kimi.model.layers import FP32Buffers, RMSNorm, apply_rope, fp32_region
+from kimi.model.layers import FP32Buffers, RMSNorm, apply_rope, fp32_region, yarn_softmax_gain
 
 # DeepSeek-V3 builds its q/kv latent norms with the default eps, whatever config.rms_norm_eps says;
 # matching that keeps converted checkpoints exact.
@@ -100,7 +100,7 @@ class MLA(_MaxLogitMixin, nn.Module):
         self.n_head, self.cfg = n_head, cfg
         self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.kv_lora_rank = cfg.kv_lora_rank
-        self.softmax_scale = (self.nope + self.rope) ** -0.5
+        self.softmax_scale = (self.nope + self.rope) ** -0.5 * yarn_softmax_gain(cfg.rope_scaling)
         self.rope_dim = self.rope
         qk_out = n_head * (self.nope + self.rope)
         if cfg.q_lora_rank is None:
@@ -189,7 +189,7 @@ class MHA(_MaxLogitMixin, nn.Module):
         self.n_head, self.cfg = n_head, cfg
         self.head_dim = dim // n_head
         self.rope_dim = self.head_dim
-        self.softmax_scale = self.head_dim**-0.5
+        self.softmax_scale = self.head_dim**-0.5 * yarn_softmax_gain(cfg.rope_scaling)
         self.q_proj = nn.Linear(dim, dim, bias=cfg.bias)
         self.k_proj = nn.Linear(dim, dim, bias=cfg.bias)
         self.v_proj = nn.Linear(dim, dim, bias=cfg.bias)

@@ -6,10 +6,15 @@ Legend: B batch, T tokens of this forward, H heads, R rotary dims, D model dim, 
 from __future__ import annotations
 
 import contextlib
+import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from kimi.config import RopeScalingConfig
 
 
 def fp32_region(device: torch.device):
@@ -98,16 +103,55 @@ def make_norm(kind: str, dim: int, eps: float) -> nn.Module:
 # ----------------------------------------------------------------------------- RoPE
 
 
-def rope_cos_sin(positions_T: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (T, dim/2) in fp32 for integer positions.
+def rope_cos_sin(
+    positions_T: torch.Tensor, dim: int, theta: float, scaling: RopeScalingConfig | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (T, dim/2) in fp32 for integer positions; YaRN-scaled when `scaling` says so.
 
     Computed per forward rather than held in a buffer: it is tiny, and a model built on the meta
     device (then `to_empty`) would otherwise carry garbage tables. Same float32 op order as HF
     DeepSeek-V3 (`inv_freq = 1 / theta**(arange(0, dim, 2)/dim)`) so converted models agree to ~1e-7.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=positions_T.device) / dim))
-    freqs_TR = positions_T.float()[:, None] * inv_freq[None, :]
-    return freqs_TR.cos(), freqs_TR.sin()
+    pos_freqs_R = theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=positions_T.device) / dim)
+    if scaling is None or scaling.type == "none":
+        inv_freq_R, gain = 1.0 / pos_freqs_R, 1.0
+    else:
+        inv_freq_R, gain = _yarn_inv_freq(pos_freqs_R, dim, theta, scaling), yarn_rope_gain(scaling)
+    freqs_TR = positions_T.float()[:, None] * inv_freq_R[None, :]
+    return freqs_TR.cos() * gain, freqs_TR.sin() * gain
+
+
+def _yarn_mscale(factor: float, mscale: float) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def yarn_rope_gain(s: RopeScalingConfig) -> float:
+    """YaRN's scale on cos/sin (HF's attention_factor): 1.0 when mscale == mscale_all_dim (Kimi K2, V3)."""
+    if s.mscale and s.mscale_all_dim:
+        return _yarn_mscale(s.factor, s.mscale) / _yarn_mscale(s.factor, s.mscale_all_dim)
+    return _yarn_mscale(s.factor, 1.0)
+
+
+def yarn_softmax_gain(s: RopeScalingConfig) -> float:
+    """DeepSeek-V3's correction of the attention softmax scale under YaRN: mscale(factor, mscale_all_dim)^2."""
+    if s.type == "none" or not s.mscale_all_dim:
+        return 1.0
+    return _yarn_mscale(s.factor, s.mscale_all_dim) ** 2
+
+
+def _yarn_inv_freq(pos_freqs_R: torch.Tensor, dim: int, theta: float, s: RopeScalingConfig) -> torch.Tensor:
+    """YaRN: frequencies that turn more than beta_fast times over the original context are kept, those that
+    turn fewer than beta_slow times are divided by `factor`, and a linear ramp blends the ones between."""
+
+    def dim_of(rotations: float) -> float:  # the rope dim whose frequency turns `rotations` times in context
+        return dim * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = max(math.floor(dim_of(s.beta_fast)), 0), min(math.ceil(dim_of(s.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # a one-dim ramp
+    ramp_R = ((torch.arange(dim // 2, dtype=torch.float32, device=pos_freqs_R.device) - low) / (high - low)).clamp(0, 1)
+    keep_R = 1 - ramp_R  # 1: extrapolate (keep the frequency), 0: interpolate (divide by factor)
+    return (1.0 / (s.factor * pos_freqs_R)) * (1 - keep_R) + (1.0 / pos_freqs_R) * keep_R
 
 
 def apply_rope(x: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor, interleave: bool) -> torch.Tensor:

@@ -113,7 +113,8 @@ class KimiModel(nn.Module):
             x_BTD = x_BTD + self.embed_positions(positions_T)
             cos_TR = sin_TR = None  # MHA then skips RoPE
         else:
-            cos_TR, sin_TR = rope_cos_sin(positions_T, self.layers[0].attn.rope_dim, self.config.attention.rope_theta)
+            a = self.config.attention
+            cos_TR, sin_TR = rope_cos_sin(positions_T, self.layers[0].attn.rope_dim, a.rope_theta, a.rope_scaling)
         for i, layer in enumerate(self.layers):
             x_BTD = layer(x_BTD, cos_TR, sin_TR, None if cache is None else cache.layers[i], start_pos)
         logits = self.lm_head(self.norm(x_BTD))

@@ -209,6 +209,14 @@ def test_byte_tokenizer_end_to_end(tmp_path):
     assert gen.returncode == 0, gen.stderr
     # 12 new byte tokens decode to at most 12 characters (fewer when bytes form multi-byte or invalid UTF-8)
     assert gen.stdout.startswith("ROMEO:") and 0 < len(gen.stdout.rstrip("\n")) - len("ROMEO:") <= 12
+    # --to-hf on the run writes the tokenizer it was trained with (no --tokenizer needed): AutoTokenizer reads bytes
+    hf = tmp_path / "hf"
+    conv = subprocess.run([sys.executable, "-m", "kimi.convert", "--to-hf", str(tmp_path / "run"), str(hf)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert conv.returncode == 0, conv.stderr
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(hf)
+    assert tok("ROMEO:").input_ids == list(b"ROMEO:") and tok.eos_token_id == 256
 
 
 def test_padded_vocabulary_never_samples_undecodable_ids():

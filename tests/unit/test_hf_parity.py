@@ -17,7 +17,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from kimi import load_model  # noqa: E402
-from kimi.config import KimiConfig  # noqa: E402
+from kimi.config import KimiConfig, RopeScalingConfig  # noqa: E402
 from kimi.convert import main as convert_main  # noqa: E402
 from kimi.model import KimiModel  # noqa: E402
 
@@ -171,8 +171,12 @@ def test_kimi_model_to_hf(tmp_path, routing):
             if "norm" in n:
                 p.add_(torch.randn(p.shape) * 0.1)
     torch.save({"config": dataclasses.asdict(cfg), "model": ours.state_dict()}, tmp_path / "k.pt")
-    assert convert_main(["--to-hf", str(tmp_path / "k.pt"), str(tmp_path / "hf")]) == 0
+    assert convert_main(["--to-hf", str(tmp_path / "k.pt"), str(tmp_path / "hf"), "--max-shard-size=40KB"]) == 0
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["tie_word_embeddings"] is True
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    shards = sorted((tmp_path / "hf").glob("model-*.safetensors"))
+    assert len(shards) > 2 and set(index["weight_map"].values()) == {f.name for f in shards}
+    assert all(f.stat().st_size < 40_000 + 4096 for f in shards)  # 40 KB of tensors + a header
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").float().eval()
     idx = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
@@ -203,6 +207,43 @@ def test_fused_in_memory_expert_layout_converts(tmp_path):
         assert rel_err(ours(idx).logits, hf(idx).logits) <= TOL
 
 
+# YaRN as published: Kimi K2 (beta_fast = beta_slow = 1: a one-dim ramp; mscale = mscale_all_dim), DeepSeek-V3
+# (beta 32 / 1), and a cos/sin gain != 1 (mscale != mscale_all_dim). Original context 16, tokens up to 47.
+YARN = {
+    "k2": dict(factor=4.0, beta_fast=1.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0),
+    "v3": dict(factor=4.0, beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0),
+    "gain": dict(factor=3.0, beta_fast=16.0, beta_slow=2.0, mscale=0.707, mscale_all_dim=1.0),
+    "bare": dict(factor=4.0),  # HF's defaults for the rest
+}
+
+
+@pytest.mark.parametrize("variant", list(YARN))
+def test_yarn_matches_hf_beyond_the_original_context(tmp_path, variant):
+    """Published configs spell it `rope_scaling` with `type` (transformers 4); transformers 5 reads that
+    too. Logits match HF at positions 0..47 of a model pre-trained at 16, both ways."""
+    scaling = {"type": "yarn", "original_max_position_embeddings": 16, **YARN[variant]}
+    hf = random_hf_model(hf_config(24, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, **scaling}))
+    hf.save_pretrained(tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg.pop("rope_parameters")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, "rope_theta": 10000.0, "rope_scaling": scaling}))
+    assert convert_main(["--from-hf", str(tmp_path / "hf"), str(tmp_path / "kimi.pt")]) == 0
+    ours = load_model(tmp_path / "kimi.pt").eval()
+    assert ours.config.attention.rope_scaling.type == "yarn"
+    idx = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = hf(idx).logits
+        assert rel_err(ours(idx).logits, ref) <= TOL
+        plain = KimiModel(dataclasses.replace(ours.config, attention=dataclasses.replace(
+            ours.config.attention, rope_scaling=RopeScalingConfig()))).eval()  # fmt: skip
+        plain.load_state_dict(ours.state_dict())
+        assert rel_err(plain(idx).logits, ref) > 100 * TOL  # the scaling is carried, not a no-op here
+    assert convert_main(["--to-hf", str(tmp_path / "kimi.pt"), str(tmp_path / "back")]) == 0
+    hf2 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").float().eval()
+    with torch.no_grad():
+        assert rel_err(hf2(idx).logits, ref) <= TOL
+
+
 def _write_hf(tmp_path, **kw):
     cfg = hf_config(None, **kw)
     d = tmp_path / "hf"
@@ -217,13 +258,12 @@ def _write_hf(tmp_path, **kw):
         (
             {
                 "rope_parameters": {
-                    "rope_type": "yarn",
+                    "rope_type": "linear",
                     "factor": 4.0,
                     "rope_theta": 10000.0,
-                    "original_max_position_embeddings": 16,
                 }
             },
-            "RoPE scaling 'yarn'",
+            "RoPE scaling 'linear'",
         ),
         ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
         ({"attention_bias": True}, "attention_bias"),
