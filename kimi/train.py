@@ -41,7 +41,7 @@ from kimi.trainer.console import StepLogger
 from kimi.trainer.hang import HANG_EXIT_CODE, CollectiveTimeout, as_collective_timeout
 from kimi.trainer.mixture_stats import MixtureStats
 from kimi.trainer.nonfinite import NONFINITE_EXIT_CODE, NonFiniteError, NonFiniteGuard, weights_finite
-from kimi.trainer.preemption import REQUEUE_EXIT_CODE, Preemption, clear_requeue_mark, mark_requeue
+from kimi.trainer.preemption import REQUEUE_EXIT_CODE, Preemption, clear_requeue_mark, mark_fatal, mark_requeue
 from kimi.trainer.stats import RouterBias, a2a_stats, forget_step, max_logit_stats
 from kimi.trainer.validator import Validator
 
@@ -82,14 +82,17 @@ def main(argv: list[str] | None = None) -> None:
     except NonFiniteError as e:
         if int(os.environ.get("RANK", "0")) == 0:  # every rank stops on it; one says so
             print(f"error: {e}", file=sys.stderr)
+        mark_fatal(NONFINITE_EXIT_CODE, e)
         sys.exit(NONFINITE_EXIT_CODE)
     except (ConfigError, UserError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        mark_fatal(2, e)
         sys.exit(2)
     except ValueError as e:  # bad input caught deep inside (data, tokens, layouts): still one line
         if os.environ.get("KIMI_DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
+        mark_fatal(2, e)
         sys.exit(2)
     finally:
         if dist.is_initialized():

@@ -34,6 +34,9 @@
 #   RDZV_ID      rendezvous id, the same on every node of one job   [nanokimi-$MASTER_PORT]
 #   MAX_RESTARTS torchrun --max-restarts: times the agent restarts failed workers, which resume
 #                from the latest checkpoint                          [0]
+#   TORCH_DISABLE_SHARE_RDZV_TCP_STORE  torch's switch: 1 gives each restart round a fresh store [1]
+#                (with torch's default, 0, the rounds share one and a restart on several nodes may
+#                not find its peers; kimi/parallel/mesh.py round_store)
 #   OMP_NUM_THREADS  threads per process                            [CPUs on this node / NPROC, at least 1]
 #   MODULE       Python module to run                               [kimi.train]
 #   TORCHRUN     the launcher command                               [see below]
@@ -66,6 +69,7 @@ MASTER_PORT=${MASTER_PORT:-29500}
 RDZV_ID=${RDZV_ID:-nanokimi-$MASTER_PORT}
 MODULE=${MODULE:-kimi.train}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=launch/torchrun.sh
 source "$root/launch/torchrun.sh"

@@ -16,6 +16,8 @@
 #   SHUTDOWN_TIMEOUT    seconds torchrun lets workers finish after TERM before SIGKILL [90]
 #   MAX_RESTARTS        torchrun --max-restarts: times each agent restarts failed workers, which
 #                       resume from the latest checkpoint [0]
+#   MAX_REQUEUES        times a crashed job (srun failed without a checkpoint-and-exit) is requeued to
+#                       resume from the latest checkpoint [2] (see "A crash" below)
 #
 # How a preemption travels. `--signal=B:USR1@120` sends USR1 to this batch shell only, 120 s before
 # the time limit (test it with `scancel --signal=USR1 --batch JOBID`). The trap below turns it into
@@ -36,6 +38,12 @@
 # not requeued in a loop. The requeued job keeps its id (so MASTER_PORT and the rendezvous id), appends
 # to the same slurm-%j.out, starts after AuthInfo's cred_expire (120 s by default) and the trainer
 # resumes from OUT_DIR/checkpoints/latest.
+# A crash: srun fails and no trainer saved (a rank SIGKILLed or OOM-killed, a node fault, a hung rank's
+# timeout, torchrun's restarts used up). The job is requeued, at most MAX_REQUEUES times per job id (counted
+# in OUT_DIR/.crashes-$SLURM_JOB_ID; preemption requeues do not count), and resumes from
+# OUT_DIR/checkpoints/latest. Not when the trainer stopped on an error a restart would repeat (bad config or
+# data, exit 2; NaN, exit 4): it names OUT_DIR/.fatal-$SLURM_JOB_ID (KIMI_FATAL_FILE) then, and the job
+# fails at once.
 # TERM means slurm is ending the job (`scancel JOBID`, the time limit itself, preemption): slurm
 # sends it to the steps and to this shell at once. The trainer still saves, but this shell does not
 # requeue: `scontrol requeue` would bring a cancelled job back to life (seen on 22.05). It exits
@@ -48,6 +56,10 @@ EXTRA=${EXTRA:-}
 MODULE=${MODULE:-kimi.train}
 REQUEUE_EXIT_CODE=${REQUEUE_EXIT_CODE:-3}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
+MAX_REQUEUES=${MAX_REQUEUES:-2}
+# torchrun's c10d rendezvous keeps one store for the workers of every round and counts restarts per node;
+# with it off, each round gets a fresh store (kimi/parallel/mesh.py round_store says why).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-90}
 export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 
@@ -94,7 +106,9 @@ cmd=(srun --ntasks-per-node=1 --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus
 
 mkdir -p "$OUT_DIR"
 export KIMI_REQUEUE_FILE=$OUT_DIR/.requeue-$SLURM_JOB_ID  # the trainer's "saved, requeue me" (see above)
-rm -f "$KIMI_REQUEUE_FILE"
+export KIMI_FATAL_FILE=$OUT_DIR/.fatal-$SLURM_JOB_ID      # the trainer's "a restart would fail the same way"
+crashes_file=$OUT_DIR/.crashes-$SLURM_JOB_ID             # crash requeues of this job id so far
+rm -f "$KIMI_REQUEUE_FILE" "$KIMI_FATAL_FILE"
 
 signals=0 got_term=0
 on_signal() {
@@ -132,5 +146,20 @@ if [[ -n $saved && $got_term -eq 0 ]]; then
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
 fi
+if [[ $rc -ne 0 && -z $saved && $got_term -eq 0 ]]; then
+    crashes=$(cat "$crashes_file" 2>/dev/null || echo 0)
+    if [[ -f "$KIMI_FATAL_FILE" ]]; then
+        echo "slurm: not requeued: the trainer stopped on an error a restart would repeat ($(cat "$KIMI_FATAL_FILE"))"
+    elif [[ $crashes -lt $MAX_REQUEUES ]]; then
+        echo $((crashes + 1)) >"$crashes_file"
+        echo "slurm: srun failed with $rc and no checkpoint-and-exit (a crash); requeueing job $SLURM_JOB_ID" \
+            "(crash requeue $((crashes + 1)) of MAX_REQUEUES=$MAX_REQUEUES): it resumes from $OUT_DIR/checkpoints/latest"
+        scontrol requeue "$SLURM_JOB_ID"
+        exit 0
+    else
+        echo "slurm: not requeued: $crashes crash requeue(s) used of MAX_REQUEUES=$MAX_REQUEUES"
+    fi
+fi
+rm -f "$KIMI_FATAL_FILE"
 echo "slurm: done, exit code $rc"
 exit "$rc"

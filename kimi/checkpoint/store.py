@@ -98,10 +98,16 @@ def _save_file(obj: Any, path: Path) -> None:
 
 
 def _pause_for_test(phase: str, step: int, out_dir: Path) -> None:
-    """Test hook for tests/e2e/test_checkpoint_faults.py: with KIMI_TEST_PAUSE_IN_SAVE=<phase>@<step>, the
-    save of that step writes OUT/paused_in_save and sleeps at <phase>, so the test can send a real
-    SIGKILL exactly there. The kill is real; the hook only holds the window open. Unset: a no-op."""
-    if os.environ.get("KIMI_TEST_PAUSE_IN_SAVE") == f"{phase}@{step}":
+    """Test hook for tests/e2e/test_checkpoint_faults.py and test_restart.py: with
+    KIMI_TEST_PAUSE_IN_SAVE=<phase>@<step>, the save of that step writes OUT/paused_in_save and sleeps at
+    <phase>, so the test can send a real SIGKILL exactly there; `<phase>@<step>:<rank>` holds that rank
+    only (the others go on into the save's next collective and wait there). Only in torchrun's first round
+    (TORCHELASTIC_RESTART_COUNT 0): the workers it restarts save that step for real. The kill is real; the
+    hook only holds the window open. Unset: a no-op."""
+    where, _, only = os.environ.get("KIMI_TEST_PAUSE_IN_SAVE", "").partition(":")
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" or where != f"{phase}@{step}":
+        return
+    if not only or int(only) == _rank():
         (out_dir / "paused_in_save").write_text(phase)
         time.sleep(3600)
 

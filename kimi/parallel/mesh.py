@@ -193,7 +193,41 @@ def init_distributed(backend: str = "auto", device: str = "auto", timeout_s: flo
         if backend == "nccl" and dev.type != "cuda":
             raise ConfigError("parallel.backend='nccl' needs CUDA; use 'gloo' (or 'auto') on CPU")
         kw = {"device_id": dev} if dev.type == "cuda" else {}
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kw)
+        timeout = timedelta(seconds=timeout_s)
+        if (store := round_store(world_size, timeout)) is not None:
+            kw.update(store=store, rank=rank, world_size=world_size)
+        dist.init_process_group(backend, timeout=timeout, **kw)
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
     return DistInfo(rank, world_size, local_rank)
+
+
+def round_store(world_size: int, timeout: timedelta) -> dist.Store | None:
+    """The store of this torchrun round, for `init_process_group`; None where torch's env:// is safe.
+
+    torchrun's c10d rendezvous hosts one TCPStore in the agent and hands it to the workers of every round
+    (TORCHELASTIC_USE_AGENT_STORE=True; torch 2.13 creates it once and never clears it), and env:// opens it
+    without a per-round prefix. Every group (the world, the mesh's subgroups, DeepSpeed's clone of the
+    world) publishes its ranks' gloo/NCCL addresses there under the same keys in every round. So after
+    `--max-restarts` restarts the workers, a rank can read its peer's address from the dead round before
+    the peer has rewritten it: "Connection refused" in connectFullMesh, or a connect to a port some new
+    process reuses, which never answers (a hang until the timeout). The restart count prefixes every key,
+    giving each round keys of its own.
+
+    The count is per agent: on several nodes an agent that restarts for another node's failure does not
+    count it (torch issue 135712), so the rounds' prefixes could differ. launch/multinode.sh and
+    slurm/common.sh therefore set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: each round then gets a fresh store
+    on a fresh port from global rank 0, env:// is safe, and this returns None."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")):
+        warnings.warn(
+            "torchrun shares one store across restarts and counts restarts per node; set "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun on several nodes (launch/multinode.sh and "
+            "slurm/common.sh do), or a restart may not find its peers",
+            stacklevel=2,
+        )
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=timeout
+    )
+    return dist.PrefixStore(f"kimi/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)

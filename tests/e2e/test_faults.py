@@ -431,3 +431,17 @@ def test_requeue_mark_is_written_on_a_save_and_cleared_at_start(tmp_path, monkey
     with pytest.raises(SystemExit) as e:
         main([*BASE, f"--train.out_dir={tmp_path / 'preempted'}", "--train.max_steps=4"])
     assert e.value.code == REQUEUE_EXIT_CODE and mark.read_text() == "step 2\n"
+
+
+def test_fatal_mark_is_written_on_an_error_a_restart_would_repeat(tmp_path, monkeypatch):
+    """slurm/common.sh's KIMI_FATAL_FILE: a bad config (exit 2) names it, so the job is not requeued as a
+    crash; a process that starts clears it."""
+    from kimi.train import main
+
+    fatal = tmp_path / "fatal"
+    monkeypatch.setenv("KIMI_FATAL_FILE", str(fatal))
+    with pytest.raises(SystemExit) as e:
+        main([*BASE, f"--train.out_dir={tmp_path / 'bad'}", "--model.n_layerz=3"])
+    assert e.value.code == 2 and fatal.read_text().startswith("exit 2: ") and "n_layerz" in fatal.read_text()
+    main([*BASE, f"--train.out_dir={tmp_path / 'good'}", "--train.max_steps=1"])
+    assert not fatal.exists()

@@ -40,6 +40,20 @@ def _workers(agent: psutil.Process) -> dict[int, psutil.Process]:
     return {int(p.environ()["RANK"]): p for p in agent.children() if "RANK" in p.environ()}
 
 
+def signal_rank_1_when(proc: subprocess.Popen, ready, sig: int, stderr: Path) -> dict[int, psutil.Process]:
+    """Once `ready()` holds (240 s at most) while the torchrun job `proc` runs, send `sig` to rank 1's worker.
+    Returns the workers by rank."""
+    deadline = time.monotonic() + 240
+    while not ready():
+        assert proc.poll() is None, "the job ended before the signal: " + stderr.read_text()[-3000:]
+        assert time.monotonic() < deadline, "the moment for the signal never came in 240 s"
+        time.sleep(0.05)
+    workers = _workers(psutil.Process(proc.pid))
+    assert sorted(workers) == [0, 1], workers
+    workers[1].send_signal(sig)
+    return workers
+
+
 @pytest.mark.slow
 def test_a_stopped_rank_ends_the_job_in_bounded_time_and_a_restart_resumes(tmp_path):
     out = tmp_path / "run"
@@ -48,14 +62,8 @@ def test_a_stopped_rank_ends_the_job_in_bounded_time_and_a_restart_resumes(tmp_p
     proc = subprocess.Popen(_cmd(out), cwd=ROOT, env=env, start_new_session=True, stdout=log[0], stderr=log[1])
     workers = {}
     try:
-        deadline = time.monotonic() + 240
-        while len(_steps(out)) < 3:  # rank 1 has logged nothing, but rank 0's rows mean both are stepping
-            assert proc.poll() is None, "the job ended before the stop: " + Path(log[1].name).read_text()[-3000:]
-            assert time.monotonic() < deadline, "no training step logged in 240 s"
-            time.sleep(0.05)
-        workers = _workers(psutil.Process(proc.pid))
-        assert sorted(workers) == [0, 1], workers
-        workers[1].send_signal(signal.SIGSTOP)
+        # rank 1 has logged nothing, but rank 0's rows mean both are stepping
+        workers = signal_rank_1_when(proc, lambda: len(_steps(out)) >= 3, signal.SIGSTOP, Path(log[1].name))
         t0 = time.monotonic()
         try:
             rc = proc.wait(timeout=TIMEOUT_S + 60)
