@@ -176,6 +176,7 @@ def test_command_line_text_reads_as_the_fields_type():
             "--data.shard_tokens=5e7",
             "--optim.betas=0.8,0.9",
             "--logging.run_name=123",
+            "--logging.experiment=1:30",  # text, not YAML 1.1's base-60 integer 90
             "--logging.tracking_uri=none",
             "--attention.q_lora_rank=null",
             "--train.resume=None",
@@ -187,7 +188,7 @@ def test_command_line_text_reads_as_the_fields_type():
         50_000_000,
         (0.8, 0.9),
     )
-    assert cfg.logging.run_name == "123"
+    assert cfg.logging.run_name == "123" and cfg.logging.experiment == "1:30"
     assert cfg.logging.tracking_uri is None and cfg.model.attention.q_lora_rank is None and cfg.train.resume is None
     for word, value in {
         "true": True,
