@@ -13,9 +13,10 @@ Layout, one directory per step:
     OUT/checkpoints/latest         symlink -> step_000400, replaced only once the step directory is complete
     OUT/checkpoints/best           symlink -> the step with the lowest validation loss (kept from rotation)
 
-Atomicity: every rank writes into `step_000400.tmp/`; after a barrier rank 0 hashes every file into
-meta.json, renames the directory to `step_000400/` (a POSIX rename of a directory is atomic) and then
-swaps the `latest` symlink with `os.replace`. A kill at any moment leaves either the old `latest` or the
+Atomicity: every rank writes into `step_000400.tmp/`; after a barrier every rank hashes its `share` of
+the files (split by size, so each rank reads about 1/world of the bytes), rank 0 gathers the checksums
+into meta.json, renames the directory to `step_000400/` (a POSIX rename of a directory is atomic) and
+then swaps the `latest` symlink with `os.replace`. A kill at any moment leaves either the old `latest` or the
 new one, never a half checkpoint behind a pointer (tests/e2e/test_checkpoint_faults.py kills a real run at
 each of these points). Leftover `*.tmp` directories are removed at the next save. A save that fails
 (e.g. a full disk) removes its `.tmp` directory and raises CheckpointError; `latest` is untouched.
@@ -61,14 +62,23 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _agree(problem: str | None) -> str | None:
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _gather(obj: Any, group: Any = None) -> list[Any]:
+    """Collective (over `group`, default the world): every rank's `obj`, in rank order."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def _agree(problem: str | None, group: Any = None) -> str | None:
     """Collective: the first rank's problem (None if every rank is fine), known to every rank, so all
     of them raise together instead of some waiting forever at the next barrier."""
-    if not dist.is_initialized():
-        return problem
-    problems: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(problems, problem)
-    return next((p for p in problems if p), None)
+    return next((p for p in _gather(problem, group) if p), None)
 
 
 def _reason(e: BaseException) -> str:
@@ -106,13 +116,33 @@ def _pause_for_test(phase: str, step: int, out_dir: Path) -> None:
         time.sleep(3600)
 
 
-def checksums(step_dir: Path) -> dict[str, str]:
-    """sha256 of every file in a step directory but meta.json (which holds them), by relative path.
-    Threads: hashlib releases the GIL, so several shards hash at once."""
-    files = sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != META)
+def _hash_files(step_dir: Path, files: list[Path]) -> dict[str, str]:
+    """Threads: hashlib releases the GIL, so several shards hash at once."""
     with ThreadPoolExecutor(max_workers=min(8, max(1, len(files)))) as pool:
         sums = list(pool.map(sha256_file, files))
     return {str(p.relative_to(step_dir)): h for p, h in zip(files, sums)}
+
+
+def _files(step_dir: Path) -> list[Path]:
+    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != META)
+
+
+def checksums(step_dir: Path) -> dict[str, str]:
+    """sha256 of every file in a step directory but meta.json (which holds them), by relative path."""
+    return _hash_files(step_dir, _files(step_dir))
+
+
+def share(files: list[Path], rank: int, world: int) -> list[Path]:
+    """Rank `rank`'s share of `files` for hashing: the largest file first to the rank with the fewest bytes
+    so far (ties to the lowest rank), so each rank reads about 1/world of the bytes whatever the mix of
+    big shards and small files. Deterministic: every rank lists the same files and computes the same split."""
+    load, mine = [0] * world, []
+    for size, p in sorted(((p.stat().st_size, p) for p in files), key=lambda sp: (-sp[0], str(sp[1]))):
+        r = load.index(min(load))
+        load[r] += size
+        if r == rank:
+            mine.append(p)
+    return mine
 
 
 def step_number(step_dir: Path) -> int:
@@ -271,11 +301,21 @@ class CheckpointStore:
         directory, RNG streams, `train_state` (the same on all ranks; rank 0 writes it), the config, then
         meta.json with checksums, rename, `latest`. Returns the final step directory. A failed write (e.g.
         a full disk) removes the partial directory and raises CheckpointError on every rank."""
+        tmp, final = self._begin(step)
+        problem = None
+        try:
+            write(tmp)
+            self._write_common(tmp, _rank(), train_state, config_yaml)
+        except (Exception, CheckpointException) as e:  # CheckpointException derives from BaseException
+            problem = _reason(e)
+        return self._finish(step, tmp, final, meta, problem)
+
+    def _begin(self, step: int) -> tuple[Path, Path]:
+        """Collective: rank 0 removes stale `.tmp` directories and makes this step's; (tmp, final)."""
         name = f"{STEP_PREFIX}{step:06d}"
         final, tmp = self.dir / name, self.dir / f"{name}.tmp"
-        rank = _rank()
         problem = None
-        if rank == 0:
+        if _rank() == 0:
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
                 for stale in self.dir.glob("*.tmp"):
@@ -283,30 +323,43 @@ class CheckpointStore:
                 tmp.mkdir()
             except OSError as e:
                 problem = _reason(e)
-        if _agree(problem) is None:
-            _pause_for_test("tmp", step, self.dir.parent)
-            try:
-                write(tmp)
-                self._write_common(tmp, rank, train_state, config_yaml)
-            except (Exception, CheckpointException) as e:  # CheckpointException derives from BaseException
-                problem = _reason(e)
-        if _agree(problem) is None:
+        if (problem := _agree(problem)) is not None:
+            raise self._failed(step, problem)
+        _pause_for_test("tmp", step, self.dir.parent)
+        return tmp, final
+
+    def _finish(self, step: int, tmp: Path, final: Path, meta: dict[str, Any], problem: str | None,
+                group: Any = None) -> Path:  # fmt: skip
+        """Collective (over `group`): once every rank has written its part (`problem` None), each hashes its
+        `share` of the files, rank 0 gathers the checksums and publishes; else (or if that fails) rank 0
+        removes the tmp directory and every rank raises CheckpointError."""
+        rank = dist.get_rank(group) if dist.is_initialized() else 0
+        world = dist.get_world_size(group) if dist.is_initialized() else 1
+        sums: dict[str, str] = {}
+        if (problem := _agree(problem, group)) is None:  # the barrier: every rank's files are in
             _pause_for_test("shards", step, self.dir.parent)
-            if rank == 0:
-                try:
-                    self._publish(step, tmp, final, meta)
-                except OSError as e:
-                    problem = _reason(e)
-        problem = _agree(problem)
-        if problem is not None:
+            try:
+                sums = _hash_files(tmp, share(_files(tmp), rank, world))
+            except OSError as e:
+                problem = _reason(e)
+        parts = _gather((problem, sums), group)
+        problem = next((p for p, _ in parts if p), None)
+        if problem is None and rank == 0:
+            try:
+                merged = dict(sorted((kv for _, s in parts for kv in s.items()), key=lambda kv: Path(kv[0])))
+                self._publish(step, tmp, final, meta, merged)
+            except OSError as e:
+                problem = _reason(e)
+        if (problem := _agree(problem, group)) is not None:
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
-            last = self.latest()
-            kept = (
-                f"'latest' still points to the last good one, {last.name}" if last else "no earlier checkpoint exists"
-            )
-            raise CheckpointError(f"the checkpoint at step {step} could not be written ({problem}); {kept}")
+            raise self._failed(step, problem)
         return final
+
+    def _failed(self, step: int, problem: str) -> CheckpointError:
+        last = self.latest()
+        kept = f"'latest' still points to the last good one, {last.name}" if last else "no earlier checkpoint exists"
+        return CheckpointError(f"the checkpoint at step {step} could not be written ({problem}); {kept}")
 
     @staticmethod
     def _write_common(tmp: Path, rank: int, train_state: dict[str, Any], config_yaml: str) -> None:
@@ -317,19 +370,19 @@ class CheckpointStore:
             _save_file(train_state, tmp / "train_state.pt")
             (tmp / "config.yaml").write_text(config_yaml)
 
-    def _publish(self, step: int, tmp: Path, final: Path, meta: dict[str, Any]) -> None:
-        """Rank 0, once every rank has written its part: meta.json (with the checksums of all files; the
-        filesystem is shared, as the rename already assumes), rename, `latest`, `best`, rotation."""
+    def _publish(self, step: int, tmp: Path, final: Path, meta: dict[str, Any], sums: dict[str, str]) -> None:
+        """Rank 0, once every rank has written and hashed its part: meta.json (with the checksums of all
+        files; the filesystem is shared, as the rename already assumes), rename, `latest`, `best`, rotation."""
         commit, dirty = git_state(Path(__file__).resolve().parent)
         meta = {
             **meta,
             "step": step,
-            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "world_size": _world(),
             "git_commit": commit or "unknown",
             "git_dirty": dirty,
             "torch": torch.__version__,
             "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "checksums": checksums(tmp),
+            "checksums": sums,
         }
         meta["meta_sha256"] = _meta_sha256(meta)
         (tmp / META).write_text(json.dumps(meta, indent=2))
