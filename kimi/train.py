@@ -238,6 +238,7 @@ class Trainer:
             else:
                 status = "FINISHED"
         except NonFiniteError as e:
+            self.checkpointer.wait()  # a save still being written (train.async_checkpoint) becomes `latest` first
             raise NonFiniteError(f"{e} {self.nonfinite_hint()}") from None
         except RuntimeError as e:  # a rank that never joins a collective: gloo raises after parallel.timeout_s
             latest = self.checkpointer.latest()

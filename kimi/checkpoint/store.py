@@ -21,6 +21,12 @@ new one, never a half checkpoint behind a pointer (tests/e2e/test_checkpoint_fau
 each of these points). Leftover `*.tmp` directories are removed at the next save. A save that fails
 (e.g. a full disk) removes its `.tmp` directory and raises CheckpointError; `latest` is untouched.
 
+Async saves (`save_async`): the caller is held only while the engine stages its state (a copy in host
+memory) and the small files are written; the shards are written, hashed and published (the same sequence
+as above, on a process group of its own so it never interleaves with the training step's collectives) in
+a background thread. `wait()` finishes it; a new save waits for the one in flight first, so at most one
+`.tmp` directory is being written and `latest` only ever moves to a complete, hashed step.
+
 Integrity: meta.json lists the sha256 of every other file of the step, and its own (`meta_sha256`, over
 the rest of it), so a damaged meta.json is blamed on itself; loading checks them (older checkpoints without
 them still load). The step directories, not the link, are the truth: a missing or dangling `latest`, or one
@@ -39,7 +45,8 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +121,12 @@ def _pause_for_test(phase: str, step: int, out_dir: Path) -> None:
     if os.environ.get("KIMI_TEST_PAUSE_IN_SAVE") == f"{phase}@{step}":
         (out_dir / "paused_in_save").write_text(phase)
         time.sleep(3600)
+
+
+def pause_in_write(tmp: Path) -> None:
+    """The same hook, phase `writing`, for an engine's writer to call once its shards are on disk and its
+    index is not (inside the write: under `train.async_checkpoint`, in the background writer thread)."""
+    _pause_for_test("writing", step_number(tmp.with_name(tmp.name.removesuffix(".tmp"))), tmp.parent.parent)
 
 
 def _hash_files(step_dir: Path, files: list[Path]) -> dict[str, str]:
@@ -260,10 +273,13 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 class CheckpointStore:
     """The step directories under `ckpt_dir`: atomic saves around an engine's writer, verified loads."""
 
-    def __init__(self, ckpt_dir: str | Path, keep_last: int = 2, keep_best: bool = True):
+    def __init__(self, ckpt_dir: str | Path, keep_last: int = 2, keep_best: bool = True, timeout_s: float = 600.0):
         self.dir = Path(ckpt_dir)
         self.keep_last = max(1, keep_last)
         self.keep_best = keep_best
+        self.timeout_s = timeout_s  # the async writer's own process group: as long as the world's
+        self._group: Any = None  # that group (created at the first async save, by every rank)
+        self._pending: tuple[int, Future] | None = None  # (step, its background completion) in flight
 
     # ------------------------------------------------------------------ queries
     def latest(self) -> Path | None:
@@ -301,6 +317,7 @@ class CheckpointStore:
         directory, RNG streams, `train_state` (the same on all ranks; rank 0 writes it), the config, then
         meta.json with checksums, rename, `latest`. Returns the final step directory. A failed write (e.g.
         a full disk) removes the partial directory and raises CheckpointError on every rank."""
+        self.wait()
         tmp, final = self._begin(step)
         problem = None
         try:
@@ -309,6 +326,65 @@ class CheckpointStore:
         except (Exception, CheckpointException) as e:  # CheckpointException derives from BaseException
             problem = _reason(e)
         return self._finish(step, tmp, final, meta, problem)
+
+    def save_async(
+        self,
+        step: int,
+        write_async: Callable[[Path, Any], Future],
+        train_state: dict[str, Any],
+        config_yaml: str,
+        meta: dict[str, Any],
+    ) -> None:
+        """Collective: `save` with the engine's shards written in the background. Returns once
+        `write_async(tmp, group)` has staged this rank's state (its Future then completes when the shards
+        are on disk) and the small files are written; hashing and publishing follow in a background thread
+        once every rank's write is done, on `group`. An earlier save still in flight is finished first
+        (`wait`); a failure shows there, as the same CheckpointError `save` raises."""
+        self.wait()
+        group = self._async_group()
+        tmp, final = self._begin(step)
+        problem, written = None, None
+        try:
+            self._write_common(tmp, _rank(), train_state, config_yaml)
+            written = write_async(tmp, group)
+        except (Exception, CheckpointException) as e:
+            problem = _reason(e)
+        # Every rank staged, or none goes on. (A rank whose write did start while another's failed is left
+        # with a writer waiting on a peer; it fails after parallel.timeout_s, like any lost collective.)
+        if (problem := _agree(problem)) is not None:
+            self._finish(step, tmp, final, meta, problem)
+
+        def complete() -> Path:
+            err = None
+            try:
+                written.result()
+            except (Exception, CheckpointException) as e:
+                err = _reason(e)
+            return self._finish(step, tmp, final, meta, err, group)
+
+        worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kimi-checkpoint")
+        self._pending = (step, worker.submit(complete))
+        worker.shutdown(wait=False)  # the thread ends with its one job
+
+    def pending_step(self) -> int | None:
+        """The step of the async save in flight (written or not), None when there is none."""
+        return self._pending[0] if self._pending else None
+
+    def wait(self) -> Path | None:
+        """Collective: finish the async save in flight, if any; its step directory (None when there was
+        none). Raises its CheckpointError."""
+        if self._pending is None:
+            return None
+        _, done = self._pending
+        self._pending = None
+        return done.result()
+
+    def _async_group(self) -> Any:
+        """A gloo group of the whole world for the background writer: DCP's planning collectives and our
+        agreement then never interleave with the step's own collectives on the world group."""
+        if self._group is None and dist.is_initialized():
+            self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s))
+        return self._group
 
     def _begin(self, step: int) -> tuple[Path, Path]:
         """Collective: rank 0 removes stale `.tmp` directories and makes this step's; (tmp, final)."""

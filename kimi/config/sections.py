@@ -208,6 +208,10 @@ class TrainConfig:
     keep_best: bool = True  # also keep the checkpoint with the best validation loss
     out_dir: str = "out/debug"  # checkpoints, metrics.jsonl, plots
     profile: bool = False  # time the all-to-alls and the optimizer step per step (adds syncs; for benches)
+    # Write checkpoints with torch.distributed.checkpoint's async_save: the step loop waits only while the
+    # state is copied to host memory; shards, checksums, the rename and `latest` follow in the background
+    # (a save waits for the previous one first; the last save of a run is waited for). FSDP2 only.
+    async_checkpoint: bool = False  # write checkpoints in the background (FSDP2)
     resume: bool | None = None  # None: resume when out_dir has a checkpoint; True: must; False: must not
     # A step whose loss or gradient norm is NaN/inf (on any rank) never reaches the weights. "stop": end the
     # run there with one line and exit code 4 (checkpoints/latest stays on the last good checkpoint).
@@ -380,6 +384,11 @@ class Config:
         self.model.validate()
         self.optim.validate()
         self.train.validate()
+        if self.train.async_checkpoint and self.parallel.engine == "deepspeed":
+            raise ConfigError(
+                "train.async_checkpoint=true is not supported by parallel.engine=deepspeed (its checkpoints are "
+                "written synchronously); drop it, or use --parallel.engine=fsdp2"
+            )
         if self.optim.qk_clip and not self.model.attention.track_max_logits:
             # QK-clip reads the recorded maxima; untracked they stay 0 and no head is ever clipped.
             raise ConfigError(

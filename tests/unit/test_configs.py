@@ -281,3 +281,10 @@ def test_config_tokenizer_names_are_the_data_layers():
     from kimi.data.tokenizer_files import FILE_KINDS
 
     assert set(TOKENIZER_NAMES) == set(TOKENIZERS) and set(FILE_TOKENIZER_KINDS) == set(FILE_KINDS)
+
+
+def test_async_checkpoint_with_deepspeed_is_refused_in_one_line():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["--train.async_checkpoint=true", "--parallel.engine=deepspeed"])
+    needle = "train.async_checkpoint=true is not supported by parallel.engine=deepspeed"
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
