@@ -288,3 +288,25 @@ def test_async_checkpoint_with_deepspeed_is_refused_in_one_line():
         load_config(None, ["--train.async_checkpoint=true", "--parallel.engine=deepspeed"])
     needle = "train.async_checkpoint=true is not supported by parallel.engine=deepspeed"
     assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["--train.profile_steps=5:2"], "train.profile_steps='5:2' should be A:B"),
+        (["--train.profile_steps=abc"], "train.profile_steps='abc' should be A:B"),
+        (["--train.profile_steps=0:3"], "with 1 <= A <= B"),
+        (["--train.memory_snapshot=true"], "train.memory_snapshot=true records over train.profile_steps"),
+    ],
+    ids=["reversed", "not-numbers", "step-0", "snapshot-without-window"],
+)
+def test_bad_profile_steps_are_refused_in_one_line(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_profile_steps_window():
+    assert load_config(None, ["--train.profile_steps=3:5"]).train.profile_window() == (3, 5)
+    assert load_config(None, ["--train.profile_steps=4:4"]).train.profile_window() == (4, 4)
+    assert load_config(None, []).train.profile_window() is None
