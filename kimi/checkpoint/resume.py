@@ -67,7 +67,7 @@ class Checkpointer:
         self.store = CheckpointStore(Path(t.out_dir) / "checkpoints", t.keep_last, t.keep_best, cfg.parallel.timeout_s)
         self.interval, self.resume, self.background = t.ckpt_interval, t.resume, t.async_checkpoint
         # Per save: {"step", "blocked_s" (the loop held, the wait for the previous async save included),
-        # "waited_s" (that wait alone)}; kimi.bench checkpoint reads it.
+        # "waited_s" (that wait alone), "hash_s" (sync saves: this rank hashing its share)}; for kimi.bench.
         self.timings: list[dict[str, float]] = []
         self._started = 0.0  # when the save in flight began (for its line once written)
 
@@ -167,7 +167,7 @@ class Checkpointer:
         args = (train_state, self.cfg.to_yaml(), meta)
         if not self.background:
             path = self.store.save(step, write, *args)
-            self._timed(step, t0, waited)
+            self._timed(step, t0, waited)["hash_s"] = self.store.hash_s
             self.say(f"checkpoint: step {step} -> {path} ({time.perf_counter() - t0:.1f}s)")
             return path
         self._started = time.perf_counter()

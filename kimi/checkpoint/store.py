@@ -280,6 +280,7 @@ class CheckpointStore:
         self.timeout_s = timeout_s  # the async writer's own process group: as long as the world's
         self._group: Any = None  # that group (created at the first async save, by every rank)
         self._pending: tuple[int, Future] | None = None  # (step, its background completion) in flight
+        self.hash_s = 0.0  # seconds this rank spent hashing its share in the last finished save (benches)
 
     # ------------------------------------------------------------------ queries
     def latest(self) -> Path | None:
@@ -414,10 +415,12 @@ class CheckpointStore:
         sums: dict[str, str] = {}
         if (problem := _agree(problem, group)) is None:  # the barrier: every rank's files are in
             _pause_for_test("shards", step, self.dir.parent)
+            t0 = time.perf_counter()
             try:
                 sums = _hash_files(tmp, share(_files(tmp), rank, world))
             except OSError as e:
                 problem = _reason(e)
+            self.hash_s = time.perf_counter() - t0
         parts = _gather((problem, sums), group)
         problem = next((p for p, _ in parts if p), None)
         if problem is None and rank == 0:
