@@ -8,7 +8,9 @@ engine and kimi.checkpoint in the path; Checkpointer.timings, read through Hooks
                   a synchronous save the write, hashing and publishing; for an async one the staging (a copy
                   of the state in host memory) and the small files, plus any wait for the previous save still
                   being written ("waited", reported apart: it is 0 when the interval leaves the background
-                  write time enough). The last save of each run is left out: a run's end waits for it.
+                  write time enough). The first save of each run is reported apart (async: it allocates the
+                  host copy later saves reuse, and makes the writer's process group); the last is left out:
+                  a run's end waits for it.
   world size      synchronous saves at each world size in --worlds (gloo ranks on this machine, the same
                   global batch): the save time, the time this rank spent hashing its share of the files,
                   and, for comparison, one process hashing all of them (what rank 0 alone did before).
@@ -39,7 +41,9 @@ TIMINGS = "bench_checkpoint_timings.json"
 
 
 def add_args(p) -> None:
-    p.add_argument("--saves", type=int, default=3, help="checkpoint: saves per run (the last one is not counted)")
+    p.add_argument(
+        "--saves", type=int, default=4, help="checkpoint: saves per run (the first apart, the last not counted)"
+    )
     p.add_argument("--interval", type=int, default=8, help="checkpoint: steps between saves")
     p.add_argument("--rounds", type=int, default=2, help="checkpoint: sync/async run pairs, interleaved")
     p.add_argument("--worlds", default="1,2,4", help="checkpoint: world sizes for the save-time table")
@@ -85,22 +89,26 @@ def _rank_main(rank: int, world: int, out: str, config: str, overrides: list[str
 
 
 def sync_vs_async(config: str, overrides: list[str], saves: int, interval: int, rounds: int) -> dict:
-    runs: dict[str, list[dict]] = {"sync": [], "async": []}
+    runs: dict[str, list[list[dict]]] = {"sync": [], "async": []}
     for _ in range(rounds):
         for mode in runs:
             out = Path(tempfile.mkdtemp(prefix="kimi-bench-ckpt-"))
             args = [*_overrides(overrides, out, saves, interval, 1), f"--train.async_checkpoint={mode == 'async'}"]
             try:
-                runs[mode] += _train(config, args)[:-1]  # the run's last save is waited for: not counted
+                runs[mode].append(_train(config, args)[:-1])  # the run's last save is waited for: not counted
             finally:
                 shutil.rmtree(out, ignore_errors=True)
     res = {}
-    for mode, timings in runs.items():
+    for mode, per_run in runs.items():
+        later = [t for run in per_run for t in run[1:]]
+        first = [run[0] for run in per_run]
         res[mode] = {
-            "saves": len(timings),
-            "blocked_s": statistics.median(t["blocked_s"] for t in timings),
-            "waited_s": statistics.median(t["waited_s"] for t in timings),
-            "all_blocked_s": [round(t["blocked_s"], 4) for t in timings],
+            "saves": len(later),
+            "blocked_s": statistics.median(t["blocked_s"] for t in later),
+            "first_blocked_s": statistics.median(t["blocked_s"] for t in first),
+            "waited_s": statistics.median(t["waited_s"] for t in later),
+            "background_s": statistics.median(t.get("background_s", 0.0) for t in later),
+            "all_blocked_s": [[round(t["blocked_s"], 4) for t in run] for run in per_run],
         }
     res["ratio"] = res["async"]["blocked_s"] / res["sync"]["blocked_s"]
     return res
@@ -139,13 +147,15 @@ def by_world(config: str, overrides: list[str], worlds: list[int], saves: int, i
 
 def report(r: dict) -> str:
     sa = r["sync_vs_async"]
-    a = [[m, str(sa[m]["saves"]), f"{1000 * sa[m]['blocked_s']:.0f}", f"{1000 * sa[m]['waited_s']:.0f}"]
+    a = [[m, str(sa[m]["saves"]), f"{1000 * sa[m]['blocked_s']:.0f}", f"{1000 * sa[m]['first_blocked_s']:.0f}",
+          f"{1000 * sa[m]['waited_s']:.0f}", f"{1000 * sa[m]['background_s']:.0f}" if m == "async" else "-"]
          for m in ("sync", "async")]  # fmt: skip
     w = [[str(x["world"]), f"{x['checkpoint_MB']:.0f}", f"{1000 * x['save_s']:.0f}", f"{1000 * x['hash_share_s']:.0f}",
           f"{1000 * x['hash_all_one_process_s']:.0f}"] for x in r["by_world"]]  # fmt: skip
     return "\n".join([
         f"kimi.bench checkpoint: {r['config']} on {r['device']}, torch {r['torch']}", "",
-        *md_table(["save", "saves", "loop blocked ms (median)", "of which waiting for the previous save ms"], a),
+        *md_table(["save", "saves", "loop blocked ms (median)", "first save of a run ms",
+                   "of which waiting for the previous save ms", "written in the background ms"], a),
         f"\nasync / sync blocked time: {100 * sa['ratio']:.1f}%", "",
         *md_table(["world", "checkpoint MB", "sync save ms (median)", "hashing this rank's share ms",
                    "one process hashing all files ms"], w)])  # fmt: skip
@@ -153,10 +163,11 @@ def report(r: dict) -> str:
 
 def main(args, overrides: list[str]) -> dict:
     config = QUICK_CONFIG if args.quick else args.config
-    saves, interval, rounds = (2, 2, 1) if args.quick else (args.saves, args.interval, args.rounds)
+    saves, interval, rounds = (3, 2, 1) if args.quick else (args.saves, args.interval, args.rounds)
     worlds = [1, 2] if args.quick else [int(w) for w in args.worlds.split(",")]
-    if saves < 2 or interval < 1 or rounds < 1 or min(worlds) < 1:
-        raise ValueError("--saves must be >= 2 (the last is not counted), --interval, --rounds and --worlds >= 1")
+    if saves < 3 or interval < 1 or rounds < 1 or min(worlds) < 1:
+        raise ValueError("--saves must be >= 3 (the first is reported apart, the last not counted); "
+                         "--interval, --rounds and --worlds >= 1")  # fmt: skip
     load_config(config, _overrides(overrides, Path("unused"), saves, interval, 1))  # bad overrides: one line, first
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{os.cpu_count()}"
     r = {"config": config, "device": device, "torch": torch.__version__, "overrides": overrides}

@@ -281,6 +281,7 @@ class CheckpointStore:
         self._group: Any = None  # that group (created at the first async save, by every rank)
         self._pending: tuple[int, Future] | None = None  # (step, its background completion) in flight
         self.hash_s = 0.0  # seconds this rank spent hashing its share in the last finished save (benches)
+        self.published_at = 0.0  # time.perf_counter() when the last async save was published
 
     # ------------------------------------------------------------------ queries
     def latest(self) -> Path | None:
@@ -361,7 +362,9 @@ class CheckpointStore:
                 written.result()
             except (Exception, CheckpointException) as e:
                 err = _reason(e)
-            return self._finish(step, tmp, final, meta, err, group)
+            done = self._finish(step, tmp, final, meta, err, group)
+            self.published_at = time.perf_counter()
+            return done
 
         worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kimi-checkpoint")
         self._pending = (step, worker.submit(complete))

@@ -18,6 +18,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -51,6 +52,7 @@ class FSDP2Engine(Engine):
         self.schedule_state = ScheduleState(self._optimizer, self._scheduler)
         self._params = list(self.model.parameters())
         self._norm: Tensor | None = None
+        self._stager: DefaultStager | None = None  # train.async_checkpoint: the host copy, kept between saves
 
     def backward(self, loss: Tensor, micro: int, num_micro: int) -> None:
         if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter once per step
@@ -86,10 +88,22 @@ class FSDP2Engine(Engine):
         so the next step may change the weights), with a Future that completes when they are on disk.
         DCP's default thread executor (not its process one: a process per rank would hold a second copy of
         the interpreter and a process group of its own for little gain at this size); its collectives go
-        over `group`, a gloo group apart from the training step's."""
+        over `group`, a gloo group apart from the training step's.
+
+        One stager for the run: it keeps its host copy between saves and copies into it, where a fresh one
+        would allocate (and page-fault) the whole state again each time, which on CPU took as long as the
+        copy itself. The cost: that copy stays allocated for the run. Safe to reuse because the store
+        finishes a save before it stages the next."""
+        if self._stager is None:
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=torch.cuda.is_available(),
+                                                        use_shared_memory=False, use_async_staging=False,
+                                                        use_non_blocking_copy=False))  # fmt: skip
         model_sd, optim_sd = get_state_dict(self.model, self._optimizer)
         written = dcp.async_save(
-            {"model": model_sd, "optim": optim_sd}, storage_writer=_Writer(tmp), process_group=group
+            {"model": model_sd, "optim": optim_sd},
+            storage_writer=_Writer(tmp),
+            process_group=group,
+            async_stager=self._stager,
         )
         return written.upload_completion if isinstance(written, AsyncSaveResponse) else written
 
@@ -107,8 +121,7 @@ ENGINE = FSDP2Engine
 
 class _Writer(dcp.FileSystemWriter):
     """DCP's file writer, with the fault tests' hook once this rank's shards are on disk (its `.metadata`
-    index, written by rank 0 after every rank's shards, is not yet): a no-op unless the test sets it.
-    As a storage writer it is also the stager `dcp.async_save` uses: a blocking copy of the state to CPU."""
+    index, written by rank 0 after every rank's shards, is not yet): a no-op unless the test sets it."""
 
     def write_data(self, plan, planner):
         done = super().write_data(plan, planner)
