@@ -42,6 +42,7 @@ from kimi.trainer.hang import HANG_EXIT_CODE, CollectiveTimeout, as_collective_t
 from kimi.trainer.mixture_stats import MixtureStats
 from kimi.trainer.nonfinite import NONFINITE_EXIT_CODE, NonFiniteError, NonFiniteGuard, weights_finite
 from kimi.trainer.preemption import REQUEUE_EXIT_CODE, Preemption, clear_requeue_mark, mark_fatal, mark_requeue
+from kimi.trainer.profiling import StepProfiler
 from kimi.trainer.stats import RouterBias, a2a_stats, forget_step, max_logit_stats
 from kimi.trainer.validator import Validator
 
@@ -213,6 +214,7 @@ class Trainer:
         flops = self.params[2] * tokens
         self.logger = StepLogger(tracker, rt.print, t, tokens, flops, datasheet_peak_flops(rt.device) * rt.world, start)
         self.preempt = Preemption(stop_after)
+        self.profiler = StepProfiler(t, rt.rank, rt.device, say=rt.print)
         rt.print(self.banner(start))
         if note := warmup_note(cfg.optim, t.max_steps):
             rt.print(note)
@@ -221,7 +223,8 @@ class Trainer:
         row, status, step = {}, "FAILED", start
         try:
             for step in range(start + 1, t.max_steps + 1):
-                row, stop = self.train_step(step)
+                with self.profiler.step(step):  # train.profile_steps: a torch.profiler trace of steps A..B
+                    row, stop = self.train_step(step)
                 row.update(self.validator.run(self.engine.model, step))
                 self.log_expert_load(tracker, step, row)
                 if self.mix:
@@ -241,6 +244,7 @@ class Trainer:
             else:
                 status = "FINISHED"
         except NonFiniteError as e:
+            self.checkpointer.wait()  # a save still being written (train.async_checkpoint) becomes `latest` first
             raise NonFiniteError(f"{e} {self.nonfinite_hint()}") from None
         except RuntimeError as e:  # a rank that never joins a collective: gloo raises after parallel.timeout_s
             latest = self.checkpointer.latest()
@@ -250,6 +254,7 @@ class Trainer:
             raise
         finally:
             self.preempt.restore()
+            self.profiler.close(tracker)
             tracker.finish(status, config_yaml_text=cfg.to_yaml())
             rt.release_group()  # a failed run too leaves no one-process group behind in this process
         if status == "FINISHED":

@@ -172,4 +172,6 @@ def add_args(p) -> None:
     p.add_argument("--contexts", default="1024,2048,4096,8192,16384,32768", help="memory: KV-cache context lengths")
     p.add_argument("--prompt-len", type=int, default=128, help="memory: generation prompt length")
     p.add_argument("--new-tokens", type=int, default=64, help="memory: generated tokens per speed measurement")
-    p.add_argument("--json", default=None, help="throughput/memory: also write the numbers to this JSON file")
+    p.add_argument(
+        "--json", default=None, help="throughput/memory/checkpoint: also write the numbers to this JSON file"
+    )

@@ -8,6 +8,8 @@
     python -m kimi.bench memory     [--quick] ...  KV cache, generation and training memory (kimi/bench/memory.py)
     python -m kimi.bench data       [--quick] ...  prepare tokens/s and RSS vs corpus size, loader (kimi/bench/data.py)
     python -m kimi.bench state      [--worlds 1,2,4,8] ...  bytes each rank holds vs --dry-run (kimi/bench/state.py)
+    python -m kimi.bench checkpoint [--quick] ...  loop time held by sync vs async saves, save time vs world size
+                                                   (kimi/bench/checkpoint.py)
 
 `dist` runs the real training loop on `nproc` gloo/NCCL processes for each of: EP=1 and EP=ep
 (the same global batch, so the same work), with Muon and with AdamW, and prints per step: tokens/s,
@@ -102,9 +104,12 @@ def _table(results: list[tuple[str, dict]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m kimi.bench", description=__doc__.split("\n\n")[0])
-    from kimi.bench import compare, data, memory, state, throughput
+    from kimi.bench import checkpoint, compare, data, memory, state, throughput
 
-    p.add_argument("what", choices=["dist", "train", "kernels", "compare", "throughput", "memory", "data", "state"])
+    p.add_argument(
+        "what",
+        choices=["dist", "train", "kernels", "compare", "throughput", "memory", "data", "state", "checkpoint"],
+    )
     p.add_argument("--config", default="configs/debug.yaml")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--ep", type=int, default=None, help="EP degree to compare with EP=1 (default: nproc)")
@@ -114,14 +119,16 @@ def main(argv: list[str] | None = None) -> None:
     memory.add_args(p)
     data.add_args(p)
     state.add_args(p)
+    checkpoint.add_args(p)
     args, overrides = p.parse_known_args(argv)
     if args.what == "kernels":
         from kimi.bench.kernels import run
 
         return run()
     try:  # bad input (a ConfigError is a ValueError) is one line and exit code 2, never a traceback
-        if args.what in ("compare", "throughput", "memory", "data", "state"):
-            benches = {"compare": compare, "throughput": throughput, "memory": memory, "data": data, "state": state}
+        if args.what in ("compare", "throughput", "memory", "data", "state", "checkpoint"):
+            benches = {"compare": compare, "throughput": throughput, "memory": memory, "data": data, "state": state,
+                       "checkpoint": checkpoint}  # fmt: skip
             return benches[args.what].main(args, overrides)
         return run_train_or_dist(args, overrides)
     except (ValueError, FileNotFoundError) as e:

@@ -4,6 +4,8 @@
     start = ckpt.load()                       # {"step": 0} for a fresh run, else the saved train state
     for step ...:
         ckpt.save(step, last=step == max_steps, force=preempted, val_loss=..., extra={...})
+    ckpt.wait()                               # train.async_checkpoint: a save still being written (the
+                                              # last one of a run, last or force, is waited for in save)
 
 Resume policy (load): `train.resume` None resumes when OUT/checkpoints holds a step, True demands one,
 False refuses one. A missing or dangling `latest`, or one naming a step without meta.json, falls back
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,6 +47,8 @@ class Writer(Protocol):
 
     def write(self, tmp: Path) -> None: ...
 
+    def write_async(self, tmp: Path, group: Any) -> Future: ...
+
     def read(self, path: Path) -> None: ...
 
     def checkpoint_meta(self) -> dict[str, Any]: ...
@@ -59,8 +64,13 @@ class Checkpointer:
         and compared on resume). `before_save(step)` may raise to refuse a save (non-finite weights)."""
         t = cfg.train
         self.cfg, self.engine, self.states, self.say, self.before_save = cfg, engine, states, say, before_save
-        self.store = CheckpointStore(Path(t.out_dir) / "checkpoints", t.keep_last, t.keep_best)
-        self.interval, self.resume = t.ckpt_interval, t.resume
+        self.store = CheckpointStore(Path(t.out_dir) / "checkpoints", t.keep_last, t.keep_best, cfg.parallel.timeout_s)
+        self.interval, self.resume, self.background = t.ckpt_interval, t.resume, t.async_checkpoint
+        # Per save: {"step", "blocked_s" (the loop held, the wait for the previous async save included),
+        # "waited_s" (that wait alone), "hash_s" (sync saves: this rank hashing its share), "background_s"
+        # (async saves: staged to published)}; for kimi.bench.
+        self.timings: list[dict[str, float]] = []
+        self._started = 0.0  # when the save in flight began (for its line once written)
 
     @property
     def dir(self) -> Path:
@@ -126,28 +136,61 @@ class Checkpointer:
     def save(self, step: int, last: bool = False, force: bool = False, val_loss: float | None = None,
              extra: dict[str, Any] | None = None) -> Path | None:  # fmt: skip
         """Collective. Write step `step` when it is due (see `due`); `extra` joins the train state and meta
-        (e.g. the MLflow run id). Returns the step directory, or None when no save was due."""
+        (e.g. the MLflow run id). Returns the step directory once it is complete, or None when no save was due
+        or (train.async_checkpoint) it is still being written in the background; the last save of a run
+        (`last` or `force`) is always waited for."""
         if not self.due(step, last, force):
             return None
         if self.before_save is not None:
             self.before_save(step)
         t0 = time.perf_counter()
+        self.wait()  # the save in flight (train.async_checkpoint) first: one .tmp directory at a time
+        waited = time.perf_counter() - t0
         extra = extra or {}
         train_state = {"step": step, **{k: s.state_dict() for k, s in self.states.items()}, **extra}
         meta = {"tokenizer": self.cfg.data.tokenizer_name, "val_loss": val_loss, **extra,
                 **self.engine.checkpoint_meta()}  # fmt: skip
-        write = self.engine.write
         if files := self._tokenizer_files():  # the checkpoint carries them: generate needs no flag, nor the path
             meta["tokenizer_files"] = files
 
-            def write(tmp: Path) -> None:
-                self.engine.write(tmp)
-                if _rank() == 0:
-                    copy_tokenizer_files(self.cfg.data.tokenizer_name, tmp / CHECKPOINT_DIR, files)
+        def copy_tokenizer(tmp: Path) -> None:
+            if files and _rank() == 0:
+                copy_tokenizer_files(self.cfg.data.tokenizer_name, tmp / CHECKPOINT_DIR, files)
 
-        path = self.store.save(step, write, train_state, self.cfg.to_yaml(), meta)
-        self.say(f"checkpoint: step {step} -> {path} ({time.perf_counter() - t0:.1f}s)")
+        def write(tmp: Path) -> None:
+            self.engine.write(tmp)
+            copy_tokenizer(tmp)
+
+        def write_async(tmp: Path, group: Any) -> Future:
+            copy_tokenizer(tmp)  # small files: in the foreground, before the shards
+            return self.engine.write_async(tmp, group)
+
+        args = (train_state, self.cfg.to_yaml(), meta)
+        if not self.background:
+            path = self.store.save(step, write, *args)
+            self._timed(step, t0, waited)["hash_s"] = self.store.hash_s
+            self.say(f"checkpoint: step {step} -> {path} ({time.perf_counter() - t0:.1f}s)")
+            return path
+        self._started = time.perf_counter()
+        self.store.save_async(step, write_async, *args)
+        staged = self._timed(step, t0, waited)["blocked_s"] - waited
+        self.say(f"checkpoint: step {step} staged in {staged:.2f}s, being written in the background")
+        return self.wait() if last or force else None
+
+    def wait(self) -> Path | None:
+        """Collective: finish the async save in flight (its shards written, hashed, published as `latest`);
+        its step directory, None when there was none. The trainer calls it at the end of a run too."""
+        step = self.store.pending_step()
+        path = self.store.wait()
+        if path is not None:
+            took = self.store.published_at - self._started
+            self.timings[-1]["background_s"] = took
+            self.say(f"checkpoint: step {step} -> {path} (written in the background in {took:.1f}s)")
         return path
+
+    def _timed(self, step: int, t0: float, waited: float) -> dict[str, float]:
+        self.timings.append({"step": step, "blocked_s": time.perf_counter() - t0, "waited_s": waited})
+        return self.timings[-1]
 
     def _tokenizer_files(self) -> dict[str, str]:
         """{name: sha256} of a tiktoken:/hf: tokenizer's files; {} for built-in ones, or (said once per save)

@@ -13,12 +13,19 @@ Layout, one directory per step:
     OUT/checkpoints/latest         symlink -> step_000400, replaced only once the step directory is complete
     OUT/checkpoints/best           symlink -> the step with the lowest validation loss (kept from rotation)
 
-Atomicity: every rank writes into `step_000400.tmp/`; after a barrier rank 0 hashes every file into
-meta.json, renames the directory to `step_000400/` (a POSIX rename of a directory is atomic) and then
-swaps the `latest` symlink with `os.replace`. A kill at any moment leaves either the old `latest` or the
+Atomicity: every rank writes into `step_000400.tmp/`; after a barrier every rank hashes its `share` of
+the files (split by size, so each rank reads about 1/world of the bytes), rank 0 gathers the checksums
+into meta.json, renames the directory to `step_000400/` (a POSIX rename of a directory is atomic) and
+then swaps the `latest` symlink with `os.replace`. A kill at any moment leaves either the old `latest` or the
 new one, never a half checkpoint behind a pointer (tests/e2e/test_checkpoint_faults.py kills a real run at
 each of these points). Leftover `*.tmp` directories are removed at the next save. A save that fails
 (e.g. a full disk) removes its `.tmp` directory and raises CheckpointError; `latest` is untouched.
+
+Async saves (`save_async`): the caller is held only while the engine stages its state (a copy in host
+memory) and the small files are written; the shards are written, hashed and published (the same sequence
+as above, on a process group of its own so it never interleaves with the training step's collectives) in
+a background thread. `wait()` finishes it; a new save waits for the one in flight first, so at most one
+`.tmp` directory is being written and `latest` only ever moves to a complete, hashed step.
 
 Integrity: meta.json lists the sha256 of every other file of the step, and its own (`meta_sha256`, over
 the rest of it), so a damaged meta.json is blamed on itself; loading checks them (older checkpoints without
@@ -38,7 +45,8 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -61,14 +69,23 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _agree(problem: str | None) -> str | None:
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _gather(obj: Any, group: Any = None) -> list[Any]:
+    """Collective (over `group`, default the world): every rank's `obj`, in rank order."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def _agree(problem: str | None, group: Any = None) -> str | None:
     """Collective: the first rank's problem (None if every rank is fine), known to every rank, so all
     of them raise together instead of some waiting forever at the next barrier."""
-    if not dist.is_initialized():
-        return problem
-    problems: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(problems, problem)
-    return next((p for p in problems if p), None)
+    return next((p for p in _gather(problem, group) if p), None)
 
 
 def _reason(e: BaseException) -> str:
@@ -112,13 +129,39 @@ def _pause_for_test(phase: str, step: int, out_dir: Path) -> None:
         time.sleep(3600)
 
 
-def checksums(step_dir: Path) -> dict[str, str]:
-    """sha256 of every file in a step directory but meta.json (which holds them), by relative path.
-    Threads: hashlib releases the GIL, so several shards hash at once."""
-    files = sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != META)
+def pause_in_write(tmp: Path) -> None:
+    """The same hook, phase `writing`, for an engine's writer to call once its shards are on disk and its
+    index is not (inside the write: under `train.async_checkpoint`, in the background writer thread)."""
+    _pause_for_test("writing", step_number(tmp.with_name(tmp.name.removesuffix(".tmp"))), tmp.parent.parent)
+
+
+def _hash_files(step_dir: Path, files: list[Path]) -> dict[str, str]:
+    """Threads: hashlib releases the GIL, so several shards hash at once."""
     with ThreadPoolExecutor(max_workers=min(8, max(1, len(files)))) as pool:
         sums = list(pool.map(sha256_file, files))
     return {str(p.relative_to(step_dir)): h for p, h in zip(files, sums)}
+
+
+def _files(step_dir: Path) -> list[Path]:
+    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != META)
+
+
+def checksums(step_dir: Path) -> dict[str, str]:
+    """sha256 of every file in a step directory but meta.json (which holds them), by relative path."""
+    return _hash_files(step_dir, _files(step_dir))
+
+
+def share(files: list[Path], rank: int, world: int) -> list[Path]:
+    """Rank `rank`'s share of `files` for hashing: the largest file first to the rank with the fewest bytes
+    so far (ties to the lowest rank), so each rank reads about 1/world of the bytes whatever the mix of
+    big shards and small files. Deterministic: every rank lists the same files and computes the same split."""
+    load, mine = [0] * world, []
+    for size, p in sorted(((p.stat().st_size, p) for p in files), key=lambda sp: (-sp[0], str(sp[1]))):
+        r = load.index(min(load))
+        load[r] += size
+        if r == rank:
+            mine.append(p)
+    return mine
 
 
 def step_number(step_dir: Path) -> int:
@@ -236,10 +279,15 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 class CheckpointStore:
     """The step directories under `ckpt_dir`: atomic saves around an engine's writer, verified loads."""
 
-    def __init__(self, ckpt_dir: str | Path, keep_last: int = 2, keep_best: bool = True):
+    def __init__(self, ckpt_dir: str | Path, keep_last: int = 2, keep_best: bool = True, timeout_s: float = 600.0):
         self.dir = Path(ckpt_dir)
         self.keep_last = max(1, keep_last)
         self.keep_best = keep_best
+        self.timeout_s = timeout_s  # the async writer's own process group: as long as the world's
+        self._group: Any = None  # that group (created at the first async save, by every rank)
+        self._pending: tuple[int, Future] | None = None  # (step, its background completion) in flight
+        self.hash_s = 0.0  # seconds this rank spent hashing its share in the last finished save (benches)
+        self.published_at = 0.0  # time.perf_counter() when the last async save was published
 
     # ------------------------------------------------------------------ queries
     def latest(self) -> Path | None:
@@ -277,11 +325,83 @@ class CheckpointStore:
         directory, RNG streams, `train_state` (the same on all ranks; rank 0 writes it), the config, then
         meta.json with checksums, rename, `latest`. Returns the final step directory. A failed write (e.g.
         a full disk) removes the partial directory and raises CheckpointError on every rank."""
+        self.wait()
+        tmp, final = self._begin(step)
+        problem = None
+        try:
+            write(tmp)
+            self._write_common(tmp, _rank(), train_state, config_yaml)
+        except (Exception, CheckpointException) as e:  # CheckpointException derives from BaseException
+            problem = _reason(e)
+        return self._finish(step, tmp, final, meta, problem)
+
+    def save_async(
+        self,
+        step: int,
+        write_async: Callable[[Path, Any], Future],
+        train_state: dict[str, Any],
+        config_yaml: str,
+        meta: dict[str, Any],
+    ) -> None:
+        """Collective: `save` with the engine's shards written in the background. Returns once
+        `write_async(tmp, group)` has staged this rank's state (its Future then completes when the shards
+        are on disk) and the small files are written; hashing and publishing follow in a background thread
+        once every rank's write is done, on `group`. An earlier save still in flight is finished first
+        (`wait`); a failure shows there, as the same CheckpointError `save` raises."""
+        self.wait()
+        group = self._async_group()
+        tmp, final = self._begin(step)
+        problem, written = None, None
+        try:
+            self._write_common(tmp, _rank(), train_state, config_yaml)
+            written = write_async(tmp, group)
+        except (Exception, CheckpointException) as e:
+            problem = _reason(e)
+        # Every rank staged, or none goes on. (A rank whose write did start while another's failed is left
+        # with a writer waiting on a peer; it fails after parallel.timeout_s, like any lost collective.)
+        if (problem := _agree(problem)) is not None:
+            self._finish(step, tmp, final, meta, problem)
+
+        def complete() -> Path:
+            err = None
+            try:
+                written.result()
+            except (Exception, CheckpointException) as e:
+                err = _reason(e)
+            done = self._finish(step, tmp, final, meta, err, group)
+            self.published_at = time.perf_counter()
+            return done
+
+        worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kimi-checkpoint")
+        self._pending = (step, worker.submit(complete))
+        worker.shutdown(wait=False)  # the thread ends with its one job
+
+    def pending_step(self) -> int | None:
+        """The step of the async save in flight (written or not), None when there is none."""
+        return self._pending[0] if self._pending else None
+
+    def wait(self) -> Path | None:
+        """Collective: finish the async save in flight, if any; its step directory (None when there was
+        none). Raises its CheckpointError."""
+        if self._pending is None:
+            return None
+        _, done = self._pending
+        self._pending = None
+        return done.result()
+
+    def _async_group(self) -> Any:
+        """A gloo group of the whole world for the background writer: DCP's planning collectives and our
+        agreement then never interleave with the step's own collectives on the world group."""
+        if self._group is None and dist.is_initialized():
+            self._group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s))
+        return self._group
+
+    def _begin(self, step: int) -> tuple[Path, Path]:
+        """Collective: rank 0 removes stale `.tmp` directories and makes this step's; (tmp, final)."""
         name = f"{STEP_PREFIX}{step:06d}"
         final, tmp = self.dir / name, self.dir / f"{name}.tmp"
-        rank = _rank()
         problem = None
-        if rank == 0:
+        if _rank() == 0:
             try:
                 self.dir.mkdir(parents=True, exist_ok=True)
                 for stale in self.dir.glob("*.tmp"):
@@ -289,30 +409,45 @@ class CheckpointStore:
                 tmp.mkdir()
             except OSError as e:
                 problem = _reason(e)
-        if _agree(problem) is None:
-            _pause_for_test("tmp", step, self.dir.parent)
-            try:
-                write(tmp)
-                self._write_common(tmp, rank, train_state, config_yaml)
-            except (Exception, CheckpointException) as e:  # CheckpointException derives from BaseException
-                problem = _reason(e)
-        if _agree(problem) is None:
+        if (problem := _agree(problem)) is not None:
+            raise self._failed(step, problem)
+        _pause_for_test("tmp", step, self.dir.parent)
+        return tmp, final
+
+    def _finish(self, step: int, tmp: Path, final: Path, meta: dict[str, Any], problem: str | None,
+                group: Any = None) -> Path:  # fmt: skip
+        """Collective (over `group`): once every rank has written its part (`problem` None), each hashes its
+        `share` of the files, rank 0 gathers the checksums and publishes; else (or if that fails) rank 0
+        removes the tmp directory and every rank raises CheckpointError."""
+        rank = dist.get_rank(group) if dist.is_initialized() else 0
+        world = dist.get_world_size(group) if dist.is_initialized() else 1
+        sums: dict[str, str] = {}
+        if (problem := _agree(problem, group)) is None:  # the barrier: every rank's files are in
             _pause_for_test("shards", step, self.dir.parent)
-            if rank == 0:
-                try:
-                    self._publish(step, tmp, final, meta)
-                except OSError as e:
-                    problem = _reason(e)
-        problem = _agree(problem)
-        if problem is not None:
+            t0 = time.perf_counter()
+            try:
+                sums = _hash_files(tmp, share(_files(tmp), rank, world))
+            except OSError as e:
+                problem = _reason(e)
+            self.hash_s = time.perf_counter() - t0
+        parts = _gather((problem, sums), group)
+        problem = next((p for p, _ in parts if p), None)
+        if problem is None and rank == 0:
+            try:
+                merged = dict(sorted((kv for _, s in parts for kv in s.items()), key=lambda kv: Path(kv[0])))
+                self._publish(step, tmp, final, meta, merged)
+            except OSError as e:
+                problem = _reason(e)
+        if (problem := _agree(problem, group)) is not None:
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
-            last = self.latest()
-            kept = (
-                f"'latest' still points to the last good one, {last.name}" if last else "no earlier checkpoint exists"
-            )
-            raise CheckpointError(f"the checkpoint at step {step} could not be written ({problem}); {kept}")
+            raise self._failed(step, problem)
         return final
+
+    def _failed(self, step: int, problem: str) -> CheckpointError:
+        last = self.latest()
+        kept = f"'latest' still points to the last good one, {last.name}" if last else "no earlier checkpoint exists"
+        return CheckpointError(f"the checkpoint at step {step} could not be written ({problem}); {kept}")
 
     @staticmethod
     def _write_common(tmp: Path, rank: int, train_state: dict[str, Any], config_yaml: str) -> None:
@@ -323,19 +458,19 @@ class CheckpointStore:
             _save_file(train_state, tmp / "train_state.pt")
             (tmp / "config.yaml").write_text(config_yaml)
 
-    def _publish(self, step: int, tmp: Path, final: Path, meta: dict[str, Any]) -> None:
-        """Rank 0, once every rank has written its part: meta.json (with the checksums of all files; the
-        filesystem is shared, as the rename already assumes), rename, `latest`, `best`, rotation."""
+    def _publish(self, step: int, tmp: Path, final: Path, meta: dict[str, Any], sums: dict[str, str]) -> None:
+        """Rank 0, once every rank has written and hashed its part: meta.json (with the checksums of all
+        files; the filesystem is shared, as the rename already assumes), rename, `latest`, `best`, rotation."""
         commit, dirty = git_state(Path(__file__).resolve().parent)
         meta = {
             **meta,
             "step": step,
-            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "world_size": _world(),
             "git_commit": commit or "unknown",
             "git_dirty": dirty,
             "torch": torch.__version__,
             "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "checksums": checksums(tmp),
+            "checksums": sums,
         }
         meta["meta_sha256"] = _meta_sha256(meta)
         (tmp / META).write_text(json.dumps(meta, indent=2))

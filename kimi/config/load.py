@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,22 @@ _MOVED = {
     "parallel.zero_stage": "parallel.deepspeed.zero_stage",
     "parallel.deepspeed_config": "parallel.deepspeed.config",
 }
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.safe_load, less YAML 1.1's base-60 numbers: `3:5` reads as the text "3:5" (train.profile_steps=A:B),
+    not as the integer 185, in files and on the command line alike."""
+
+
+_BASE60 = re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?$")
+_Loader.yaml_implicit_resolvers = {  # the first resolver that matches wins: this one, before int and float's
+    c: ([("tag:yaml.org,2002:str", _BASE60)] if c in "+-0123456789" else []) + list(rs)
+    for c, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader)
 
 
 def _nested(dotted: str, value: Any) -> dict[str, Any]:
@@ -55,7 +72,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist; the shipped ones are in configs/")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -79,7 +96,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 value, i = args[i + 1], i + 1
             else:
                 value = "true"  # a bare flag: --train.compile
-        _set_path(tree, key.split("."), yaml.safe_load(value) if value != "" else "")
+        _set_path(tree, key.split("."), _yaml(value) if value != "" else "")
         i += 1
     return tree
 

@@ -230,7 +230,15 @@ class TrainConfig:
     keep_last: int = 2  # step checkpoints kept
     keep_best: bool = True  # also keep the checkpoint with the best validation loss
     out_dir: str = "out/debug"  # checkpoints, metrics.jsonl, plots
-    profile: bool = False  # time the all-to-alls and the optimizer step per step (adds syncs; for benches)
+    profile: bool = False  # phase times (fwd/bwd/optim ms, all-to-alls) in each metrics row (adds syncs); no trace
+    # torch.profiler over steps A..B (inclusive): one Chrome/Perfetto trace per rank in
+    # out_dir/profile/rank{r}_steps_A-B.json (open in ui.perfetto.dev), also an MLflow artifact under profile/.
+    profile_steps: str | None = None  # "A:B" (e.g. "3:5"): torch.profiler trace of steps A..B per rank
+    memory_snapshot: bool = False  # CUDA only: record allocator history over profile_steps, dump a snapshot
+    # Write checkpoints with torch.distributed.checkpoint's async_save: the step loop waits only while the
+    # state is copied to host memory; shards, checksums, the rename and `latest` follow in the background
+    # (a save waits for the previous one first; the last save of a run is waited for). FSDP2 only.
+    async_checkpoint: bool = False  # write checkpoints in the background (FSDP2)
     resume: bool | None = None  # None: resume when out_dir has a checkpoint; True: must; False: must not
     # A step whose loss or gradient norm is NaN/inf (on any rank) never reaches the weights. "stop": end the
     # run there with one line and exit code 4 (checkpoints/latest stays on the last good checkpoint).
@@ -256,6 +264,24 @@ class TrainConfig:
             raise ConfigError(f"train.nonfinite={self.nonfinite!r} is not one of 'stop', 'skip'")
         if self.max_nonfinite_skips < 0:
             raise ConfigError(f"train.max_nonfinite_skips={self.max_nonfinite_skips} must be >= 0")
+        self.profile_window()
+        if self.memory_snapshot and self.profile_steps is None:
+            raise ConfigError(
+                "train.memory_snapshot=true records over train.profile_steps; set --train.profile_steps=A:B"
+            )
+
+    def profile_window(self) -> tuple[int, int] | None:
+        """`profile_steps` as (first, last) steps, both profiled; None when unset. ConfigError (one line)
+        for anything but two whole numbers 1 <= A <= B."""
+        if self.profile_steps is None:
+            return None
+        a, colon, b = str(self.profile_steps).partition(":")
+        if not (colon and a.strip().isdigit() and b.strip().isdigit() and 1 <= int(a) <= int(b)):
+            raise ConfigError(
+                f"train.profile_steps={self.profile_steps!r} should be A:B, the first and last step to profile "
+                "with 1 <= A <= B, e.g. --train.profile_steps=3:5"
+            )
+        return int(a), int(b)
 
 
 @section("data.mix")
@@ -403,6 +429,11 @@ class Config:
         self.model.validate()
         self.optim.validate()
         self.train.validate()
+        if self.train.async_checkpoint and self.parallel.engine == "deepspeed":
+            raise ConfigError(
+                "train.async_checkpoint=true is not supported by parallel.engine=deepspeed (its checkpoints are "
+                "written synchronously); drop it, or use --parallel.engine=fsdp2"
+            )
         if self.optim.qk_clip and not self.model.attention.track_max_logits:
             # QK-clip reads the recorded maxima; untracked they stay 0 and no head is ever clipped.
             raise ConfigError(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,13 @@ class Engine(ABC):
     @abstractmethod
     def write(self, tmp: Path) -> None:
         """Collective: this rank's part of the model and optimizer state into the step directory `tmp`."""
+
+    def write_async(self, tmp: Path, group: Any) -> Future:
+        """Collective: `write` that returns once this rank's state is staged (copied, so training may go
+        on), with a Future that completes when it is on disk; collectives over `group`
+        (train.async_checkpoint). An engine without it is named in Config.validate, which refuses
+        async_checkpoint for it in one line."""
+        raise NotImplementedError(f"the {self.name} engine writes checkpoints synchronously")
 
     @abstractmethod
     def read(self, path: Path) -> None:

@@ -1,5 +1,6 @@
 """The FSDP2 engine: kimi.parallel (EP -> activation checkpointing -> compile -> FSDP2), Muon/AdamW from
-kimi.optim, the global-norm clip across meshes (kimi.optim.grad_clip), and DCP checkpoints.
+kimi.optim, the global-norm clip across meshes (kimi.optim.grad_clip), and DCP checkpoints (synchronous,
+or `dcp.async_save` under train.async_checkpoint).
 
 Checkpoint format: torch.distributed.checkpoint shards of {"model", "optim"} in the step directory. DCP
 stores tensors by fully-qualified name with their global shapes, so a checkpoint written at world size 2
@@ -9,6 +10,7 @@ and EP 2 loads at world size 1, 4 or EP 1: each loader asks for the slices its o
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +18,24 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_state_dict,
 )
+from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
 from kimi.checkpoint import CheckpointError
+from kimi.checkpoint.store import pause_in_write
 from kimi.config import OptimConfig, ParallelConfig, TrainConfig
 from kimi.engine.base import Engine
+
+# DCP warns on every save and load in one process without a process group (world size 1, where that is
+# what we mean). Filtered for the whole process: the async writer's thread warns too, out of reach of a
+# catch_warnings block.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 
 class FSDP2Engine(Engine):
@@ -42,6 +52,7 @@ class FSDP2Engine(Engine):
         self.schedule_state = ScheduleState(self._optimizer, self._scheduler)
         self._params = list(self.model.parameters())
         self._norm: Tensor | None = None
+        self._stager: DefaultStager | None = None  # train.async_checkpoint: the host copy, kept between saves
 
     def backward(self, loss: Tensor, micro: int, num_micro: int) -> None:
         if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter once per step
@@ -70,9 +81,31 @@ class FSDP2Engine(Engine):
     def write(self, tmp: Path) -> None:
         """This rank's DCP shards of {"model", "optim"}."""
         model_sd, optim_sd = get_state_dict(self.model, self._optimizer)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=_Writer(tmp))
+
+    def write_async(self, tmp: Path, group: Any) -> Future:
+        """The same shards through `dcp.async_save`: returns once they are staged (copied to host memory,
+        so the next step may change the weights), with a Future that completes when they are on disk.
+        DCP's default thread executor (not its process one: a process per rank would hold a second copy of
+        the interpreter and a process group of its own for little gain at this size); its collectives go
+        over `group`, a gloo group apart from the training step's.
+
+        One stager for the run: it keeps its host copy between saves and copies into it, where a fresh one
+        would allocate (and page-fault) the whole state again each time, which on CPU took as long as the
+        copy itself. The cost: that copy stays allocated for the run. Safe to reuse because the store
+        finishes a save before it stages the next."""
+        if self._stager is None:
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=torch.cuda.is_available(),
+                                                        use_shared_memory=False, use_async_staging=False,
+                                                        use_non_blocking_copy=False))  # fmt: skip
+        model_sd, optim_sd = get_state_dict(self.model, self._optimizer)
+        written = dcp.async_save(
+            {"model": model_sd, "optim": optim_sd},
+            storage_writer=_Writer(tmp),
+            process_group=group,
+            async_stager=self._stager,
+        )
+        return written.upload_completion if isinstance(written, AsyncSaveResponse) else written
 
     def read(self, path: Path) -> None:
         """Restore model and optimizer in place from DCP shards, at any world size or EP degree."""
@@ -84,6 +117,16 @@ class FSDP2Engine(Engine):
 
 
 ENGINE = FSDP2Engine
+
+
+class _Writer(dcp.FileSystemWriter):
+    """DCP's file writer, with the fault tests' hook once this rank's shards are on disk (its `.metadata`
+    index, written by rank 0 after every rank's shards, is not yet): a no-op unless the test sets it."""
+
+    def write_data(self, plan, planner):
+        done = super().write_data(plan, planner)
+        pause_in_write(Path(self.path))
+        return done
 
 
 def read_model_state(path: Path, cfg_dict: dict[str, Any]) -> dict[str, Tensor]:
@@ -122,9 +165,7 @@ def check_shapes(path: Path, state: dict[str, Any]) -> None:
 
 def _dcp_load(state: dict[str, Any], path: Path) -> None:
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, checkpoint_id=str(path))
     except (Exception, CheckpointException) as e:  # CheckpointException derives from BaseException
         first = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
         raise CheckpointError(

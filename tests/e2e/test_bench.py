@@ -231,6 +231,22 @@ def test_throughput_quick(tmp_path):
     assert res["moe_vs_dense"][0]["moe_ms"] > 0 and "| nanokimi |" in r.stdout
 
 
+def test_checkpoint_quick(tmp_path):
+    """The saves the trainer itself timed: sync and async runs' saves but their last, one row per world size."""
+    r = _cli("checkpoint", "--quick", "--json", str(tmp_path / "c.json"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "c.json").read_text())
+    sa = res["sync_vs_async"]
+    assert (
+        sa["sync"]["saves"] == sa["async"]["saves"] == 1
+    )  # --quick: 3 saves per run, the first apart, the last not counted
+    assert 0 < sa["async"]["blocked_s"] and 0 < sa["sync"]["blocked_s"] and sa["sync"]["waited_s"] < 0.01
+    assert sa["async"]["background_s"] > 0 and sa["async"]["first_blocked_s"] > 0
+    assert [w["world"] for w in res["by_world"]] == [1, 2]
+    assert all(w["save_s"] > w["hash_share_s"] > 0 and w["hash_all_one_process_s"] > 0 for w in res["by_world"])
+    assert "async / sync blocked time" in r.stdout
+
+
 def test_memory_quick(tmp_path):
     r = _cli("memory", "--quick", "--json", str(tmp_path / "m.json"))
     assert r.returncode == 0, r.stderr[-2000:]

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -56,21 +57,42 @@ def _train(out: Path, *extra: str) -> dict:
 PHASES = ["tmp", "shards", "meta", "renamed", "linked"]
 
 
-def _kill_during_save(out: Path, args: list[str], phase: str, step: int, log: Path) -> None:
-    """Start a run that holds still at `phase` of its save of `step`, and SIGKILL it there."""
+def _poll(done, proc: subprocess.Popen, what: str, log: Path, deadline_s: float = 240) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not done():
+        assert proc.poll() is None, f"exited {proc.returncode} before {what}: {log.read_text()}"
+        assert time.monotonic() < deadline, f"never reached {what}: {log.read_text()}"
+        time.sleep(0.05)
+
+
+def _kill_during_save(out: Path, args: list[str], phase: str, step: int, log: Path, then=None) -> None:
+    """Start a run that holds still at `phase` of its save of `step`, and SIGKILL it there (once `then()`
+    is true, when given: the run goes on while the save is held)."""
     env = {**ENV, "KIMI_TEST_PAUSE_IN_SAVE": f"{phase}@{step}"}
     with open(log, "w") as f:
         proc = subprocess.Popen(_cmd(out, *args), cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
     try:
-        marker, deadline = out / "paused_in_save", time.monotonic() + 240
-        while not marker.exists():
-            assert proc.poll() is None, f"exited {proc.returncode} before {phase}@{step}: {log.read_text()}"
-            assert time.monotonic() < deadline, f"never reached {phase}@{step}"
-            time.sleep(0.05)
-        marker.unlink()
+        _poll((out / "paused_in_save").exists, proc, f"{phase}@{step}", log)
+        (out / "paused_in_save").unlink()
+        if then is not None:
+            _poll(then, proc, f"{then.__doc__} while step {step} is held at {phase}", log)
     finally:
         os.kill(proc.pid, signal.SIGKILL)  # no handler runs, nothing is cleaned up
         proc.wait()
+
+
+@contextmanager
+def _uninterrupted(out: Path, args: list[str], log: Path):
+    """The reference run, as its own process alongside the body; it must end with exit code 0."""
+    with open(log, "w") as f:
+        ref = subprocess.Popen(_cmd(out, *args), cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        yield
+        assert ref.wait(timeout=300) == 0, log.read_text()
+    finally:
+        if ref.poll() is None:
+            ref.kill()
+            ref.wait()
 
 
 def test_sigkill_at_every_point_of_a_save_loses_nothing(tmp_path):
@@ -78,9 +100,7 @@ def test_sigkill_at_every_point_of_a_save_loses_nothing(tmp_path):
     the end: the losses equal an uninterrupted run's bit for bit, and metrics.jsonl has each step once."""
     args = ["--train.max_steps=12", "--train.ckpt_interval=2"]
     ref_out, out, ckpts = tmp_path / "ref", tmp_path / "run", tmp_path / "run" / "checkpoints"
-    with open(tmp_path / "ref.log", "w") as f:  # the uninterrupted run, alongside
-        ref = subprocess.Popen(_cmd(ref_out, *args), cwd=ROOT, env=ENV, stdout=f, stderr=subprocess.STDOUT)
-    try:
+    with _uninterrupted(ref_out, args, tmp_path / "ref.log"):
         for i, phase in enumerate(PHASES):
             step = 2 * (i + 1)  # each run resumes from an earlier step (or 0) and dies saving this one
             _kill_during_save(out, args, phase, step, tmp_path / f"kill_{phase}.log")
@@ -89,16 +109,41 @@ def test_sigkill_at_every_point_of_a_save_loses_nothing(tmp_path):
                 verify(latest)
         res = _cli(out, *args)
         assert res.returncode == 0, res.stderr
-        assert ref.wait(timeout=300) == 0, (tmp_path / "ref.log").read_text()
-    finally:
-        if ref.poll() is None:
-            ref.kill()
-            ref.wait()
     rows, ref_rows = _rows(out), _rows(ref_out)
     assert [r["step"] for r in rows] == list(range(1, 13))  # none lost, none doubled
     assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]  # bit for bit
     assert [r.get("val_loss") for r in rows] == [r.get("val_loss") for r in ref_rows]
     assert not list(ckpts.glob("*.tmp"))
+
+
+def test_sigkill_during_an_async_save_keeps_the_previous_step(tmp_path):
+    """train.async_checkpoint: the shards are written in the background while training goes on. A real
+    SIGKILL while that write is held open (KIMI_TEST_PAUSE_IN_SAVE=writing: the shards on disk, DCP's
+    index not) and while its files wait to be hashed leaves `latest` on the step before, whole; resumed
+    to the end, the losses equal an uninterrupted synchronous run's bit for bit."""
+    args = ["--train.max_steps=8", "--train.ckpt_interval=2"]
+    ref_out, out, ckpts = tmp_path / "ref", tmp_path / "run", tmp_path / "run" / "checkpoints"
+    with _uninterrupted(ref_out, args, tmp_path / "ref.log"):  # synchronous saves
+        for phase, step, good in (("writing", 4, "step_000002"), ("shards", 6, "step_000004")):
+
+            def trained(later=step + 2) -> bool:
+                """the step loop trains on to the next save"""
+                return later in [r["step"] for r in _rows(out)]
+
+            log = tmp_path / f"kill_{phase}.log"
+            _kill_during_save(out, [*args, "--train.async_checkpoint=true"], phase, step, log, then=trained)
+            latest = CheckpointStore(ckpts).latest()
+            assert latest.name == good and (ckpts / "latest").resolve() == latest
+            verify(latest)
+            assert not (ckpts / f"step_{step:06d}").exists()  # the held step never became a step directory
+        res = _cli(out, *args, "--train.async_checkpoint=true")
+        assert res.returncode == 0, res.stderr
+        assert f"resumed from {ckpts / 'step_000004'}" in res.stdout, res.stdout
+    rows, ref_rows = _rows(out), _rows(ref_out)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in ref_rows]  # bit for bit
+    assert CheckpointStore(ckpts).latest().name == "step_000008" and not list(ckpts.glob("*.tmp"))
+    verify(ckpts / "latest")
 
 
 # ----------------------------------------------------------------------------- missing latest

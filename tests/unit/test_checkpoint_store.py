@@ -84,3 +84,41 @@ def test_checkpoint_files_get_the_mode_the_umask_gives(tmp_path):
         os.umask(old)
     modes = {str(p.relative_to(store.dir)): oct(p.stat().st_mode & 0o777) for p in store.dir.rglob("*") if p.is_file()}
     assert "step_000004/meta.json" in modes and set(modes.values()) == {"0o640"}, modes
+
+
+# ----------------------------------------------------------------------------- checksums hashed per rank (issue 17)
+
+
+def _save_at_world(rank, world, root):
+    """Every rank writes files of uneven sizes into the step (as DCP shards and the small files are), then
+    the real CheckpointStore.save: each rank hashes its share, rank 0 gathers them into meta.json."""
+    from pathlib import Path
+
+    from kimi.checkpoint.store import _files, share
+
+    def write(tmp):
+        for i, size in enumerate((5000, 300, 70_000, 12)):
+            (tmp / f"__{rank}_{i}.distcp").write_bytes(bytes([rank * 16 + i]) * size * (rank + 1))
+
+    final = CheckpointStore(Path(root) / "checkpoints").save(4, write, {"step": 4}, "a: 1\n", {})
+    return [str(p.relative_to(final)) for p in share(_files(final), rank, world)]
+
+
+def test_checksums_hashed_per_rank_equal_one_process_hashing(tmp_path):
+    """At world 2 each rank hashes a share of the files (by bytes, not by count), and the meta.json rank 0
+    writes holds exactly what one process hashing every file writes (kimi.checkpoint.store.checksums)."""
+    import json
+
+    from kimi.checkpoint.store import checksums
+    from tests.dist_utils import run_distributed
+
+    shares = run_distributed(_save_at_world, 2, args=(str(tmp_path),))
+    step = tmp_path / "checkpoints" / "step_000004"
+    meta = read_meta(step)  # its own meta_sha256 checks out
+    one = checksums(step)
+    assert meta["checksums"] == one and list(meta["checksums"]) == list(one)  # same content, same order
+    assert meta["world_size"] == 2 and len(one) == 8 + 4  # 8 shards, 2 rng files, train_state.pt, config.yaml
+    assert set(shares[0]) | set(shares[1]) == set(one) and not set(shares[0]) & set(shares[1])
+    sizes = [sum((step / f).stat().st_size for f in s) for s in shares]
+    assert min(sizes) > 0.3 * max(sizes), sizes  # each rank reads a fair part of the bytes
+    assert json.loads((step / "meta.json").read_text())["checksums"] == one

@@ -176,6 +176,7 @@ def test_command_line_text_reads_as_the_fields_type():
             "--data.shard_tokens=5e7",
             "--optim.betas=0.8,0.9",
             "--logging.run_name=123",
+            "--logging.experiment=1:30",  # text, not YAML 1.1's base-60 integer 90
             "--logging.tracking_uri=none",
             "--attention.q_lora_rank=null",
             "--train.resume=None",
@@ -187,7 +188,7 @@ def test_command_line_text_reads_as_the_fields_type():
         50_000_000,
         (0.8, 0.9),
     )
-    assert cfg.logging.run_name == "123"
+    assert cfg.logging.run_name == "123" and cfg.logging.experiment == "1:30"
     assert cfg.logging.tracking_uri is None and cfg.model.attention.q_lora_rank is None and cfg.train.resume is None
     for word, value in {
         "true": True,
@@ -280,3 +281,32 @@ def test_config_tokenizer_names_are_the_data_layers():
     from kimi.data.tokenizer_files import FILE_KINDS
 
     assert set(TOKENIZER_NAMES) == set(TOKENIZERS) and set(FILE_TOKENIZER_KINDS) == set(FILE_KINDS)
+
+
+def test_async_checkpoint_with_deepspeed_is_refused_in_one_line():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["--train.async_checkpoint=true", "--parallel.engine=deepspeed"])
+    needle = "train.async_checkpoint=true is not supported by parallel.engine=deepspeed"
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["--train.profile_steps=5:2"], "train.profile_steps='5:2' should be A:B"),
+        (["--train.profile_steps=abc"], "train.profile_steps='abc' should be A:B"),
+        (["--train.profile_steps=0:3"], "with 1 <= A <= B"),
+        (["--train.memory_snapshot=true"], "train.memory_snapshot=true records over train.profile_steps"),
+    ],
+    ids=["reversed", "not-numbers", "step-0", "snapshot-without-window"],
+)
+def test_bad_profile_steps_are_refused_in_one_line(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_profile_steps_window():
+    assert load_config(None, ["--train.profile_steps=3:5"]).train.profile_window() == (3, 5)
+    assert load_config(None, ["--train.profile_steps=4:4"]).train.profile_window() == (4, 4)
+    assert load_config(None, []).train.profile_window() is None
