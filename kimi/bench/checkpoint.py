@@ -46,7 +46,6 @@ def add_args(p) -> None:
     )
     p.add_argument("--interval", type=int, default=8, help="checkpoint: steps between saves")
     p.add_argument("--rounds", type=int, default=2, help="checkpoint: sync/async run pairs, interleaved")
-    p.add_argument("--worlds", default="1,2,4", help="checkpoint: world sizes for the save-time table")
 
 
 def _overrides(overrides: list[str], out: Path, saves: int, interval: int, world: int) -> list[str]:
@@ -164,7 +163,7 @@ def report(r: dict) -> str:
 def main(args, overrides: list[str]) -> dict:
     config = QUICK_CONFIG if args.quick else args.config
     saves, interval, rounds = (3, 2, 1) if args.quick else (args.saves, args.interval, args.rounds)
-    worlds = [1, 2] if args.quick else [int(w) for w in args.worlds.split(",")]
+    worlds = [1, 2] if args.quick else [int(w) for w in (args.worlds or "1,2,4").split(",")]
     if saves < 3 or interval < 1 or rounds < 1 or min(worlds) < 1:
         raise ValueError("--saves must be >= 3 (the first is reported apart, the last not counted); "
                          "--interval, --rounds and --worlds >= 1")  # fmt: skip

@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     compare.add_args(p)
     memory.add_args(p)
     data.add_args(p)
+    p.add_argument("--worlds", help="state: world sizes to run (default 1,2,4,8); checkpoint: for the save-time "
+                   "table (default 1,2,4)")  # fmt: skip
     state.add_args(p)
     checkpoint.add_args(p)
     args, overrides = p.parse_known_args(argv)

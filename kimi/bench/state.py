@@ -136,7 +136,7 @@ def report(rows: list[dict], title: str) -> str:
 
 
 def main(args, overrides: list[str]) -> list[dict]:
-    worlds = [int(w) for w in args.worlds.split(",")]
+    worlds = [int(w) for w in (args.worlds or "1,2,4,8").split(",")]
     engines = args.engines.split(",")
     if unknown := [e for e in engines if e not in ENGINES]:
         raise ValueError(f"--engines: {', '.join(unknown)} not among {', '.join(ENGINES)}")
@@ -147,5 +147,4 @@ def main(args, overrides: list[str]) -> list[dict]:
 
 
 def add_args(p) -> None:
-    p.add_argument("--worlds", default="1,2,4,8", help="state: world sizes to run")
     p.add_argument("--engines", default="fsdp2,zero1,zero2", help="state: engines to run (zeroN: DeepSpeed ZeRO-N)")
