@@ -220,7 +220,10 @@ def _open(path: Path):
     from safetensors import safe_open
 
     try:
-        return safe_open(str(path), framework="pt", device="cpu")
+        # pread: each tensor is read into memory of its own. The default (mmap) hands out tensors that view
+        # the mapped file, so every page read stays resident while any tensor of that shard lives: the
+        # output would keep whole shards mapped, and the experts copied out of them counted twice.
+        return safe_open(str(path), framework="pt", device="cpu", backend="pread")
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file: safetensors' reason, on one line
         raise ConvertError(f"cannot read '{path}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
@@ -275,7 +278,6 @@ def iter_hf_tensors(hf_dir: Path, hf: dict) -> Iterator[tuple[str, torch.Tensor]
     for name, file in where.items():
         by_file.setdefault(file, []).append(name)
     for file in sorted(by_file):
-        # one open shard at a time: its mapped pages leave this process's memory when it closes
         with _open(hf_dir / file) as f:
             for name in by_file[file]:
                 if name.endswith(SCALE):
@@ -284,20 +286,24 @@ def iter_hf_tensors(hf_dir: Path, hf: dict) -> Iterator[tuple[str, torch.Tensor]
                     continue  # read with its weight
                 t = _get(f, name, hf_dir / file)
                 if name + SCALE in where:
-                    if block is None:
-                        raise ConvertError(
-                            f"'{name + SCALE}' is an FP8 scale but config.json has no quantization_config; "
-                            "add the one the checkpoint was published with"
-                        )
-                    if where[name + SCALE] == file:
-                        scale = _get(f, name + SCALE, hf_dir / file)
-                    else:
-                        with _open(hf_dir / where[name + SCALE]) as g:
-                            scale = _get(g, name + SCALE, hf_dir / where[name + SCALE])
-                    t = dequantize_fp8(t, scale, block, dtype, name)
+                    t = _dequantize(f, file, name, t, where, hf_dir, block, dtype)
                 elif t.dtype in FP8_DTYPES:
                     raise ConvertError(f"'{name}' is {t.dtype} but has no '{name + SCALE}' to dequantise it with")
                 yield name, t
+
+
+def _dequantize(f, file: str, name: str, t: torch.Tensor, where: dict, hf_dir: Path, block, dtype) -> torch.Tensor:
+    if block is None:
+        raise ConvertError(
+            f"'{name + SCALE}' is an FP8 scale but config.json has no quantization_config; "
+            "add the one the checkpoint was published with"
+        )
+    if where[name + SCALE] == file:
+        scale = _get(f, name + SCALE, hf_dir / file)
+    else:
+        with _open(hf_dir / where[name + SCALE]) as g:
+            scale = _get(g, name + SCALE, hf_dir / where[name + SCALE])
+    return dequantize_fp8(t, scale, block, dtype, name)
 
 
 # ----------------------------------------------------------------------------- weights

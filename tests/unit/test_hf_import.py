@@ -9,6 +9,7 @@ partial tiles at the bottom and right edges.
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from kimi import load_model  # noqa: E402
-from kimi.convert import INDEX  # noqa: E402
+from kimi.convert import INDEX, iter_hf_tensors  # noqa: E402
 from kimi.convert import main as convert_main  # noqa: E402
 from tests.unit.test_hf_parity import TOL, hf_config, random_hf_model, rel_err, tokens  # noqa: E402
 
@@ -231,3 +232,14 @@ def test_foreign_configs_are_refused(tmp_path, capsys, edit, why):
     d.mkdir()
     (d / "config.json").write_text(json.dumps({**json.loads(hf_config(None).to_json_string()), **edit}))
     refused(tmp_path, capsys, d, why)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+def test_tensors_read_do_not_keep_their_shard_mapped(tmp_path, small_hf):
+    """Peak memory is the output plus about one tensor (kimi.bench convert measures it) only if what is
+    read owns its memory: a tensor viewing the mmapped shard keeps every page read from it resident."""
+    sd, config = hf_files(small_hf, tmp_path)
+    d = write_folder(tmp_path / "hf", sd, config, n_shards=2)
+    kept = list(iter_hf_tensors(d, config))
+    assert len(kept) == len(sd)
+    assert str(d) not in Path("/proc/self/maps").read_text()
