@@ -7,6 +7,7 @@
     python -m kimi.bench throughput [--quick] ...  tokens/s, MFU, step breakdown (kimi/bench/throughput.py)
     python -m kimi.bench memory     [--quick] ...  KV cache, generation and training memory (kimi/bench/memory.py)
     python -m kimi.bench data       [--quick] ...  prepare tokens/s and RSS vs corpus size, loader (kimi/bench/data.py)
+    python -m kimi.bench convert    [--quick] ...  HF import: peak RSS vs shard sizes (kimi/bench/convert.py)
 
 `dist` runs the real training loop on `nproc` gloo/NCCL processes for each of: EP=1 and EP=ep
 (the same global batch, so the same work), with Muon and with AdamW, and prints per step: tokens/s,
@@ -101,9 +102,10 @@ def _table(results: list[tuple[str, dict]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m kimi.bench", description=__doc__.split("\n\n")[0])
-    from kimi.bench import compare, data, memory, throughput
+    from kimi.bench import compare, convert, data, memory, throughput
 
-    p.add_argument("what", choices=["dist", "train", "kernels", "compare", "throughput", "memory", "data"])
+    what = ["dist", "train", "kernels", "compare", "throughput", "memory", "data", "convert"]
+    p.add_argument("what", choices=what)
     p.add_argument("--config", default="configs/debug.yaml")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--ep", type=int, default=None, help="EP degree to compare with EP=1 (default: nproc)")
@@ -112,14 +114,15 @@ def main(argv: list[str] | None = None) -> None:
     compare.add_args(p)
     memory.add_args(p)
     data.add_args(p)
+    convert.add_args(p)
     args, overrides = p.parse_known_args(argv)
     if args.what == "kernels":
         from kimi.bench.kernels import run
 
         return run()
     try:  # bad input (a ConfigError is a ValueError) is one line and exit code 2, never a traceback
-        if args.what in ("compare", "throughput", "memory", "data"):
-            benches = {"compare": compare, "throughput": throughput, "memory": memory, "data": data}
+        benches = {"compare": compare, "throughput": throughput, "memory": memory, "data": data, "convert": convert}
+        if args.what in benches:
             return benches[args.what].main(args, overrides)
         return run_train_or_dist(args, overrides)
     except (ValueError, FileNotFoundError) as e:
