@@ -7,8 +7,8 @@ Parameter names already follow HF's; the mapping renames blocks (input_layernorm
 gate -> router, e_score_correction_bias -> expert_bias) and stacks / unstacks experts (HF stores
 `experts.{e}.gate_proj.weight` on disk and a fused `gate_up_proj` in memory; both are read). Only HF
 configs whose forward nanoKimi reproduces exactly are accepted; anything else (YaRN or other RoPE
-scaling, non-SiLU activations, attention biases, ...) is refused with one line, rather than converted
-into a model that silently computes something else.
+scaling, non-SiLU activations, attention biases, non-FP8 quantisation, ...) is refused with one line,
+rather than converted into a model that silently computes something else.
 
 Reading streams: the shards an index (`model.safetensors.index.json`) names, or every `*.safetensors`,
 are read one tensor at a time and each is placed into the output as it comes, so peak memory is the
