@@ -204,6 +204,19 @@ def test_missing_shard(tmp_path, capsys, small_hf):
     refused(tmp_path, capsys, d, "'model-00002-of-00003.safetensors'", INDEX, "download it again")
 
 
+def test_truncated_shard_and_an_index_that_misplaces_a_tensor(tmp_path, capsys, small_hf):
+    sd, config = hf_files(small_hf, tmp_path)
+    d = write_folder(tmp_path / "hf", sd, config, n_shards=2)
+    index = json.loads((d / INDEX).read_text())
+    name = next(k for k, f in index["weight_map"].items() if f == "model-00001-of-00002.safetensors")
+    index["weight_map"][name] = "model-00002-of-00002.safetensors"
+    (d / INDEX).write_text(json.dumps(index))
+    refused(tmp_path, capsys, d, f"'{name}' is not in", "model-00002-of-00002.safetensors' although", "download")
+    shard = d / "model-00001-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    refused(tmp_path, capsys, d, f"cannot read '{shard}'")
+
+
 def test_tensor_shape_that_disagrees_with_the_config(tmp_path, capsys, small_hf):
     sd, config = hf_files(small_hf, tmp_path)
     config["moe_intermediate_size"] = 48
