@@ -25,7 +25,7 @@ setup(
         "tqdm",  # progress bars for data preparation
         "pyarrow",  # kimi/data/sources.py reads parquet by row group and save_to_disk Arrow files (mlflow pulls it too)
         "zstandard",  # kimi/data/sources.py streams .zst inputs (jsonl.zst is how large corpora ship)
-        "safetensors",  # Hugging Face export in kimi.convert
+        "safetensors>=0.8",  # kimi.convert: HF export and import (safe_open(backend="pread"))
         "pydantic>=2.7",  # kimi/config.py: checks and converts the config tree (mlflow already pulls it in)
     ],
     extras_require={

@@ -8,8 +8,19 @@ gate -> router, e_score_correction_bias -> expert_bias) and stacks / unstacks ex
 `experts.{e}.gate_proj.weight` on disk and a fused `gate_up_proj` in memory; both are read). Only HF
 configs whose forward nanoKimi reproduces exactly are accepted (plain RoPE or YaRN, as Kimi K2 and
 DeepSeek-V3 publish it); anything else (other RoPE scaling, non-SiLU activations, attention biases,
-FP8-quantised weights, ...) is refused with one line, rather than converted into a model that silently
+non-FP8 quantisation, ...) is refused with one line, rather than converted into a model that silently
 computes something else.
+
+Reading streams: the shards an index (`model.safetensors.index.json`) names, or every `*.safetensors`,
+are read one tensor at a time and each is placed into the output as it comes, so peak memory is the
+output plus about one tensor, never the model twice. DeepSeek-V3 / Kimi-K2 FP8 checkpoints
+(`quantization_config: {quant_method: fp8, fmt: e4m3, weight_block_size: [128, 128]}`, a float32
+`<name>.weight_scale_inv` of ceil(rows/128) x ceil(cols/128) per weight) are dequantised on the way in.
+Multi-token-prediction layers (`num_nextn_predict_layers`, stored at layer index n_layer and beyond) are
+dropped with one printed line.
+
+Writing: `--to-hf` writes HF's sharded layout past --max-shard-size, and the tokenizer with a
+generation_config.json (kimi/data/hf_tokenizer.py).
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ import json
 import re
 import shutil
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -26,6 +38,7 @@ import torch
 from kimi.config import AttentionConfig, Config, KimiConfig, MoEConfig, RopeScalingConfig
 
 HF_MODEL_TYPES = ("deepseek_v3", "kimi_k2")
+HF_ARCHITECTURE = "DeepseekV3ForCausalLM"
 
 
 class ConvertError(ValueError):
@@ -39,6 +52,9 @@ def kimi_config_from_hf(hf: dict) -> KimiConfig:
     def refuse(why: str):
         raise ConvertError(f"cannot convert this HF config: {why}")
 
+    archs = hf.get("architectures") or [HF_ARCHITECTURE]
+    if HF_ARCHITECTURE not in archs:
+        refuse(f"architectures={archs}; only {HF_ARCHITECTURE} (DeepSeek-V3, Kimi-K2) converts")
     if hf.get("model_type") not in HF_MODEL_TYPES:
         refuse(f"model_type={hf.get('model_type')!r}; only {HF_MODEL_TYPES} are supported")
     rope = hf.get("rope_parameters") or {}
@@ -47,8 +63,7 @@ def kimi_config_from_hf(hf: dict) -> KimiConfig:
         refuse(f"hidden_act={hf['hidden_act']!r}; experts and MLPs here are SwiGLU (silu)")
     if hf.get("attention_bias"):
         refuse("attention_bias=true; MLA here has no projection biases")
-    if hf.get("quantization_config"):
-        refuse("the weights are quantised (e.g. FP8 with weight_scale_inv); dequantise to bf16 first")
+    fp8_block_size(hf)  # refuses quantisation other than DeepSeek's block FP8
     n_head = hf["num_attention_heads"]
     if hf.get("num_key_value_heads") not in (None, n_head):
         refuse(f"num_key_value_heads={hf['num_key_value_heads']} != num_attention_heads={n_head}")
@@ -145,7 +160,7 @@ def hf_config_from_kimi(cfg: KimiConfig, dtype: str = "float32") -> dict:
     if moe.use_moe and moe.n_shared_experts < 1:
         refuse("moe.n_shared_experts=0; the DeepSeek-V3 layout always has shared experts")
     return {
-        "architectures": ["DeepseekV3ForCausalLM"],
+        "architectures": [HF_ARCHITECTURE],
         "model_type": "deepseek_v3",
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.n_embd,
@@ -186,6 +201,147 @@ def hf_config_from_kimi(cfg: KimiConfig, dtype: str = "float32") -> dict:
     }
 
 
+# ----------------------------------------------------------------------------- reading HF folders
+
+INDEX = "model.safetensors.index.json"
+SCALE = "_scale_inv"  # DeepSeek FP8: `x.weight` has `x.weight_scale_inv`
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def fp8_block_size(hf: dict) -> tuple[int, int] | None:
+    """(rows, cols) of the scale blocks when config.json declares DeepSeek's block FP8; None when the
+    checkpoint is not quantised. Any other quantisation is refused: its weights would be misread."""
+    q = hf.get("quantization_config")
+    if not q:
+        return None
+
+    def refuse(why: str):
+        raise ConvertError(f"cannot convert this HF config: quantization_config {why}")
+
+    if q.get("quant_method") != "fp8":
+        refuse(
+            f"quant_method={q.get('quant_method')!r}; only DeepSeek's block FP8 ('fp8') is dequantised here: "
+            "dequantise the checkpoint to bf16 with the tool that quantised it"
+        )
+    if q.get("fmt", "e4m3") != "e4m3":
+        refuse(f"fmt={q['fmt']!r}; only e4m3 FP8 (DeepSeek-V3, Kimi-K2) is read")
+    block = q.get("weight_block_size")
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        refuse(
+            f"weight_block_size={block!r}; expected [rows, cols] such as [128, 128] (per-tensor scales are not read)"
+        )
+    return block[0], block[1]
+
+
+def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], dtype, name: str):
+    """w * scale_inv, each scale covering one block[0] x block[1] tile of the last two dims; the tiles at
+    the bottom and right edges are partial when a dim is not a multiple of the block. One row of tiles at
+    a time, so the only full-size temporary is the float32 result."""
+    rows, cols = w.shape[-2:] if w.dim() >= 2 else (0, 0)
+    want = (*w.shape[:-2], -(-rows // block[0]), -(-cols // block[1]))
+    if w.dim() < 2 or tuple(scale_inv.shape) != want:
+        raise ConvertError(
+            f"'{name}{SCALE}' has shape {tuple(scale_inv.shape)} but '{name}' {tuple(w.shape)} in "
+            f"{list(block)} blocks needs {want}; check weight_block_size in config.json"
+        )
+    out = w.to(torch.float32)  # FP8 has no CPU multiply
+    scale = scale_inv.to(torch.float32)
+    for i in range(want[-2]):
+        per_col = scale[..., i, :].repeat_interleave(block[1], dim=-1)[..., :cols]  # (..., cols)
+        out[..., i * block[0] : (i + 1) * block[0], :].mul_(per_col.unsqueeze(-2))
+    return out.to(dtype)
+
+
+def _open(path: Path):
+    from safetensors import safe_open
+
+    try:
+        # pread: each tensor is read into memory of its own. The default (mmap) hands out tensors that view
+        # the mapped file, so every page read stays resident while any tensor of that shard lives: the
+        # output would keep whole shards mapped, and the experts copied out of them counted twice.
+        return safe_open(str(path), framework="pt", device="cpu", backend="pread")
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file: safetensors' reason, on one line
+        raise ConvertError(f"cannot read '{path}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _get(f, name: str, path: Path) -> torch.Tensor:
+    try:
+        return f.get_tensor(name)
+    except Exception:  # noqa: BLE001 - the index promised a tensor the shard does not hold
+        raise ConvertError(f"'{name}' is not in '{path}' although {INDEX} says so; download the shard again") from None
+
+
+def shard_map(hf_dir: Path) -> dict[str, str]:
+    """Tensor name -> shard file name: from the index when there is one (every shard it names must be
+    there), else from the headers of every *.safetensors file in the folder."""
+    index = hf_dir / INDEX
+    if index.is_file():
+        try:
+            where = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError):
+            raise ConvertError(f"'{index}' is not a safetensors index (JSON with a 'weight_map')") from None
+        missing = sorted({f for f in where.values() if not (hf_dir / f).is_file()})
+        if missing:
+            n = sum(f == missing[0] for f in where.values())
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ConvertError(
+                f"shard '{missing[0]}'{more} is named in {INDEX} ({n} tensors) but is not in '{hf_dir}'; "
+                "download it again"
+            )
+        return where
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        raise ConvertError(
+            f"no *.safetensors files in '{hf_dir}' (pytorch_model.bin checkpoints: re-save with safetensors)"
+        )
+    where = {}
+    for path in files:
+        with _open(path) as f:
+            where.update(dict.fromkeys(f.keys(), path.name))
+    return where
+
+
+def iter_hf_tensors(hf_dir: Path, hf: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every weight of an HF folder, one at a time, shard by shard. FP8 weights come out
+    dequantised to the config's dtype (`torch_dtype`/`dtype`), their scales consumed on the way."""
+    block = fp8_block_size(hf)
+    dtype_name = str(hf.get("torch_dtype") or hf.get("dtype") or "float32")
+    dtype = getattr(torch, dtype_name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConvertError(f"dtype {dtype_name!r} in config.json is not a torch floating-point dtype")
+    where = shard_map(hf_dir)
+    by_file: dict[str, list[str]] = {}
+    for name, file in where.items():
+        by_file.setdefault(file, []).append(name)
+    for file in sorted(by_file):
+        with _open(hf_dir / file) as f:
+            for name in by_file[file]:
+                if name.endswith(SCALE):
+                    if name.removesuffix(SCALE) not in where:
+                        raise ConvertError(f"'{name}' has no weight '{name.removesuffix(SCALE)}' in the checkpoint")
+                    continue  # read with its weight
+                t = _get(f, name, hf_dir / file)
+                if name + SCALE in where:
+                    t = _dequantize(f, file, name, t, where, hf_dir, block, dtype)
+                elif t.dtype in FP8_DTYPES:
+                    raise ConvertError(f"'{name}' is {t.dtype} but has no '{name + SCALE}' to dequantise it with")
+                yield name, t
+
+
+def _dequantize(f, file: str, name: str, t: torch.Tensor, where: dict, hf_dir: Path, block, dtype) -> torch.Tensor:
+    if block is None:
+        raise ConvertError(
+            f"'{name + SCALE}' is an FP8 scale but config.json has no quantization_config; "
+            "add the one the checkpoint was published with"
+        )
+    if where[name + SCALE] == file:
+        scale = _get(f, name + SCALE, hf_dir / file)
+    else:
+        with _open(hf_dir / where[name + SCALE]) as g:
+            scale = _get(g, name + SCALE, hf_dir / where[name + SCALE])
+    return dequantize_fp8(t, scale, block, dtype, name)
+
+
 # ----------------------------------------------------------------------------- weights
 
 _RENAMES = [  # (HF pattern, nanoKimi replacement), applied to keys under model.layers.{i}.
@@ -201,28 +357,44 @@ _FUSED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_pr
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 
 
-def read_safetensors_dir(hf_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def kimi_state_from_hf(
+    hf_tensors: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], cfg: KimiConfig, n_mtp: int = 0
+) -> dict[str, torch.Tensor]:
+    """nanoKimi's state dict from HF tensors (a dict, or (name, tensor) pairs streamed one at a time). Each
+    tensor is checked against the shape `cfg` implies and placed as it comes: routed experts go straight
+    into their stacked (E, ...) tensor, never held twice. Tensors of the `n_mtp` multi-token-prediction
+    layers (index cfg.n_layer and beyond) are skipped."""
+    from kimi.model import KimiModel
 
-    files = sorted(hf_dir.glob("*.safetensors"))
-    if not files:
-        raise ConvertError(
-            f"no *.safetensors files in '{hf_dir}' (pytorch_model.bin checkpoints: re-save with safetensors)"
-        )
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        tensors.update(load_file(str(f)))
-    return tensors
-
-
-def kimi_state_from_hf(hf_sd: dict[str, torch.Tensor], cfg: KimiConfig) -> dict[str, torch.Tensor]:
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in KimiModel(cfg).state_dict().items()}
     out: dict[str, torch.Tensor] = {}
-    experts: dict[tuple[int, str], dict[int, torch.Tensor]] = {}
-    for key, t in hf_sd.items():
-        if key.endswith("weight_scale_inv"):
-            raise ConvertError(f"'{key}': FP8-quantised weights; dequantise to bf16 first")
+    experts_seen: dict[str, set[int]] = {}
+
+    def place(hf_key: str, key: str, t: torch.Tensor, expert: int | None = None) -> None:
+        if key not in expected:
+            raise ConvertError(f"unexpected tensor '{hf_key}' in the HF checkpoint (no '{key}' in this model)")
+        want = expected[key] if expert is None else expected[key][1:]
+        if tuple(t.shape) != want:
+            raise ConvertError(
+                f"'{hf_key}' has shape {tuple(t.shape)} but config.json implies {want}; "
+                "the weights and config.json come from different models"
+            )
+        if expert is None:
+            out[key] = t
+            return
+        if key not in out:
+            out[key] = torch.empty(expected[key], dtype=t.dtype)
+        out[key][expert] = t
+        experts_seen.setdefault(key, set()).add(expert)
+
+    ours = {"gate": "w1", "up": "w3", "down": "w2"}
+    items = hf_tensors.items() if isinstance(hf_tensors, dict) else hf_tensors
+    for key, t in items:
         if key in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
-            out[key.removeprefix("model.")] = t
+            if key == "lm_head.weight" and cfg.tie_embeddings:
+                continue  # the embedding is the head
+            place(key, key.removeprefix("model."), t)
             continue
         m = _LAYER.match(key)
         if m is None:
@@ -230,28 +402,31 @@ def kimi_state_from_hf(hf_sd: dict[str, torch.Tensor], cfg: KimiConfig) -> dict[
                 continue
             raise ConvertError(f"unexpected tensor '{key}' in the HF checkpoint")
         layer = int(m.group(1))
-        if layer >= cfg.n_layer:
-            continue  # multi-token-prediction layers (num_nextn_predict_layers) are not part of the model
+        if cfg.n_layer <= layer < cfg.n_layer + n_mtp:
+            continue  # a multi-token-prediction layer: not part of the model
         if em := _EXPERT.match(key):
-            experts.setdefault((layer, em.group(3)), {})[int(em.group(2))] = t
+            expert = int(em.group(2))
+            if expert >= cfg.moe.num_experts:
+                raise ConvertError(f"'{key}': expert {expert}, but config.json has {cfg.moe.num_experts} experts")
+            place(key, f"layers.{layer}.ffn.experts.{ours[em.group(3)]}", t, expert)
         elif fm := _FUSED.match(key):
             pre = f"layers.{layer}.ffn.experts."
             if fm.group(2) == "down_proj":
-                out[pre + "w2"] = t
+                place(key, pre + "w2", t)
             else:  # gate_up_proj (E, 2F, D): gate rows first, then up (HF chunks it in two)
-                out[pre + "w1"], out[pre + "w3"] = (c.contiguous() for c in t.chunk(2, dim=1))
+                w1, w3 = (c.contiguous() for c in t.chunk(2, dim=1))
+                place(key, pre + "w1", w1)
+                place(key, pre + "w3", w3)
         else:
             rest = m.group(2)
             for pat, rep in _RENAMES:  # in order: the router rules fire before the generic mlp. -> ffn.
                 rest = re.sub(pat, rep, rest)
-            out[f"layers.{layer}.{rest}"] = t
-    ours = {"gate": "w1", "up": "w3", "down": "w2"}
-    for (layer, which), per_expert in experts.items():
-        if sorted(per_expert) != list(range(cfg.moe.num_experts)):
-            raise ConvertError(f"layer {layer}: expected experts 0..{cfg.moe.num_experts - 1} for {which}_proj")
-        out[f"layers.{layer}.ffn.experts.{ours[which]}"] = torch.stack([per_expert[e] for e in sorted(per_expert)])
-    if cfg.tie_embeddings:
-        out.pop("lm_head.weight", None)
+            place(key, f"layers.{layer}.{rest}", t)
+    for key, seen in experts_seen.items():
+        if len(seen) != cfg.moe.num_experts:
+            gap = min(set(range(cfg.moe.num_experts)) - seen)
+            raise ConvertError(f"'{key}': expert {gap} of {cfg.moe.num_experts} is missing from the HF checkpoint")
+    if cfg.tie_embeddings and "embed_tokens.weight" in out:
         out["lm_head.weight"] = out["embed_tokens.weight"]
     return out
 
@@ -298,8 +473,15 @@ def from_hf(hf_dir) -> tuple[KimiConfig, dict[str, torch.Tensor]]:
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise ConvertError(f"'{hf_dir}' has no config.json; expected a Hugging Face model directory")
-    cfg = kimi_config_from_hf(json.loads((hf_dir / "config.json").read_text()))
-    sd = kimi_state_from_hf(read_safetensors_dir(hf_dir), cfg)
+    hf = json.loads((hf_dir / "config.json").read_text())
+    cfg = kimi_config_from_hf(hf)
+    n_mtp = hf.get("num_nextn_predict_layers") or 0
+    if n_mtp:
+        print(
+            f"note: dropping num_nextn_predict_layers={n_mtp} (multi-token-prediction layers "
+            f"model.layers.{cfg.n_layer}..{cfg.n_layer + n_mtp - 1}, skipped if present): nanoKimi has no MTP head"
+        )
+    sd = kimi_state_from_hf(iter_hf_tensors(hf_dir, hf), cfg, n_mtp)
     with torch.device("meta"):
         model = KimiModel(cfg)
     return cfg, check_state_dict(model, sd)

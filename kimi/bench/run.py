@@ -10,6 +10,7 @@
     python -m kimi.bench state      [--worlds 1,2,4,8] ...  bytes each rank holds vs --dry-run (kimi/bench/state.py)
     python -m kimi.bench checkpoint [--quick] ...  loop time held by sync vs async saves, save time vs world size
                                                    (kimi/bench/checkpoint.py)
+    python -m kimi.bench convert    [--quick] ...  HF import: peak RSS vs shard sizes (kimi/bench/convert.py)
 
 `dist` runs the real training loop on `nproc` gloo/NCCL processes for each of: EP=1 and EP=ep
 (the same global batch, so the same work), with Muon and with AdamW, and prints per step: tokens/s,
@@ -104,12 +105,10 @@ def _table(results: list[tuple[str, dict]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m kimi.bench", description=__doc__.split("\n\n")[0])
-    from kimi.bench import checkpoint, compare, data, memory, state, throughput
+    from kimi.bench import checkpoint, compare, convert, data, memory, state, throughput
 
-    p.add_argument(
-        "what",
-        choices=["dist", "train", "kernels", "compare", "throughput", "memory", "data", "state", "checkpoint"],
-    )
+    what = ["dist", "train", "kernels", "compare", "throughput", "memory", "data", "state", "checkpoint", "convert"]
+    p.add_argument("what", choices=what)
     p.add_argument("--config", default="configs/debug.yaml")
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--ep", type=int, default=None, help="EP degree to compare with EP=1 (default: nproc)")
@@ -122,15 +121,16 @@ def main(argv: list[str] | None = None) -> None:
                    "table (default 1,2,4)")  # fmt: skip
     state.add_args(p)
     checkpoint.add_args(p)
+    convert.add_args(p)
     args, overrides = p.parse_known_args(argv)
     if args.what == "kernels":
         from kimi.bench.kernels import run
 
         return run()
     try:  # bad input (a ConfigError is a ValueError) is one line and exit code 2, never a traceback
-        if args.what in ("compare", "throughput", "memory", "data", "state", "checkpoint"):
-            benches = {"compare": compare, "throughput": throughput, "memory": memory, "data": data, "state": state,
-                       "checkpoint": checkpoint}  # fmt: skip
+        benches = {"compare": compare, "throughput": throughput, "memory": memory, "data": data, "state": state,
+                   "checkpoint": checkpoint, "convert": convert}  # fmt: skip
+        if args.what in benches:
             return benches[args.what].main(args, overrides)
         return run_train_or_dist(args, overrides)
     except (ValueError, FileNotFoundError) as e:

@@ -211,6 +211,7 @@ def test_compare_quick(tmp_path):
         (["throughput", "--config", "configs/debug.yaml", "--steps", "1"], "--steps=1: need >= 2"),
         (["data", "--sizes", "lots"], "--sizes: 'lots' is not a size; give e.g. 100M,1G,5G"),
         (["data", "--data-workers", "two"], "--data-workers='two': give worker counts, e.g. 1,2"),
+        (["convert", "--shards", "0"], "--shards=0: give at least 1"),
     ],
 )
 def test_bad_bench_input_is_one_line(args, needle):
@@ -275,3 +276,11 @@ def test_data_quick(tmp_path):
     assert all(x["main_peak_mb"] > 10 and x["wall_s"] > 0 for x in res["scale"] + res["workers"])
     assert res["loader"]["windows_per_s"] > 0 and res["loader"]["train_tokens_per_s"] > 0
     assert "| kimi.prepare | 1 |" in r.stdout and "| tiktoken script | 2 |" in r.stdout
+
+
+def test_convert_quick(tmp_path):
+    r = _cli("convert", "--quick", "--shards", "3", "--fp8", "--json", str(tmp_path / "c.json"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "c.json").read_text())
+    assert res["shards"] == 3 and res["fp8"] and 0 < res["largest_tensor_mb"] <= res["shards_mb"] < res["output_mb"]
+    assert res["peak_mb"] > 10 and res["floor_mb"] > 10 and "FP8 128x128" in r.stdout
