@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from kimi import load_model  # noqa: E402
-from kimi.convert import INDEX, iter_hf_tensors  # noqa: E402
+from kimi.checkpoint.hf import INDEX, iter_hf_tensors  # noqa: E402
 from kimi.convert import main as convert_main  # noqa: E402
 from tests.unit.test_hf_parity import TOL, hf_config, random_hf_model, rel_err, tokens  # noqa: E402
 
