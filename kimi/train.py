@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from kimi.checkpoint import Checkpointer, CheckpointError
-from kimi.config import Config, ConfigError, load_config
+from kimi.config import Config, ConfigError, load_config, merge_dicts, parse_overrides
 from kimi.config_help import config_help
 from kimi.engine import build_engine, engine_class
 from kimi.optim import warmup_note
@@ -112,6 +112,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--max-steps", type=int, help="shortcut for --train.max_steps")
     p.add_argument("--out-dir", help="shortcut for --train.out_dir (checkpoints, metrics.jsonl, mlflow.db)")
     p.add_argument("--resume", action="store_true", help="require resuming from OUT/checkpoints/latest")
+    p.add_argument(
+        "--init-from-hf",
+        metavar="DIR",
+        help="start from a Hugging Face DeepSeek-V3 / Kimi-K2 folder: its config.json sets model.* (block_size "
+        "stays the run's), each rank loads only its shards of the weights (FSDP2; train.init_from_hf)",
+    )
     p.add_argument("--dry-run", action="store_true", help="build on the meta device, print sizes and memory, exit")
     return p.parse_known_args(argv)
 
@@ -124,7 +130,18 @@ def config_from_args(args: argparse.Namespace, overrides: list[str]) -> Config:
         extra.append(f"--train.out_dir={args.out_dir}")
     if args.resume:
         extra.append("--train.resume=true")
-    return load_config(args.config, extra)
+    if not args.init_from_hf:
+        return load_config(args.config, extra)
+    from kimi.checkpoint.hf import model_fields_from_hf
+
+    tree: dict = {"train": {"init_from_hf": args.init_from_hf}}  # YAML < the folder's config.json < command line
+    for key, value in model_fields_from_hf(args.init_from_hf).items():
+        *path, last = ["model", *key.split(".")]
+        node = tree
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return load_config(args.config, merge_dicts(tree, parse_overrides(extra)))
 
 
 # ----------------------------------------------------------------------------- the job
@@ -162,6 +179,10 @@ class Trainer:
         t, m = cfg.train, cfg.model
         self.cfg, self.hooks = cfg, hooks or Hooks()
         check_out_dir(t.out_dir)  # before minutes of building: a bad path is one line, not a traceback
+        if t.init_from_hf:
+            from kimi.checkpoint.hf import check_model_matches_hf
+
+            check_model_matches_hf(m, t.init_from_hf)
         self.rt = rt = setup_runtime(t, cfg.parallel, m, engine_class(cfg.parallel.engine).needs_process_group)
         data = (cfg.data, cfg.block_size, m.vocab_size, t.seed)
         if train_set is None:
@@ -198,6 +219,8 @@ class Trainer:
         cfg, rt, t = self.cfg, self.rt, self.cfg.train
         state = self.checkpointer.load()
         start = state["step"]
+        if start == 0 and t.init_from_hf:
+            self.init_from_hf(t.init_from_hf)
         if self.mix:
             self.mix.load(state)
         if self.batches.mixture_change:
@@ -261,6 +284,14 @@ class Trainer:
             rt.print(self.summary(step - start, row))
         rt.shutdown()
         return row
+
+    def init_from_hf(self, hf_dir: str) -> None:
+        """A fresh run's weights from an HF folder, each rank reading only what its shards hold."""
+        from kimi.checkpoint.hf import load_hf_into
+
+        t0 = time.perf_counter()
+        self.hf_tensors_read = n = load_hf_into(self.raw_model, hf_dir, self.cfg.model)
+        self.rt.print(f"initialised from {hf_dir}: {n} tensors read on rank 0 ({time.perf_counter() - t0:.1f}s)")
 
     def train_step(self, step: int) -> tuple[dict, bool]:
         """One optimizer step: forward/backward, grad norm, agree across ranks, then update or skip. Returns

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -281,9 +281,12 @@ def shard_map(hf_dir: Path) -> dict[str, str]:
     return where
 
 
-def iter_hf_tensors(hf_dir: Path, hf: dict) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_hf_tensors(
+    hf_dir: Path, hf: dict, skip: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, torch.Tensor | None]]:
     """(name, tensor) for every weight of an HF folder, one at a time, shard by shard. FP8 weights come out
-    dequantised to the config's dtype (`torch_dtype`/`dtype`), their scales consumed on the way."""
+    dequantised to the config's dtype (`torch_dtype`/`dtype`), their scales consumed on the way. Names for
+    which `skip(name)` holds are not read: they come out as (name, None)."""
     block = fp8_block_size(hf)
     dtype_name = str(hf.get("torch_dtype") or hf.get("dtype") or "float32")
     dtype = getattr(torch, dtype_name, None)
@@ -300,6 +303,9 @@ def iter_hf_tensors(hf_dir: Path, hf: dict) -> Iterator[tuple[str, torch.Tensor]
                     if name.removesuffix(SCALE) not in where:
                         raise ConvertError(f"'{name}' has no weight '{name.removesuffix(SCALE)}' in the checkpoint")
                     continue  # read with its weight
+                if skip is not None and skip(name):
+                    yield name, None
+                    continue
                 t = _get(f, name, hf_dir / file)
                 if name + SCALE in where:
                     t = _dequantize(f, file, name, t, where, hf_dir, block, dtype)
@@ -337,36 +343,51 @@ _FUSED = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_pr
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 
 
+Sink = Callable[[str, torch.Tensor, "int | None"], None]  # (nanoKimi key, tensor, expert index or None)
+
+
 def kimi_state_from_hf(
-    hf_tensors: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], cfg: KimiConfig, n_mtp: int = 0
+    hf_tensors: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor | None]],
+    cfg: KimiConfig,
+    n_mtp: int = 0,
+    sink: Sink | None = None,
 ) -> dict[str, torch.Tensor]:
     """nanoKimi's state dict from HF tensors (a dict, or (name, tensor) pairs streamed one at a time). Each
     tensor is checked against the shape `cfg` implies and placed as it comes: routed experts go straight
     into their stacked (E, ...) tensor, never held twice. Tensors of the `n_mtp` multi-token-prediction
-    layers (index cfg.n_layer and beyond) are skipped."""
+    layers (index cfg.n_layer and beyond) are skipped. With `sink`, each checked tensor goes to
+    `sink(key, tensor, expert)` instead and {} is returned; a None tensor (not read, see iter_hf_tensors)
+    still counts as present."""
     from kimi.model import KimiModel
 
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in KimiModel(cfg).state_dict().items()}
     out: dict[str, torch.Tensor] = {}
     experts_seen: dict[str, set[int]] = {}
+    placed: set[str] = set()
 
-    def place(hf_key: str, key: str, t: torch.Tensor, expert: int | None = None) -> None:
+    def place(hf_key: str, key: str, t: torch.Tensor | None, expert: int | None = None) -> None:
         if key not in expected:
             raise ConvertError(f"unexpected tensor '{hf_key}' in the HF checkpoint (no '{key}' in this model)")
+        placed.add(key)
+        if expert is not None:
+            experts_seen.setdefault(key, set()).add(expert)
+        if t is None:
+            return
         want = expected[key] if expert is None else expected[key][1:]
         if tuple(t.shape) != want:
             raise ConvertError(
                 f"'{hf_key}' has shape {tuple(t.shape)} but config.json implies {want}; "
                 "the weights and config.json come from different models"
             )
-        if expert is None:
+        if sink is not None:
+            sink(key, t, expert)
+        elif expert is None:
             out[key] = t
-            return
-        if key not in out:
-            out[key] = torch.empty(expected[key], dtype=t.dtype)
-        out[key][expert] = t
-        experts_seen.setdefault(key, set()).add(expert)
+        else:
+            if key not in out:
+                out[key] = torch.empty(expected[key], dtype=t.dtype)
+            out[key][expert] = t
 
     ours = {"gate": "w1", "up": "w3", "down": "w2"}
     items = hf_tensors.items() if isinstance(hf_tensors, dict) else hf_tensors
@@ -393,6 +414,8 @@ def kimi_state_from_hf(
             pre = f"layers.{layer}.ffn.experts."
             if fm.group(2) == "down_proj":
                 place(key, pre + "w2", t)
+            elif t is None:
+                place(key, pre + "w1", None)
             else:  # gate_up_proj (E, 2F, D): gate rows first, then up (HF chunks it in two)
                 w1, w3 = (c.contiguous() for c in t.chunk(2, dim=1))
                 place(key, pre + "w1", w1)
@@ -402,6 +425,9 @@ def kimi_state_from_hf(
             for pat, rep in _RENAMES:  # in order: the router rules fire before the generic mlp. -> ffn.
                 rest = re.sub(pat, rep, rest)
             place(key, f"layers.{layer}.{rest}", t)
+    tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    if sink is not None and (missing := sorted(set(expected) - placed - tied)):
+        raise ConvertError(f"'{missing[0]}' (and {len(missing) - 1} more) is not in the HF checkpoint")
     for key, seen in experts_seen.items():
         if len(seen) != cfg.moe.num_experts:
             gap = min(set(range(cfg.moe.num_experts)) - seen)
@@ -465,3 +491,99 @@ def from_hf(hf_dir) -> tuple[KimiConfig, dict[str, torch.Tensor]]:
     with torch.device("meta"):
         model = KimiModel(cfg)
     return cfg, check_state_dict(model, sd)
+
+
+# ----------------------------------------------------------------------------- into a sharded model
+
+
+def read_hf_config(hf_dir: str | Path) -> dict:
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise ConvertError(f"'{hf_dir}' has no config.json; expected a Hugging Face model directory")
+    try:
+        return json.loads((hf_dir / "config.json").read_text())
+    except ValueError as e:
+        raise ConvertError(f"'{hf_dir / 'config.json'}' is not valid JSON ({e})") from None
+
+
+# The KimiConfig fields an HF config.json decides (the rest: how this run trains, and block_size, the
+# context it trains at, which may be shorter than max_position_embeddings).
+_FROM_HF = ("n_layer", "n_head", "n_embd", "vocab_size", "intermediate_size", "rms_norm_eps", "tie_embeddings",
+            "mlp", "pos_emb", "norm", "attention.", "moe.use_moe", "moe.num_experts", "moe.top_k", "moe.expert_hidden",
+            "moe.n_shared_experts", "moe.score_func", "moe.norm_topk_prob", "moe.routed_scaling_factor",
+            "moe.n_group", "moe.topk_group", "moe.first_k_dense_replace")  # fmt: skip
+_NOT_FROM_HF = ("attention.track_max_logits", "attention.bias")
+
+
+def model_fields_from_hf(hf_dir: str | Path) -> dict:
+    """{dotted model field: value} that the folder's config.json decides (for `--init-from-hf DIR`)."""
+    import dataclasses
+
+    from kimi.config import flatten_dict
+
+    flat = flatten_dict(dataclasses.asdict(kimi_config_from_hf(read_hf_config(hf_dir))))
+    return {k: v for k, v in flat.items() if k.startswith(_FROM_HF) and k not in _NOT_FROM_HF}
+
+
+def check_model_matches_hf(model_cfg: KimiConfig, hf_dir: str | Path) -> None:
+    """ConvertError (one line) naming the model fields that differ from the folder's config.json."""
+    import dataclasses
+
+    from kimi.config import flatten_dict
+
+    ours = flatten_dict(dataclasses.asdict(model_cfg))
+    diff = [f"model.{k}={ours.get(k)!r} vs {v!r}" for k, v in model_fields_from_hf(hf_dir).items() if ours.get(k) != v]
+    if diff:
+        raise ConvertError(
+            f"train.init_from_hf: the model differs from '{hf_dir}/config.json' ({', '.join(diff[:4])}"
+            f"{', ...' if len(diff) > 4 else ''}); start with --init-from-hf {hf_dir}, which sets them"
+        )
+
+
+def _local_part(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """This rank's part of a (possibly DTensor) parameter, sharing its storage, and where it starts."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+        return t.to_local(), tuple(offset)
+    return t, (0,) * t.dim()
+
+
+def load_hf_into(model: torch.nn.Module, hf_dir: str | Path, cfg: KimiConfig) -> int:
+    """Overwrite `model`'s parameters and buffers, in place, with an HF folder's weights; returns how many HF
+    tensors this rank read. `model` may be sharded (FSDP2 DTensors, EP): each rank copies only its own part,
+    and routed experts it does not hold are never read. Peak memory: its shards plus one HF tensor. The
+    folder is checked as kimi.convert checks it (shapes, missing tensors and experts, FP8 scales)."""
+    hf_dir = Path(hf_dir)
+    hf = read_hf_config(hf_dir)
+    targets = {k: _local_part(v) for k, v in model.state_dict().items()}
+    ours = {"gate": "w1", "up": "w3", "down": "w2"}
+    read = 0
+
+    def held(key: str, expert: int) -> bool:
+        local, offset = targets[key]
+        return offset[0] <= expert < offset[0] + local.shape[0]
+
+    def skip(name: str) -> bool:
+        m = _EXPERT.match(name)
+        key = m and f"layers.{m.group(1)}.ffn.experts.{ours[m.group(3)]}"
+        return bool(key) and key in targets and not held(key, int(m.group(2)))
+
+    def sink(key: str, t: torch.Tensor, expert: int | None) -> None:
+        nonlocal read
+        read += 1
+        local, offset = targets[key]
+        if expert is not None:
+            if not held(key, expert):
+                return
+            local, offset = local[expert - offset[0]], offset[1:]
+        region = tuple(slice(o, o + n) for o, n in zip(offset, local.shape))
+        with torch.no_grad():
+            local.copy_(t[region])
+
+    n_mtp = hf.get("num_nextn_predict_layers") or 0
+    kimi_state_from_hf(iter_hf_tensors(hf_dir, hf, skip), cfg, n_mtp, sink)
+    return read

@@ -240,6 +240,9 @@ class TrainConfig:
     # (a save waits for the previous one first; the last save of a run is waited for). FSDP2 only.
     async_checkpoint: bool = False  # write checkpoints in the background (FSDP2)
     resume: bool | None = None  # None: resume when out_dir has a checkpoint; True: must; False: must not
+    # A Hugging Face DeepSeek-V3 / Kimi-K2 folder whose weights start a fresh run (a resume ignores it): each
+    # rank reads only what its shards hold. model.* must be its config.json (`--init-from-hf DIR` sets them).
+    init_from_hf: str | None = None  # HF folder to start from (FSDP2)
     # A step whose loss or gradient norm is NaN/inf (on any rank) never reaches the weights. "stop": end the
     # run there with one line and exit code 4 (checkpoints/latest stays on the last good checkpoint).
     # "skip": drop that step's update (no optimizer step, QK-clip or router-bias update; the data and the
@@ -433,6 +436,12 @@ class Config:
             raise ConfigError(
                 "train.async_checkpoint=true is not supported by parallel.engine=deepspeed (its checkpoints are "
                 "written synchronously); drop it, or use --parallel.engine=fsdp2"
+            )
+        if self.train.init_from_hf and self.parallel.engine == "deepspeed":
+            raise ConfigError(
+                "train.init_from_hf is not supported by parallel.engine=deepspeed (ZeRO copies the weights into "
+                "its fp32 partitions at build); use --parallel.engine=fsdp2, or convert the folder with "
+                "python -m kimi.convert --from-hf"
             )
         if self.optim.qk_clip and not self.model.attention.track_max_logits:
             # QK-clip reads the recorded maxima; untracked they stay 0 and no head is ever clipped.
