@@ -131,6 +131,22 @@ def _import_tokenizer(hf_dir: Path, out_pt: Path, cfg: KimiConfig) -> str | None
     return name
 
 
+def _recorded_tokenizer(ckpt: str, cfg: KimiConfig) -> str | None:
+    """The tokenizer the checkpoint records, when it fits the model; else None, said in one line (a run on
+    random tokens records the default gpt2 with a vocabulary far smaller than its 50,257 ids)."""
+    from kimi.data.tokenizer import get_tokenizer
+    from kimi.loading import tokenizer_name_of
+
+    name = tokenizer_name_of(ckpt)
+    if name is None:
+        print("no tokenizer written (a .pt file records none); add --tokenizer NAME for AutoTokenizer")
+    elif (n := get_tokenizer(name).n_vocab) > cfg.vocab_size:
+        print(f"no tokenizer written: the checkpoint records {name!r} ({n} tokens), more than the model's "
+              f"{cfg.vocab_size} rows (trained on other tokens?); add --tokenizer NAME if one fits")  # fmt: skip
+        return None
+    return name
+
+
 def _write_tokenizer(name: str, cfg: KimiConfig, out_dir: Path) -> dict:
     from kimi.data.hf_tokenizer import write_hf_tokenizer
     from kimi.data.tokenizer import get_tokenizer
@@ -176,15 +192,13 @@ def main(argv: list[str] | None = None) -> int:
             torch.save({"config": Config(model=cfg).to_dict(), "model": sd}, args.out)
             print(f"tokenizer: {tokenizer}" if tokenizer else "the HF folder has no tokenizer (none written)")
         else:
-            from kimi.loading import read_weights, tokenizer_name_of
+            from kimi.loading import read_weights
 
             if Path(args.out).exists() and not Path(args.out).is_dir():
                 raise ConvertError(f"OUT_DIR '{args.out}' is an existing file; give a directory (new or existing)")
             cfg, sd = read_weights(args.to_hf)
-            tokenizer = args.tokenizer or tokenizer_name_of(args.to_hf)
+            tokenizer = args.tokenizer or _recorded_tokenizer(args.to_hf, cfg)
             to_hf(cfg, sd, args.out, tokenizer, parse_size(args.max_shard_size))
-            if tokenizer is None:
-                print("no tokenizer written (a .pt file records none); add --tokenizer NAME for AutoTokenizer")
     except ValueError as e:  # ConvertError, ConfigError and checkpoint errors are all one-liners
         print(f"error: {e}", file=sys.stderr)
         return 2
