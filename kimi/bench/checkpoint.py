@@ -26,13 +26,12 @@ import shutil
 import statistics
 import tempfile
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from kimi.bench.ranks import bench_rank
 from kimi.bench.tables import md_table, save_json
 from kimi.config import load_config
 
@@ -75,16 +74,10 @@ def _train(config: str, overrides: list[str]) -> list[dict]:
 
 
 def _rank_main(rank: int, world: int, out: str, config: str, overrides: list[str]) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=600))  # fmt: skip
-    try:
+    with bench_rank(rank, world, out):
         timings = _train(config, overrides)
         if rank == 0:
             Path(out, TIMINGS).write_text(json.dumps(timings))
-    finally:
-        dist.destroy_process_group()
 
 
 def sync_vs_async(config: str, overrides: list[str], saves: int, interval: int, rounds: int) -> dict:

@@ -28,35 +28,20 @@ import shutil
 import statistics
 import sys
 import tempfile
-from datetime import timedelta
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from kimi.bench.ranks import bench_rank
 from kimi.config import load_config
 
 
 def _rank_main(rank: int, world: int, store_dir: str, config: str | None, overrides: list[str]) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
-    use_cuda = torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(rank)
-    dist.init_process_group(
-        "nccl" if use_cuda else "gloo",
-        init_method=f"file://{store_dir}/store",
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=300),
-    )
     from kimi.train import train
 
-    try:
+    with bench_rank(rank, world, store_dir, threads=max(1, (os.cpu_count() or 2) // world), timeout_s=300):
         train(load_config(config, overrides))
-    finally:
-        dist.destroy_process_group()
 
 
 def run_variant(config: str | None, overrides: list[str], nproc: int) -> list[dict]:

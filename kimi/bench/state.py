@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import tempfile
 import time
 import warnings
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from kimi.bench.ranks import bench_rank
 from kimi.bench.tables import md_table, save_json, vm_hwm
 from kimi.config import load_config
 
@@ -99,14 +98,8 @@ def measure(config: str, overrides: list[str]) -> dict:
 
 
 def _rank(rank: int, world: int, store: str, config: str, overrides: list[str]) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}/store", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=600))  # fmt: skip
-    try:
+    with bench_rank(rank, world, store):
         Path(f"{store}/rank{rank}.json").write_text(json.dumps(measure(config, overrides)))
-    finally:
-        dist.destroy_process_group()
 
 
 def run(config: str, overrides: list[str], worlds: list[int], engines: list[str]) -> list[dict]:
