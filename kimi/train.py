@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from kimi.checkpoint import Checkpointer, CheckpointError
-from kimi.config import Config, ConfigError, load_config, merge_dicts, parse_overrides
+from kimi.config import Config, ConfigError, load_config, merge_dicts, parse_overrides, unflatten_dict
 from kimi.config_help import config_help
 from kimi.engine import build_engine, engine_class
 from kimi.optim import warmup_note
@@ -134,14 +134,12 @@ def config_from_args(args: argparse.Namespace, overrides: list[str]) -> Config:
         return load_config(args.config, extra)
     from kimi.checkpoint.hf import model_fields_from_hf
 
-    tree: dict = {"train": {"init_from_hf": args.init_from_hf}}  # YAML < the folder's config.json < command line
-    for key, value in model_fields_from_hf(args.init_from_hf).items():
-        *path, last = ["model", *key.split(".")]
-        node = tree
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return load_config(args.config, merge_dicts(tree, parse_overrides(extra)))
+    # YAML < the folder's config.json < command line
+    hf = {
+        "train.init_from_hf": args.init_from_hf,
+        **{f"model.{k}": v for k, v in model_fields_from_hf(args.init_from_hf).items()},
+    }
+    return load_config(args.config, merge_dicts(unflatten_dict(hf), parse_overrides(extra)))
 
 
 # ----------------------------------------------------------------------------- the job

@@ -26,7 +26,15 @@ sections.py  the sections (one pydantic dataclass per component)
 load.py      defaults < YAML < command line; aliases and moved keys
 """
 
-from kimi.config.build import ConfigError, config_error, flatten_dict, from_dict, merge_dicts, section
+from kimi.config.build import (
+    ConfigError,
+    config_error,
+    flatten_dict,
+    from_dict,
+    merge_dicts,
+    section,
+    unflatten_dict,
+)
 from kimi.config.load import config_from_dict, load_config, load_yaml, parse_overrides
 from kimi.config.sections import (
     AttentionConfig,
@@ -64,4 +72,5 @@ __all__ = [
     "merge_dicts",
     "parse_overrides",
     "section",
+    "unflatten_dict",
 ]

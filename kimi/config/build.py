@@ -161,6 +161,18 @@ def merge_dicts(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def unflatten_dict(flat: dict[str, Any]) -> dict[str, Any]:
+    """{"model.moe.top_k": 2} -> {"model": {"moe": {"top_k": 2}}}: flatten_dict's inverse."""
+    out: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        *path, last = dotted.split(".")
+        node = out
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out
+
+
 def flatten_dict(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"model": {"moe": {"top_k": 2}}} -> {"model.moe.top_k": 2}; a non-empty `prefix` goes before each key."""
     out: dict[str, Any] = {}
