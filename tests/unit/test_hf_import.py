@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from kimi import load_model  # noqa: E402
-from kimi.checkpoint.hf import INDEX, iter_hf_tensors  # noqa: E402
+from kimi.checkpoint.hf import INDEX, dequantize_fp8, iter_hf_tensors  # noqa: E402
 from kimi.convert import main as convert_main  # noqa: E402
 from tests.unit.test_hf_parity import TOL, hf_config, random_hf_model, rel_err, tokens  # noqa: E402
 
@@ -101,6 +101,25 @@ def import_logits(folder, tmp_path):
     assert convert_main(["--from-hf", str(folder), str(tmp_path / "k.pt")]) == 0
     with torch.no_grad():
         return load_model(tmp_path / "k.pt").eval()(tokens()).logits
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 2**-24), (torch.bfloat16, 2**-8)], ids=["fp32", "bf16"])
+def test_fp8_dequantisation_against_float64(dtype, bound):
+    """Each weight is one FP8 value times one float32 scale: the float64 product is exact, so the import's
+    error is one rounding to the training dtype (<= 2^-24 relative in fp32, 2^-8 in bf16) per element, with
+    partial tiles on both edges (300 x 200 in 128 x 128 blocks) and a leading expert dim."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 300, 200, generator=g) * torch.logspace(-3, 1, 200)  # columns over 4 decades
+    q, scale = zip(*(quantise(m, (128, 128)) for m in w))
+    q, scale = torch.stack(q), torch.stack(scale)
+    want = q.double().clone()
+    for bi, bj, rs, cs in tiles(q.shape[-2:], (128, 128)):
+        want[:, rs, cs] *= scale[:, bi, bj, None, None].double()
+    got = dequantize_fp8(q, scale, (128, 128), dtype, "w").double()
+    err = ((got - want).abs() / want.abs().clamp(min=1e-30)).max().item()
+    print(f"fp8 -> {dtype}: max rel err {err:.2e} against float64 (bound {bound:.1e})")
+    assert err <= bound
+    assert (got - want).abs().max() > 0 or dtype == torch.float32  # bf16 does round
 
 
 def test_sharded_folder_with_an_index(tmp_path):
@@ -190,6 +209,42 @@ def test_kimi_k2_config_with_its_mtp_layer(tmp_path, capsys):
     assert rel_err(import_logits(d, tmp_path), want) <= TOL
     notes = [line for line in capsys.readouterr().out.splitlines() if "num_nextn_predict_layers" in line]
     assert len(notes) == 1 and "model.layers.3" in notes[0]
+
+
+def test_every_variant_at_once(tmp_path):
+    """V3's YaRN, block FP8 with partial tiles, three shards, group-limited routing with norm_topk_prob=False
+    and a K2-style tiktoken tokenizer, all in one folder: the import matches HF at 4x the original context
+    and takes the tokenizer along; --to-hf gives back a folder transformers loads to the same logits, with
+    a tokenizer that gives tiktoken's ids."""
+    from kimi.data import tokenizer as tk
+    from kimi.generate import load_generator
+    from tests.unit.test_hf_parity import GROUPED
+    from tests.unit.test_hf_tokenizer import add_k2_tokenizer, k2_style_file
+
+    yarn = dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16,
+                beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)  # fmt: skip
+    hf = random_hf_model(hf_config(24, vocab_size=3072, rope_parameters=yarn, **GROUPED), seed=21)
+    d, ref = fp8_folder(tmp_path, hf, (24, 40), 3)
+    add_k2_tokenizer(d, tmp_path / "src")
+    idx = torch.randint(0, 3072, (2, 64), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = ref(idx).logits
+    assert convert_main(["--from-hf", str(d), str(tmp_path / "k.pt")]) == 0
+    ours = load_model(tmp_path / "k.pt").eval()
+    moe, scaling = ours.config.moe, ours.config.attention.rope_scaling
+    assert (moe.n_group, moe.topk_group, moe.norm_topk_prob, scaling.type) == (4, 2, False, "yarn")
+    with torch.no_grad():
+        assert rel_err(ours(idx).logits, want) <= TOL
+    tk._cached.cache_clear()
+    text = "the cat sat on the mat. 日本語 It's 1234!"
+    ids = tk.get_tokenizer(k2_style_file(tmp_path / "src")).encode_ordinary(text)
+    assert load_generator(str(tmp_path / "k.pt")).tokenizer.encode_ordinary(text) == ids
+    assert convert_main(["--to-hf", str(tmp_path / "k.pt"), str(tmp_path / "back"), "--max-shard-size", "200KB"]) == 0
+    assert len(list((tmp_path / "back").glob("model-*.safetensors"))) > 1
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").float().eval()
+    with torch.no_grad():
+        assert rel_err(back(idx).logits, want) <= TOL
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "back")(text).input_ids == ids
 
 
 def refused(tmp_path, capsys, d, *why):

@@ -98,6 +98,18 @@ def test_tokenizer_larger_than_the_model_is_refused(tmp_path, capsys):
     assert "50257 tokens but the model only 257" in err and err.count("\n") == 1
 
 
+def add_k2_tokenizer(d, src) -> None:
+    """K2's tokenizer files in HF folder d: tiktoken.model (built in src) and a tokenizer_config.json with
+    its special tokens, eos and the auto_map to Moonshot's tokenization code (3,012 tokens)."""
+    src.mkdir(exist_ok=True)
+    k2_style_file(src)
+    (d / "tiktoken.model").write_bytes((src / "tiktoken.model").read_bytes())
+    added = {"3010": {"content": "[BOS]", "special": True}, "3011": {"content": "[EOS]", "special": True}}
+    config = {"auto_map": {"AutoTokenizer": ["tokenization_kimi.TikTokenTokenizer", None]},
+              "added_tokens_decoder": added, "eos_token": "[EOS]", "bos_token": "[BOS]"}  # fmt: skip
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+
+
 def hf_checkpoint_with_tokenizer(tmp_path, kind: str, vocab_size: int = 3072):
     """A tiny HF DeepSeek-V3 folder with the tokenizer files a K2 (tiktoken) or an HF-tokenizer release has."""
     from tests.unit.test_hf_parity import hf_config, random_hf_model
@@ -105,14 +117,8 @@ def hf_checkpoint_with_tokenizer(tmp_path, kind: str, vocab_size: int = 3072):
     d = tmp_path / "hf"
     random_hf_model(hf_config(None, vocab_size=vocab_size)).save_pretrained(d)
     src = tmp_path / "src"
-    src.mkdir()
     if kind == "tiktoken":
-        k2_style_file(src)
-        (d / "tiktoken.model").write_bytes((src / "tiktoken.model").read_bytes())
-        added = {"3010": {"content": "[BOS]", "special": True}, "3011": {"content": "[EOS]", "special": True}}
-        config = {"auto_map": {"AutoTokenizer": ["tokenization_kimi.TikTokenTokenizer", None]},
-                  "added_tokens_decoder": added, "eos_token": "[EOS]", "bos_token": "[BOS]"}  # fmt: skip
-        (d / "tokenizer_config.json").write_text(json.dumps(config))
+        add_k2_tokenizer(d, src)
     else:
         from tests.unit.test_tokenizer_files import write_hf
 
