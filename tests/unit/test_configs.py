@@ -27,7 +27,7 @@ from kimi.summary import main as summary_main
 from kimi.summary import summary_lines
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-SHIPPED = ["debug", "nano", "small", "medium"]
+SHIPPED = ["debug", "nano", "small", "medium", "moonlight"]
 
 
 def write(tmp_path, text: str) -> Path:
@@ -92,13 +92,31 @@ def test_shipped_config_is_complete_and_within_15_percent_of_its_size(name):
     text = path.read_text()
     sections = set(yaml.safe_load(text))
     assert {"model", "attention", "moe", "optim", "train", "data"} <= sections
-    m = re.search(r"^# size: ~([\d.]+)([MK]) non-embedding params", text, re.M)
+    m = re.search(r"^# size: ~([\d.]+)([BMK]) non-embedding params", text, re.M)
     assert m, f"{path} should advertise its size as '# size: ~NM non-embedding params'"
-    advertised = float(m.group(1)) * {"M": 1e6, "K": 1e3}[m.group(2)]
+    advertised = float(m.group(1)) * {"B": 1e9, "M": 1e6, "K": 1e3}[m.group(2)]
     cfg = load_config(path)
     lines = summary_lines(cfg.model)
     n = int(next(ln for ln in lines if ln.startswith("non-embedding params: ")).split(": ")[1].replace(",", ""))
     assert abs(n - advertised) <= 0.15 * advertised, f"{name}: {n} params vs advertised {advertised:.0f}"
+
+
+def test_moonlight_config_is_the_published_one(tmp_path):
+    """configs/moonlight.yaml's model is what Moonlight-16B-A3B's config.json (as published, in
+    tests/fixtures) converts to: the same check --init-from-hf makes against the folder, which refuses a
+    mismatch. Its block_size is the run's (4096 of the 8192 the model was trained to)."""
+    from kimi.checkpoint.hf import check_model_matches_hf
+
+    fixture = Path(__file__).resolve().parents[1] / "fixtures" / "moonlight_config.json"
+    (tmp_path / "config.json").write_text(fixture.read_text())
+    cfg = load_config(CONFIGS / "moonlight.yaml")
+    check_model_matches_hf(cfg.model, tmp_path)
+    lines = summary_lines(cfg.model)
+    assert "total params: 15,960,108,544" in lines and "active params: 2,914,774,528" in lines
+    with pytest.raises(ValueError, match="model.moe.routed_scaling_factor=2.5 vs 2.446"):
+        check_model_matches_hf(
+            dataclasses.replace(cfg.model, moe=dataclasses.replace(cfg.model.moe, routed_scaling_factor=2.5)), tmp_path
+        )
 
 
 def test_debug_config_is_small_and_fast():
