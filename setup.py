@@ -38,6 +38,7 @@ setup(
             "ruff",
             "import-linter>=2.17,<3",
             "transformers",
+            "accelerate",  # transformers loads an FP8 checkpoint only with it (tests/unit/test_hf_import.py)
             "triton; platform_system == 'Linux'",
             "deepspeed>=0.19,<0.20",
         ],

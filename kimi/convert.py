@@ -20,7 +20,10 @@ Multi-token-prediction layers (`num_nextn_predict_layers`, stored at layer index
 dropped with one printed line.
 
 Writing: `--to-hf` writes HF's sharded layout past --max-shard-size, and the tokenizer with a
-generation_config.json (kimi/data/hf_tokenizer.py).
+generation_config.json (kimi/data/hf_tokenizer.py). `--dtype` casts the weights (default: as stored);
+`--dtype fp8` writes DeepSeek's block FP8 as the published K2/V3 checkpoints are: every linear weight of
+the blocks but the router in e4m3 with a 128 x 128-tile `weight_scale_inv`, the rest in bf16, and the
+`quantization_config` that the import (and DeepSeek-V3 inference code) reads back.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from kimi.checkpoint.fp8 import SCALE, quantize_fp8
 from kimi.checkpoint.hf import (  # noqa: F401  (re-exported: the converter's API as before)
     ConvertError,
     from_hf,
@@ -84,25 +88,55 @@ def parse_size(text: str) -> int:
     return int(n * units[unit])
 
 
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "fp8": None}
+FP8_BLOCK = (128, 128)
+FP8_CONFIG = {
+    "quant_method": "fp8",
+    "fmt": "e4m3",
+    "activation_scheme": "dynamic",
+    "weight_block_size": list(FP8_BLOCK),
+}
+
+
+def _quantized(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The published K2/V3 layout: the blocks' linear weights (attention, dense, shared and routed expert
+    projections) in block FP8 with their scales, everything else (embedding, head, norms, the router and
+    its bias) in bf16."""
+    out = {}
+    for name, t in tensors.items():
+        if t.dim() == 2 and name.startswith("model.layers.") and not name.endswith("mlp.gate.weight"):
+            out[name], out[name + SCALE] = quantize_fp8(t, FP8_BLOCK)
+        else:
+            out[name] = t.to(torch.bfloat16)
+    return out
+
+
 def to_hf(
     cfg: KimiConfig,
     sd: dict[str, torch.Tensor],
     out_dir,
     tokenizer: str | None = None,
     max_shard_bytes: int = 5 * 10**9,
+    dtype: str | None = None,
 ) -> Path:
     """Write config.json + model.safetensors that transformers' DeepseekV3ForCausalLM loads; with `tokenizer`
     (a name as in data.tokenizer_name) also tokenizer.json + tokenizer_config.json (AutoTokenizer) and a
     generation_config.json that stops at its end-of-document token and never picks the rows of a vocabulary
-    padded past the tokenizer's (as kimi.generate does)."""
+    padded past the tokenizer's (as kimi.generate does). `dtype`: one of EXPORT_DTYPES (None: as stored)."""
     from kimi.model import KimiModel
     from kimi.model.loading import check_state_dict
 
     with torch.device("meta"):
         model = KimiModel(cfg)
     sd = check_state_dict(model, sd)
-    hf_cfg = hf_config_from_kimi(cfg, str(sd["embed_tokens.weight"].dtype).removeprefix("torch."))
     tensors = hf_state_from_kimi(sd, cfg)
+    if dtype == "fp8":
+        tensors = _quantized(tensors)
+    elif dtype is not None:
+        tensors = {k: t.to(EXPORT_DTYPES[dtype]) for k, t in tensors.items()}
+    hf_cfg = hf_config_from_kimi(cfg, str(tensors["model.embed_tokens.weight"].dtype).removeprefix("torch."))
+    if dtype == "fp8":
+        hf_cfg["quantization_config"] = FP8_CONFIG
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:
@@ -181,9 +215,17 @@ def main(argv: list[str] | None = None) -> int:
         help="--to-hf: the tokenizer to write beside the weights (gpt2, byte, tiktoken:PATH, hf:PATH; default: "
         "the one a checkpoint directory was trained with; a .pt records none, so none without this flag)",
     )
+    p.add_argument(
+        "--dtype",
+        choices=list(EXPORT_DTYPES),
+        help="--to-hf: weights as float32, bfloat16, or fp8 (DeepSeek's 128 x 128 block FP8, the rest bf16); "
+        "default: as stored",
+    )
     args = p.parse_args(argv)
     if args.tokenizer and args.from_hf:
         p.error("--tokenizer goes with --to-hf (an HF directory's own tokenizer stays beside it)")
+    if args.dtype and args.from_hf:
+        p.error("--dtype goes with --to-hf (--from-hf keeps the dtype config.json names)")
     try:
         if args.from_hf:
             cfg, sd = from_hf(args.from_hf)
@@ -198,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConvertError(f"OUT_DIR '{args.out}' is an existing file; give a directory (new or existing)")
             cfg, sd = read_weights(args.to_hf)
             tokenizer = args.tokenizer or _recorded_tokenizer(args.to_hf, cfg)
-            to_hf(cfg, sd, args.out, tokenizer, parse_size(args.max_shard_size))
+            to_hf(cfg, sd, args.out, tokenizer, parse_size(args.max_shard_size), args.dtype)
     except ValueError as e:  # ConvertError, ConfigError and checkpoint errors are all one-liners
         print(f"error: {e}", file=sys.stderr)
         return 2

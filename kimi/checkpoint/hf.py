@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from kimi.checkpoint.fp8 import FP8_DTYPES, SCALE, dequantize_fp8
 from kimi.config import AttentionConfig, KimiConfig, MoEConfig, RopeScalingConfig
 
 HF_MODEL_TYPES = ("deepseek_v3", "kimi_k2")
@@ -184,8 +185,6 @@ def hf_config_from_kimi(cfg: KimiConfig, dtype: str = "float32") -> dict:
 # ----------------------------------------------------------------------------- reading HF folders
 
 INDEX = "model.safetensors.index.json"
-SCALE = "_scale_inv"  # DeepSeek FP8: `x.weight` has `x.weight_scale_inv`
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def fp8_block_size(hf: dict) -> tuple[int, int] | None:
@@ -211,25 +210,6 @@ def fp8_block_size(hf: dict) -> tuple[int, int] | None:
             f"weight_block_size={block!r}; expected [rows, cols] such as [128, 128] (per-tensor scales are not read)"
         )
     return block[0], block[1]
-
-
-def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], dtype, name: str):
-    """w * scale_inv, each scale covering one block[0] x block[1] tile of the last two dims; the tiles at
-    the bottom and right edges are partial when a dim is not a multiple of the block. One row of tiles at
-    a time, so the only full-size temporary is the float32 result."""
-    rows, cols = w.shape[-2:] if w.dim() >= 2 else (0, 0)
-    want = (*w.shape[:-2], -(-rows // block[0]), -(-cols // block[1]))
-    if w.dim() < 2 or tuple(scale_inv.shape) != want:
-        raise ConvertError(
-            f"'{name}{SCALE}' has shape {tuple(scale_inv.shape)} but '{name}' {tuple(w.shape)} in "
-            f"{list(block)} blocks needs {want}; check weight_block_size in config.json"
-        )
-    out = w.to(torch.float32)  # FP8 has no CPU multiply
-    scale = scale_inv.to(torch.float32)
-    for i in range(want[-2]):
-        per_col = scale[..., i, :].repeat_interleave(block[1], dim=-1)[..., :cols]  # (..., cols)
-        out[..., i * block[0] : (i + 1) * block[0], :].mul_(per_col.unsqueeze(-2))
-    return out.to(dtype)
 
 
 def _open(path: Path):
