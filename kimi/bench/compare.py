@@ -37,6 +37,7 @@ from kimi.bench.variants import ABLATIONS, Variant, build_variants, flatten, par
 from kimi.config import LoggingConfig, load_config, parse_overrides
 
 QUICK_CONFIG = "configs/debug.yaml"
+DENSE_REFERENCE = "dense_muon"  # the reference when no nanoGPT baseline ran ("when does MoE beat dense?")
 
 
 # ----------------------------------------------------------------------------- measuring one model
@@ -66,12 +67,12 @@ def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> float | No
     return None
 
 
-def _run_training(cmd: list[str], log_path: Path, env: dict) -> tuple[int, float, int | None]:
+def _run_training(cmd: list[str], log_path: Path, env: dict, append: bool = False) -> tuple[int, float, int | None]:
     """Run to completion; return (exit code, wall seconds, the child's own peak RSS in bytes). The peak is
     polled from /proc every 0.2 s; it is monotone, so the last read is the peak of all but the last instants."""
     t0 = time.perf_counter()
     peak = None
-    with open(log_path, "w") as logf:
+    with open(log_path, "a" if append else "w") as logf:
         p = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
         while p.poll() is None:
             peak = vm_hwm(p.pid) or peak
@@ -80,11 +81,16 @@ def _run_training(cmd: list[str], log_path: Path, env: dict) -> tuple[int, float
 
 
 def run_one(config: str, v: Variant, seed: int, steps: int, eval_every: int, eval_batches: int,
-            out: Path, tracking_uri: str | None, max_windows: int | None = None) -> dict:  # fmt: skip
+            out: Path, tracking_uri: str | None, max_windows: int | None = None, resume: bool = False) -> dict:  # fmt: skip
+    """Train one (variant, seed) as a real `kimi.train` process and score it. `resume`: keep a checkpoint
+    every eval and continue a run a killed compare left behind (bit-exact on CPU: the same curve as one
+    uninterrupted run); a run that finished before is read back from its result.json, not trained again."""
     from kimi.data.mixture import build_data
     from kimi.loading import load_model
 
     run_dir = out / "runs" / f"{v.name}-s{seed}"
+    if resume and (run_dir / "result.json").exists():
+        return json.loads((run_dir / "result.json").read_text())
     args = [
         *flatten(v.overrides),  # the command line's overrides are merged in there
         f"--train.max_steps={steps}",
@@ -93,22 +99,22 @@ def run_one(config: str, v: Variant, seed: int, steps: int, eval_every: int, eva
         f"--train.eval_interval={eval_every}",
         f"--train.eval_batches={eval_batches}",
         "--train.log_interval=1",
-        "--train.ckpt_interval=0",
+        f"--train.ckpt_interval={eval_every if resume else 0}",
         "--train.keep_last=1",
-        "--train.resume=false",
+        *([] if resume else ["--train.resume=false"]),  # default: resume when the run dir has a checkpoint
         f"--logging.mlflow={tracking_uri is not None}",
         "--logging.experiment=kimi-bench-compare",
         f"--logging.run_name={v.name}-s{seed}",
     ]
     if tracking_uri:
         args.append(f"--logging.tracking_uri={tracking_uri}")
-    if run_dir.exists():
+    if run_dir.exists() and not resume:
         import shutil
 
         shutil.rmtree(run_dir)
     env = dict(os.environ, MLFLOW_LOGGING_LEVEL="WARNING")
     cmd = [sys.executable, "-m", "kimi.train", "--config", config, *args]
-    rc, wall, rss = _run_training(cmd, out / "runs" / f"{v.name}-s{seed}.log", env)
+    rc, wall, rss = _run_training(cmd, out / "runs" / f"{v.name}-s{seed}.log", env, append=resume)
     if rc != 0:
         tail = (out / "runs" / f"{v.name}-s{seed}.log").read_text().strip().splitlines()[-3:]
         raise RuntimeError(f"{v.name} (seed {seed}) failed with exit code {rc}: {' | '.join(tail)}")
@@ -125,13 +131,21 @@ def run_one(config: str, v: Variant, seed: int, steps: int, eval_every: int, eva
     val = build_data(cfg.data, cfg.block_size, cfg.model.vocab_size, seed, split="val")
     final = full_split_loss(model, val, max_windows=max_windows)
     train_time = sum(r.get("step_time_s", 0.0) for r in rows)
-    return {
+    by_position = {}
+    if cfg.block_size > 256:  # long windows: is the context used? (kimi/bench/positions.py)
+        from kimi.bench.positions import bucket_edges, loss_by_position
+
+        by_position = loss_by_position(model, val, bucket_edges(cfg.block_size), max_windows=max_windows)
+    result = {
         "variant": v.name, "group": v.group, "lr": cfg.optim.lr, "seed": seed, "about": v.about,
         **param_counts(cfg), "tokens": steps * tok_per_step, "curve": curve, "curve_time": curve_time,
         "final_curve_val": curve[-1][1] if curve else None, "final_val_loss": final["loss"],
-        "val_tokens": final["tokens"], "train_time_s": train_time, "wall_s": wall,
+        "val_tokens": final["tokens"], "train_time_s": train_time, "train_steps": len(rows), "wall_s": wall,
         "tokens_per_s": steps * tok_per_step / train_time if train_time else None, "peak_rss_bytes": rss,
+        "val_loss_by_position": by_position, "kv_bytes_per_token": model.kv_cache_bytes_per_token(),
     }  # fmt: skip
+    (run_dir / "result.json").write_text(json.dumps(result))
+    return result
 
 
 # ----------------------------------------------------------------------------- summarising
@@ -197,6 +211,25 @@ def markdown_table(rows: list[dict], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def position_table(runs: list[dict]) -> str:
+    """Whole-split loss by window position per variant (mean over seeds) and its KV-cache bytes per token;
+    empty for short windows (runs without `val_loss_by_position`)."""
+    runs = [r for r in runs if r.get("val_loss_by_position")]
+    if not runs:
+        return ""
+    buckets = list(runs[0]["val_loss_by_position"])
+    lines = ["", f"| variant | KV bytes/token (bf16) | {' | '.join(f'loss at {b}' for b in buckets)} | seeds |",
+             f"|---|---|{'---|' * len(buckets)}---|"]  # fmt: skip
+    for name in dict.fromkeys(r["variant"] for r in runs):
+        rs = [r for r in runs if r["variant"] == name]
+        cells = []
+        for b in buckets:
+            mean, std, _ = _mean_spread([r["val_loss_by_position"].get(b) for r in rs])
+            cells.append(_fmt(mean, ".4f", std))
+        lines.append(f"| {name} | {rs[0]['kv_bytes_per_token']:,} | {' | '.join(cells)} | {len(rs)} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_curves(runs: list[dict], out: Path, keep: set[str]) -> list[Path]:
     """val loss against tokens and against training seconds, one line per (variant, seed)."""
     import matplotlib
@@ -223,6 +256,44 @@ def plot_curves(runs: list[dict], out: Path, keep: set[str]) -> list[Path]:
     return paths
 
 
+def plot_gap(runs: list[dict], out: Path, reference: str = DENSE_REFERENCE) -> list[Path]:
+    """Each variant's validation loss minus `reference`'s at the same tokens, seed by seed (same eval
+    schedule, so the curves share their token counts): mean and min-max band over seeds. Below zero the
+    variant is ahead. Nothing when the reference did not run."""
+    ref = {r["seed"]: dict(r["curve"]) for r in runs if r["variant"] == reference}
+    others = [n for n in dict.fromkeys(r["variant"] for r in runs) if n != reference]
+    if not ref or not others:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name in others:
+        gaps: dict[int, list[float]] = {}
+        for r in runs:
+            if r["variant"] == name and r["seed"] in ref:
+                for tok, loss in r["curve"]:
+                    if tok in ref[r["seed"]]:
+                        gaps.setdefault(tok, []).append(loss - ref[r["seed"]][tok])
+        if not gaps:
+            continue
+        toks = sorted(gaps)
+        ax.plot(toks, [statistics.fmean(gaps[t]) for t in toks], lw=1.3,
+                label=f"{name} ({max(len(g) for g in gaps.values())} seeds)")  # fmt: skip
+        ax.fill_between(toks, [min(gaps[t]) for t in toks], [max(gaps[t]) for t in toks], alpha=0.2)
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel(f"validation loss - {reference}'s (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "gap_vs_tokens.png", dpi=90)
+    plt.close(fig)
+    return [out / "gap_vs_tokens.png"]
+
+
 def log_summary(out: Path, tracking_uri: str, rows: list[dict], files: list[Path], params: dict) -> None:
     from kimi.tracking import Tracker
 
@@ -243,7 +314,7 @@ def log_summary(out: Path, tracking_uri: str, rows: list[dict], files: list[Path
 def compare(config: str, steps: int, eval_every: int, eval_batches: int, baseline_lrs: list[float],
             seeds: list[int], ablations: list[str], out: Path, extra: list[str], mlflow: bool = True,
             tracking_uri: str | None = None, max_windows: int | None = None, jobs: int = 1, log=print,
-            only: list[str] = (), tag: str = "") -> dict | None:  # fmt: skip
+            only: list[str] = (), tag: str = "", resume: bool = False) -> dict | None:  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "runs").mkdir(exist_ok=True)
     if mlflow and tracking_uri is None:
@@ -265,7 +336,7 @@ def compare(config: str, steps: int, eval_every: int, eval_batches: int, baselin
 
     def go(v: Variant, seed: int) -> None:
         try:
-            r = run_one(config, v, seed, steps, eval_every, eval_batches, out, uri, max_windows)
+            r = run_one(config, v, seed, steps, eval_every, eval_batches, out, uri, max_windows, resume)
         except RuntimeError as e:  # one broken variant is reported; the others still run and are tabled
             failed.append(str(e))
             log(f"  FAILED: {e}")
@@ -279,11 +350,15 @@ def compare(config: str, steps: int, eval_every: int, eval_batches: int, baselin
     # `jobs` > 1 trains that many at once: tokens-to-loss is unchanged, wall-clock columns then share the CPU.
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         list(pool.map(lambda v: go(v, seeds[0]), variants))
-        best = best_baseline(runs) if any(r["group"] == "nanogpt" for r in runs) or not only else None
+        has_ref = any(r["group"] == "nanogpt" or r["variant"] == DENSE_REFERENCE for r in runs)
+        best = best_baseline(runs) if has_ref or not only else None
         later = [(v, s) for s in seeds[1:] for v in variants if v.group != "nanogpt" or v.name == best]
         list(pool.map(lambda vs: go(*vs), later))
     if best is None:
-        log(f"compare: no baseline in --only; runs in {out / 'runs.json'}: table them with --from-runs")
+        log(
+            f"compare: neither a baseline nor {DENSE_REFERENCE} in --only; runs in {out / 'runs.json'}: "
+            "table them with --from-runs"
+        )
         return None
     cfg = load_config(config, extra)
     return write_results(runs, out, config, f"{steps} steps x {cfg.train.global_batch_size * cfg.block_size} tokens",
@@ -291,7 +366,11 @@ def compare(config: str, steps: int, eval_every: int, eval_batches: int, baselin
 
 
 def best_baseline(runs: list[dict]) -> str:
+    """The nanoGPT lr with the lowest whole-split loss; without baseline runs, `dense_muon` (the modern
+    dense block with Muon: what the MoE has to beat at equal active parameters)."""
     base = [r for r in runs if r["group"] == "nanogpt"]
+    if not base and any(r["variant"] == DENSE_REFERENCE for r in runs):
+        return DENSE_REFERENCE
     if not base:
         raise RuntimeError("no baseline run finished; see the logs under OUT/runs/")
     return min(base, key=lambda r: r["final_val_loss"])["variant"]
@@ -311,7 +390,7 @@ def write_results(runs: list[dict], out: Path, config: str, budget: str, trackin
         torch.cuda.get_device_name())  # fmt: skip
     header = (f"`python -m kimi.bench compare --config {config}`: {budget}, seeds {seeds}, {env}, "
               f"torch {torch.__version__}, commit {_git_commit()}, {time.strftime('%Y-%m-%d')}")  # fmt: skip
-    md = markdown_table(rows, header) + "".join(f"\nFAILED: {f}\n" for f in failed)
+    md = markdown_table(rows, header) + position_table(runs) + "".join(f"\nFAILED: {f}\n" for f in failed)
     result = {"config": config, "budget": budget, "seeds": seeds, "best_baseline": best, "rows": rows,
               "runs": runs, "failed": list(failed), "commit": _git_commit(),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
@@ -319,6 +398,7 @@ def write_results(runs: list[dict], out: Path, config: str, budget: str, trackin
     (out / "results.md").write_text(md)
     files = [out / "results.json", out / "results.md"]
     files += plot_curves(runs, out, {r["variant"] for r in rows if r["variant"] == best or r["group"] != "nanogpt"})
+    files += plot_gap([r for r in runs if r["group"] != "nanogpt"], out)
     if tracking_uri:
         log_summary(out, tracking_uri, rows, files, {"config": config, "budget": budget, "seeds": str(seeds)})
     log(md)
@@ -349,6 +429,8 @@ def add_args(p) -> None:
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--only", default="", help="comma-separated variant names to train (e.g. kimi,dense_muon); "
                    "the others only set the matched size. Table with --from-runs")  # fmt: skip
+    p.add_argument("--resume", action="store_true", help="checkpoint each run at every eval and continue "
+                   "the runs a killed compare left (bit-exact on CPU); finished runs are not trained again")  # fmt: skip
     p.add_argument("--tag", default="", help="suffix for the non-baseline variants' names (kimi -> kimi+TAG): "
                    "recipe changes given as overrides, tabled beside the plain runs")  # fmt: skip
 
@@ -376,4 +458,4 @@ def main(args, overrides: list[str]) -> None:
     seeds = [int(s) for s in args.seeds.split(",") if s]
     compare(config, steps, eval_every, eval_batches, lrs, seeds, abl, Path(args.out), overrides,
             mlflow=mlflow, tracking_uri=args.tracking_uri, max_windows=16 if args.quick else None,
-            jobs=args.jobs, only=[v for v in args.only.split(",") if v], tag=args.tag)  # fmt: skip
+            jobs=args.jobs, only=[v for v in args.only.split(",") if v], tag=args.tag, resume=args.resume)  # fmt: skip

@@ -151,6 +151,24 @@ def test_full_split_loss_scores_every_token_once():
     assert math.isclose(res["loss"], ref.item(), rel_tol=1e-6)
 
 
+def test_loss_by_position_buckets_the_per_position_loss():
+    """Each bucket is the mean loss of the targets at those window positions over the split's windows,
+    as a direct per-position computation gives it; the buckets are issue 19's, cut at the window."""
+    from kimi.bench.positions import bucket_edges, loss_by_position
+
+    assert bucket_edges(2048) == [0, 256, 1024, 2048] and bucket_edges(512) == [0, 256, 512]
+    torch.manual_seed(0)
+    cfg = load_config(str(ROOT / "configs" / "debug.yaml")).model
+    model = KimiModel(cfg)
+    ds = ToyDataset(cfg.vocab_size, 16, split="val", num_tokens=16 * 5 + 3)
+    got = loss_by_position(model, ds, [0, 4, 16], batch_size=2)
+    with torch.no_grad():
+        data = torch.from_numpy(ds._data).long()
+        nll = F.cross_entropy(model(data[:80].view(5, 16)).logits.reshape(80, -1), data[1:81], reduction="none")
+    nll = nll.view(5, 16)
+    assert got == pytest.approx({"0-4": nll[:, :4].mean().item(), "4-16": nll[:, 4:].mean().item()}, rel=1e-6)
+
+
 def test_python_api_compare_models():
     from kimi.bench import NanoGPTComparison
 
@@ -164,6 +182,50 @@ def test_python_api_compare_models():
 
 
 # ----------------------------------------------------------------------------- the commands, --quick
+
+
+def test_compare_quick_against_dense_muon(tmp_path):
+    """MoE against dense (no nanoGPT run): dense_muon is the reference, and the gap plot is drawn."""
+    r = _cli("compare", "--quick", "--ablations", "dense_muon", "--only", "dense_muon,kimi", "--no-mlflow",
+             "--out", str(tmp_path))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["best_baseline"] == "dense_muon"
+    assert {row["variant"]: row["reference"] for row in res["rows"]} == {"kimi": False, "dense_muon": True}
+    assert (tmp_path / "gap_vs_tokens.png").stat().st_size > 0
+
+
+def test_compare_resume_continues_a_killed_compare_on_the_same_curve(tmp_path):
+    """SIGKILL a real `kimi.bench compare --resume` (and its training child) mid-run; the same command
+    continues from the run's last checkpoint and gives the uninterrupted run's curve bit for bit; a third
+    call trains nothing (the finished run's result.json is read back)."""
+    import os
+    import signal
+    import time
+
+    cmd = ["compare", "--quick", "--only", "kimi", "--no-mlflow", "--resume", "--eval-every", "2"]  # ckpt every 2
+    assert _cli(*cmd, "--out", str(tmp_path / "whole")).returncode == 0
+    metrics = tmp_path / "cut" / "runs" / "kimi-s1337" / "metrics.jsonl"
+    p = subprocess.Popen([sys.executable, "-m", "kimi.bench", *cmd, "--out", str(tmp_path / "cut")], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
+        assert p.poll() is None, "compare ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    steps_before = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert len(steps_before) < 6, "the run finished before the kill"
+    r = _cli(*cmd, "--out", str(tmp_path / "cut"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in (tmp_path / "cut" / "runs" / "kimi-s1337.log").read_text()  # not started over
+    whole, cut = (json.loads((tmp_path / d / "runs.json").read_text())[0] for d in ("whole", "cut"))
+    assert cut["curve"] == whole["curve"] and cut["final_val_loss"] == whole["final_val_loss"]
+    assert cut["train_steps"] == 6  # the tracker dropped the rows logged after the last checkpoint
+    t0 = time.monotonic()
+    r = _cli(*cmd, "--out", str(tmp_path / "cut"))
+    assert r.returncode == 0 and json.loads((tmp_path / "cut" / "runs.json").read_text())[0] == cut
+    assert not any("kimi.train" in line for line in r.stdout.splitlines()) and time.monotonic() - t0 < 60
 
 
 def test_compare_quick(tmp_path):

@@ -101,6 +101,11 @@ def test_shipped_config_is_complete_and_within_15_percent_of_its_size(name):
     assert abs(n - advertised) <= 0.15 * advertised, f"{name}: {n} params vs advertised {advertised:.0f}"
 
 
+@pytest.mark.parametrize("path", sorted((CONFIGS / "bench").glob("*.yaml")), ids=lambda p: p.name)
+def test_bench_configs_load_and_build(path):
+    assert summary_lines(load_config(path).model)  # builds on the meta device
+
+
 def test_moonlight_config_is_the_published_one(tmp_path):
     """configs/moonlight.yaml's model is what Moonlight-16B-A3B's config.json (as published, in
     tests/fixtures) converts to: the same check --init-from-hf makes against the folder, which refuses a
