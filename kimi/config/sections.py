@@ -199,6 +199,7 @@ class OptimConfig:
     decay_fraction: float = 0.2  # WSD: the last fraction of training decays
     min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
     grad_clip: float = 1.0  # global-norm clip; 0 disables
+    expert_lr_mult: float = 1.0  # routed experts' lr = lr x this (they see ~top_k/num_experts of the tokens)
 
     def validate(self) -> None:
         if self.name not in ("muon", "adamw"):
@@ -207,6 +208,8 @@ class OptimConfig:
             raise ConfigError(f"optim.schedule={self.schedule!r} is not one of 'cosine', 'wsd', 'constant'")
         if self.lr <= 0:
             raise ConfigError(f"optim.lr={self.lr} must be > 0")
+        if not self.expert_lr_mult > 0:
+            raise ConfigError(f"optim.expert_lr_mult={self.expert_lr_mult} must be > 0")
         if self.ns_dtype not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"optim.ns_dtype={self.ns_dtype!r} is not one of 'auto', 'bf16', 'fp32'")
 

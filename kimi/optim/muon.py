@@ -164,6 +164,7 @@ class Muon(torch.optim.Optimizer):
 # ----------------------------------------------------------------------------- building from a model
 
 ADAMW_NAME_KEYS = ("embed_tokens", "embed_positions", "lm_head", "router")  # >= 2-D, yet not hidden matrices: AdamW
+ROUTED_EXPERTS = ".ffn.experts."  # the stacked routed-expert weights (not the shared experts)
 
 
 def param_group_name(name: str, p: Tensor, cfg: OptimConfig) -> str:
@@ -177,7 +178,9 @@ def param_group_name(name: str, p: Tensor, cfg: OptimConfig) -> str:
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, ns_dtype: torch.dtype | None = None) -> Muon:
     """Split `model`'s trainable parameters into Muon / AdamW groups (each group has a 'name') and build
-    one `Muon` optimizer. cfg.name == 'adamw' puts every parameter in AdamW groups.
+    one `Muon` optimizer. cfg.name == 'adamw' puts every parameter in AdamW groups. With
+    cfg.expert_lr_mult != 1 the routed experts get groups of their own ('muon_experts' / 'adamw_experts')
+    whose lr is lr x expert_lr_mult (the schedule scales each group's own lr).
 
     `ns_dtype` (a torch dtype) overrides cfg.ns_dtype; cfg's "auto" leaves the choice to the device.
     Raises ConfigError naming any trainable parameter that lands in no group or in more than one.
@@ -189,13 +192,20 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, ns_dtype: torch.dtype | 
     by_group: dict[str, list[tuple[str, Tensor]]] = {"muon": [], "adamw": [], "adamw_no_decay": []}
     for n, p in named:
         by_group[param_group_name(n, p, cfg)].append((n, p))
+    if cfg.expert_lr_mult != 1.0:  # the routed experts in groups of their own, at their own lr
+        for gname in ("muon", "adamw"):
+            by_group[gname + "_experts"] = [(n, p) for n, p in by_group[gname] if ROUTED_EXPERTS in n]
+            by_group[gname] = [(n, p) for n, p in by_group[gname] if ROUTED_EXPERTS not in n]
     groups = []
     for gname, items in by_group.items():
         if not items:
             continue
-        g = dict(name=gname, params=list(items), use_muon=gname == "muon")  # (name, p): torch keeps "param_names"
+        # (name, p) pairs: torch keeps "param_names"
+        g = dict(name=gname, params=list(items), use_muon=gname.startswith("muon"))
         if gname == "adamw_no_decay":
             g["weight_decay"] = 0.0
+        if gname.endswith("_experts"):
+            g["lr"] = cfg.lr * cfg.expert_lr_mult
         groups.append(g)
     _check_partition(named, groups)
     return Muon(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=cfg.nesterov,
