@@ -7,6 +7,8 @@ autocast (both run the matmuls in bf16; ours rounds each chunk's d w to bf16 bef
 plain path rounds the whole sum once). Seen red with the one-hot subtraction dropped from the gradient.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,7 @@ from kimi.config import KimiConfig
 from kimi.model import KimiModel
 from kimi.model.loss import LMHead, linear_cross_entropy
 
+ROOT = Path(__file__).resolve().parents[2]
 N, D, V = 70, 24, 300
 TOL = 1e-6
 
@@ -120,3 +123,19 @@ def test_head_forward_runs_through_the_module_so_its_hooks_fire():
     head(h, t)
     head(h)
     assert seen == [torch.Size([]), torch.Size([N, V])]
+
+
+def test_dry_run_counts_one_chunk_of_logits_and_the_held_gradients():
+    from kimi.config import load_config
+    from kimi.dry_run import memory_plan
+
+    def activations(chunk):
+        cfg = load_config(
+            ROOT / "configs" / "bench" / "bpe_small.yaml", ["--train.device=cpu", f"--model.loss_chunk_tokens={chunk}"]
+        )
+        return memory_plan(cfg, 1)["sizes"]["activations"]
+
+    tokens, V, D = 16 * 256, 50257, 256  # bpe_small: micro-batch 16 x 256, GPT-2 vocabulary, width 256
+    full = tokens * V * 4 * 2  # the fp32 logits and their gradient
+    chunked = 1024 * V * 4 * 2 + (tokens + V) * D * 4  # one chunk's logits and working copy; d h and d w
+    assert activations(0) - activations(1024) == full - chunked
