@@ -8,7 +8,8 @@ torchrun when set).
 Shared by every engine: activations (per micro-batch) are roughly 34*D + 5*H*T bytes per token and
 layer in bf16 without checkpointing (Korthikanti et al. 2022, flash attention drops the 5*H*T term) plus
 the MoE's dispatched copies (top_k x (D + 3F)) x 2 bytes; with activation checkpointing one D-vector per
-token and layer, plus one layer recomputed; plus the fp32 logits and their gradient. Parameters,
+token and layer, plus one layer recomputed; plus the loss's working memory (`head_bytes`: the fp32 logits
+and their gradient, or with model.loss_chunk_tokens one chunk's and the gradients it holds). Parameters,
 gradients and optimizer state are each engine's own model (`memory_estimate` in kimi/engine/<name>.py);
 every registered engine is printed, the configured one marked. `params`, `grads` and `optim` are what a
 rank holds from one step to the next; `buffers` are working copies alive only inside a step (FSDP2's
@@ -96,6 +97,16 @@ def working_bytes(train: TrainConfig) -> int:
     return 2 if bf16 else 4
 
 
+def head_bytes(m: KimiConfig, tokens: int) -> int:
+    """The loss's working memory for one micro-batch of `tokens`: the fp32 logits and their gradient, (tokens,
+    V) each; with model.loss_chunk_tokens (kimi/model/loss.py) one chunk's fp32 logits and a working copy,
+    plus the fp32 gradients of the hidden states and of the head weight, computed in forward and held until
+    backward."""
+    if not m.loss_chunk_tokens:
+        return tokens * m.vocab_size * 4 * 2
+    return min(tokens, m.loss_chunk_tokens) * m.vocab_size * 4 * 2 + (tokens + m.vocab_size) * m.n_embd * 4
+
+
 def memory_plan(cfg: Config, world: int) -> dict:
     """Sizes of cfg's model (model_counts), its activations, and each engine's per-GPU estimate
     (`memory_estimate` in kimi/engine/<name>.py: {"params", "grads", "optim", "buffers", "activations"} in
@@ -121,7 +132,7 @@ def memory_plan(cfg: Config, world: int) -> dict:
         "block_expert": counts["block_expert"],
         "root_params": counts["root_params"],
         "working_bytes": working_bytes(cfg.train),
-        "activations": act + tokens * m.vocab_size * 4 * 2,  # + fp32 logits and their gradient
+        "activations": act + head_bytes(m, tokens),
     }
     return {
         "world": dims.world_size,

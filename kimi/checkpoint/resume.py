@@ -207,6 +207,7 @@ class Checkpointer:
 FROZEN_ON_RESUME = ("model.", "data.block_size", "data.tokenizer_name", "train.seed", "optim.name")
 # ... except model fields that pick how the same math runs, or tune routing without changing shapes.
 RESUMABLE_MODEL_FIELDS = (
+    "model.loss_chunk_tokens",
     "model.moe.kernels",
     "model.moe.bias_update_rate",
     "model.moe.seq_aux_loss_coef",

@@ -147,6 +147,10 @@ class KimiConfig:
     mlp: str = "swiglu"  # "swiglu" or "gelu" (GPT-2: down(gelu(up(x))), hidden 4 * n_embd by default)
     pos_emb: str = "rope"  # "rope" or "learned" (a block_size x n_embd position table added to the input)
     norm: str = "rmsnorm"  # "rmsnorm" or "layernorm" (no bias, eps 1e-5, as nanoGPT with bias=False)
+    # Training's cross-entropy from the final hidden state, this many tokens at a time, each chunk's gradient
+    # computed in forward (kimi/model/loss.py): the (tokens, vocab) fp32 logits never exist whole, and
+    # ModelOutput.logits is None when targets are given. 0: the full logits, then F.cross_entropy.
+    loss_chunk_tokens: int = 0  # chunked (fused) linear cross-entropy, tokens per chunk; 0 = full logits
     attention: AttentionConfig = field(default_factory=AttentionConfig)  # takes a dict too
     moe: MoEConfig = field(default_factory=MoEConfig)  # takes a dict too
 
@@ -161,6 +165,8 @@ class KimiConfig:
         for k in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"model.{k}={getattr(self, k)} must be >= 1")
+        if self.loss_chunk_tokens < 0:
+            raise ConfigError(f"model.loss_chunk_tokens={self.loss_chunk_tokens} must be >= 0 (0: the full logits)")
         for key, valid in (
             ("mlp", ("swiglu", "gelu")),
             ("pos_emb", ("rope", "learned")),

@@ -7,6 +7,7 @@ from outside (see kimi/model/moe.py's `dispatcher` seam).
 from kimi.model.attention import MHA, MLA
 from kimi.model.cache import KVCache
 from kimi.model.layers import MLP, RMSNorm
+from kimi.model.loss import LMHead, linear_cross_entropy
 from kimi.model.moe import GroupedExperts, LocalDispatcher, MoE
 from kimi.model.router import Router
 from kimi.model.transformer import Block, KimiModel, ModelOutput
@@ -19,9 +20,11 @@ __all__ = [
     "GroupedExperts",
     "KVCache",
     "KimiModel",
+    "LMHead",
     "LocalDispatcher",
     "ModelOutput",
     "MoE",
     "RMSNorm",
     "Router",
+    "linear_cross_entropy",
 ]

@@ -17,12 +17,13 @@ from kimi.config import KimiConfig
 from kimi.model.attention import MHA, MLA
 from kimi.model.cache import KVCache
 from kimi.model.layers import MLP, GeluMLP, RMSNorm, make_norm, rope_cos_sin
+from kimi.model.loss import LMHead
 from kimi.model.moe import GroupedExperts, MoE
 from kimi.model.router import Router
 
 
 class ModelOutput(NamedTuple):
-    logits: torch.Tensor  # (B, T, vocab)
+    logits: torch.Tensor | None  # (B, T, vocab); None with targets when model.loss_chunk_tokens > 0
     loss: torch.Tensor | None  # ce_loss + aux_loss: what training backpropagates
     ce_loss: torch.Tensor | None  # mean cross entropy over targets != -1
     aux_loss: torch.Tensor | None  # sum of the MoE layers' balance losses (0 when off)
@@ -61,7 +62,7 @@ class KimiModel(nn.Module):
             self.embed_positions = nn.Embedding(config.block_size, config.n_embd)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = make_norm(config.norm, config.n_embd, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.n_embd, config.vocab_size, config.loss_chunk_tokens)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.init_weights()
@@ -117,11 +118,15 @@ class KimiModel(nn.Module):
             cos_TR, sin_TR = rope_cos_sin(positions_T, self.layers[0].attn.rope_dim, a.rope_theta, a.rope_scaling)
         for i, layer in enumerate(self.layers):
             x_BTD = layer(x_BTD, cos_TR, sin_TR, None if cache is None else cache.layers[i], start_pos)
-        logits = self.lm_head(self.norm(x_BTD))
+        h_BTD = self.norm(x_BTD)
         if targets_BT is None:
-            return ModelOutput(logits, None, None, None)
-        ce = F.cross_entropy(logits.float().view(B * T, -1), targets_BT.reshape(-1), ignore_index=-1)
-        aux = sum((m.aux_loss for m in self.moe_layers()), logits.new_zeros((), dtype=torch.float32))
+            return ModelOutput(self.lm_head(h_BTD), None, None, None)
+        if self.config.loss_chunk_tokens:  # the logits only chunk by chunk, inside the head (kimi/model/loss.py)
+            logits, ce = None, self.lm_head(h_BTD.reshape(B * T, -1), targets_BT.reshape(-1))
+        else:
+            logits = self.lm_head(h_BTD)
+            ce = F.cross_entropy(logits.float().view(B * T, -1), targets_BT.reshape(-1), ignore_index=-1)
+        aux = sum((m.aux_loss for m in self.moe_layers()), ce.new_zeros((), dtype=torch.float32))
         return ModelOutput(logits, ce + aux, ce, aux)
 
     def _check_inputs(self, idx_BT, targets_BT, start_pos: int) -> None:

@@ -14,6 +14,8 @@ norms by <= 2.1e-7 relative. What limits it: the engines reduce gradients in a d
 reduce-scatter vs ZeRO's bucketed reduce to each partition's owner; ZeRO-2 reduces every micro-batch,
 ZeRO-1 once) and clip with a different formula (DeepSpeed divides by (norm + 1e-6) / max, we multiply by
 max / (norm + 1e-6)). The debug run clips (norms ~1.2 > 1.0), so clipping is part of what matches.
+Every engine computes its loss with the chunked cross-entropy (model.loss_chunk_tokens=48), and the golden
+curve they follow was made with the full logits (tests/golden).
 """
 
 import json
@@ -49,6 +51,7 @@ def _cfg(out, engine="fsdp2", *extra):
             "--train.micro_batch_size=2",  # 8 sequences / 2 ranks / 2 per micro-batch: 2 accumulation steps
             "--parallel.ep=2",
             f"--parallel.engine={engine}",
+            "--model.loss_chunk_tokens=48",  # the chunked cross-entropy, 3 chunks (a short last one) of 128 tokens
             *extra,
         ],
     )

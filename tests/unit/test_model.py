@@ -31,14 +31,15 @@ def tokens(b=2, t=10, seed=0):
     return torch.randint(0, V, (b, t), generator=torch.Generator().manual_seed(seed))
 
 
-def test_loss_is_ce_plus_aux_and_ignores_minus_one():
+@pytest.mark.parametrize("chunk", [0, 7])  # the full logits; the chunked loss (kimi/model/loss.py), logits None
+def test_loss_is_ce_plus_aux_and_ignores_minus_one(chunk):
     torch.manual_seed(0)
-    m = KimiModel(cfg())
+    m = KimiModel(cfg(loss_chunk_tokens=chunk))
     idx, tgt = tokens(), tokens(seed=1)
     tgt[0, :3] = -1
     out = m(idx, tgt)
-    assert isinstance(out, ModelOutput)
-    ref_ce = F.cross_entropy(out.logits.view(-1, V), tgt.view(-1), ignore_index=-1)
+    assert isinstance(out, ModelOutput) and (out.logits is None) == (chunk > 0)
+    ref_ce = F.cross_entropy(m(idx).logits.view(-1, V), tgt.view(-1), ignore_index=-1)
     torch.testing.assert_close(out.ce_loss, ref_ce)
     aux = sum(moe.aux_loss for moe in m.moe_layers())
     assert float(out.aux_loss.detach()) > 0 and len(m.moe_layers()) == 2
