@@ -52,14 +52,24 @@ def gather_rows(x_TD: torch.Tensor, sort_idx_N: torch.Tensor, top_k: int) -> tor
     return x_TD.index_select(0, sort_idx_N // top_k)
 
 
+def scatter_rows(y_ND: torch.Tensor, idx_N: torch.Tensor) -> torch.Tensor:
+    """out_ND[idx_N[n]] = y_ND[n] for a permutation idx_N: undoes `index_select(0, idx_N)`.
+
+    index_put rather than index_copy: both backwards are a gather (deterministic on GPU, no atomics), but
+    index_copy's autograd also keeps `source` (to read its shape), a second N x D copy of the expert
+    outputs alive until backward; index_put's keeps only the index.
+    """
+    return y_ND.new_empty(y_ND.shape).index_put((idx_N,), y_ND)
+
+
 def unpermute(y_ND: torch.Tensor, sort_idx_N: torch.Tensor, topk_w_TK: torch.Tensor) -> torch.Tensor:
     """Put expert outputs back in (token, k) order, weight by topk_w and sum over k -> y_TD (fp32).
 
-    index_copy + a sum over K instead of index_add: its backward is a gather, so it stays deterministic
+    A scatter + a sum over K instead of index_add: its backward is a gather, so it stays deterministic
     on GPU (no atomics). Weighting in fp32 as HF does, so bf16 outputs are not rounded twice.
     """
     T, K = topk_w_TK.shape
-    y_TKD = y_ND.new_empty(y_ND.shape).index_copy(0, sort_idx_N, y_ND).view(T, K, -1)
+    y_TKD = scatter_rows(y_ND, sort_idx_N).view(T, K, -1)
     return (y_TKD.float() * topk_w_TK[..., None].float()).sum(dim=1)
 
 
