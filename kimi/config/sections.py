@@ -106,6 +106,7 @@ class MoEConfig:
     aux_loss_coef: float = 0.0  # classic switch-transformer balance loss (0 = off)
     capacity_factor: float | None = None  # None: dropless; else each expert keeps <= cf * T*K/E tokens
     kernels: str = "torch"  # routing/permute path: "torch", "triton" (kimi.kernels) or "auto" (Triton on CUDA)
+    recompute: bool = False  # recompute the gathered rows and SwiGLU products in backward (keep W1x, W3x)
 
     def validate(self, n_layer: int) -> None:
         if not self.use_moe:

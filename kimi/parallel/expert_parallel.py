@@ -96,7 +96,7 @@ class AllToAllDispatcher:
         seg_M = torch.repeat_interleave(torch.arange(R * L, device=x_TD.device), recv_counts_E, output_size=M)
         order_M = torch.argsort((seg_M % L) * R + seg_M // L, stable=True)
         counts_L = recv_counts_RL.sum(0)
-        y_MD = experts(x_MD.index_select(0, order_M), counts_L)
+        y_MD = experts(x_MD, counts_L, gather=lambda x: x.index_select(0, order_M))  # see GroupedExperts.recompute
         y_MD = scatter_rows(y_MD, order_M)  # undo the reorder
 
         # 6. Results back to the ranks that own the tokens; un-permute, weight, sum over K: the model's own

@@ -23,11 +23,11 @@ from tests.dist_utils import run_distributed
 B_PER_RANK, SEQ, RTOL, ATOL = 2, 8, 1e-5, 1e-6
 
 
-def tiny_config(num_experts: int = 4, top_k: int = 2) -> KimiConfig:
+def tiny_config(num_experts: int = 4, top_k: int = 2, recompute: bool = False) -> KimiConfig:
     return KimiConfig(
         n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=SEQ, intermediate_size=64,
         attention=dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8),
-        moe=dict(num_experts=num_experts, top_k=top_k, expert_hidden=16, n_shared_experts=1),
+        moe=dict(num_experts=num_experts, top_k=top_k, expert_hidden=16, n_shared_experts=1, recompute=recompute),
     )  # fmt: skip
 
 
@@ -48,6 +48,7 @@ def run_case(
     ac: bool = False,
     compile: bool = False,
     accum: int = 1,
+    recompute: bool = False,
 ) -> dict:
     from kimi.optim import build_optimizer
     from kimi.parallel import ParallelDims, build_mesh, parallelize, submesh, update_router_bias
@@ -55,6 +56,9 @@ def run_case(
     torch.manual_seed(0)
     ref = KimiModel(tiny_config(num_experts, top_k))
     model = copy.deepcopy(ref)
+    if recompute:  # the reference stays plain: moe.recompute changes no number
+        model = KimiModel(tiny_config(num_experts, top_k, recompute=True))
+        model.load_state_dict(ref.state_dict())
     idx = torch.randint(0, 64, (B_PER_RANK * world_size, SEQ))
     tgt = torch.randint(0, 64, (B_PER_RANK * world_size, SEQ))
     ocfg = OptimConfig(lr=1e-2, qk_clip=False)
@@ -147,8 +151,13 @@ def _body(rank, world_size, cases, ckpt_dir):
 
 
 CASES = {
-    # dp_shard=2 (FSDP2 only); EP=2 over dp_shard=2 (experts: size-1 FSDP mesh) with checkpointing + compile.
-    2: [(ParallelConfig(dp_shard=2), 4, 2, False), (ParallelConfig(dp_shard=2, ep=2), 4, 2, True, True)],
+    # dp_shard=2 (FSDP2 only); EP=2 over dp_shard=2 (experts: size-1 FSDP mesh) with checkpointing + compile;
+    # the same EP=2 layout with moe.recompute on.
+    2: [
+        (ParallelConfig(dp_shard=2), 4, 2, False),
+        (ParallelConfig(dp_shard=2, ep=2), 4, 2, True, True),
+        (ParallelConfig(dp_shard=2, ep=2), 4, 2, False, False, 1, True),
+    ],
     # dp_shard=4 x ep=2 (experts FSDP-sharded over dp_shard_mod_ep=2), gradient accumulation; HSDP 2 x 2 with ep=2; one local expert
     # per EP rank over 2 FSDP ranks (Shard(1) on the hidden dim).
     4: [
