@@ -53,6 +53,7 @@ class AttentionConfig:
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)  # YaRN; takes a dict too
     bias: bool = False  # biases on the attention projections (MHA baseline only)
     track_max_logits: bool = True  # record per-head max pre-softmax logit (needed by QK-clip)
+    recompute_kv: bool = False  # MLA: rebuild per-head K/V from the latent in backward instead of keeping them
 
     def validate(self, n_head: int, n_embd: int) -> None:
         if self.type not in ("mla", "mha"):

@@ -2,10 +2,10 @@
 
 train.activation_checkpointing (kimi/parallel/parallelize.py) recomputes whole blocks, matmuls included.
 The regions here are narrower: `recompute(fn, *args, keep=...)` keeps the outputs of the named ops (the
-expensive ones: matmuls) and recomputes everything else `fn` saved for backward (gathers,
-elementwise products). The model chooses the regions, since only it knows where a cheap op produces a
-large tensor; the config turns each on (moe.recompute). Both kinds nest: a block checkpointed as a
-whole may contain these regions.
+expensive ones: matmuls, fused attention) and recomputes everything else `fn` saved for backward
+(gathers, elementwise products, concatenations). The model chooses the regions, since only it knows
+where a cheap op produces a large tensor; the config turns each on (moe.recompute,
+attention.recompute_kv). Both kinds nest: a block checkpointed as a whole may contain these regions.
 
 Recomputation replays deterministic ops on the same inputs, so values and gradients are bit-identical to
 a plain forward. Side effects must not run twice: code that counts or records during a forward checks
@@ -24,6 +24,21 @@ aten = torch.ops.aten
 
 # Matmul outputs: what a region keeps when its matmuls are the expensive part.
 MATMULS = frozenset({aten.mm.default, aten.addmm.default, aten.bmm.default, aten._grouped_mm.default})
+
+# Fused attention kernels (GPU flash / memory-efficient / cuDNN, and CPU flash) return the output and the
+# softmax statistics their backward needs. SDPA's math fallback is not one op but a decomposition
+# (bmm, softmax, ...) that this set does not name, so a region that takes it recomputes attention too.
+ATTENTION = frozenset(
+    getattr(aten, name).default
+    for name in (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+    )
+    if hasattr(aten, name)
+)
+
 
 def recomputing() -> bool:
     """True while autograd recomputes a checkpointed forward (a region here, or a whole block); routing

@@ -26,7 +26,7 @@ B_PER_RANK, SEQ, RTOL, ATOL = 2, 8, 1e-5, 1e-6
 def tiny_config(num_experts: int = 4, top_k: int = 2, recompute: bool = False) -> KimiConfig:
     return KimiConfig(
         n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=SEQ, intermediate_size=64,
-        attention=dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8),
+        attention=dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, recompute_kv=recompute),
         moe=dict(num_experts=num_experts, top_k=top_k, expert_hidden=16, n_shared_experts=1, recompute=recompute),
     )  # fmt: skip
 
@@ -56,7 +56,7 @@ def run_case(
     torch.manual_seed(0)
     ref = KimiModel(tiny_config(num_experts, top_k))
     model = copy.deepcopy(ref)
-    if recompute:  # the reference stays plain: moe.recompute changes no number
+    if recompute:  # the reference stays plain: moe.recompute and attention.recompute_kv change no number
         model = KimiModel(tiny_config(num_experts, top_k, recompute=True))
         model.load_state_dict(ref.state_dict())
     idx = torch.randint(0, 64, (B_PER_RANK * world_size, SEQ))
@@ -152,7 +152,7 @@ def _body(rank, world_size, cases, ckpt_dir):
 
 CASES = {
     # dp_shard=2 (FSDP2 only); EP=2 over dp_shard=2 (experts: size-1 FSDP mesh) with checkpointing + compile;
-    # the same EP=2 layout with moe.recompute on.
+    # the same EP=2 layout with moe.recompute and attention.recompute_kv on.
     2: [
         (ParallelConfig(dp_shard=2), 4, 2, False),
         (ParallelConfig(dp_shard=2, ep=2), 4, 2, True, True),

@@ -1,9 +1,9 @@
-"""Selective recompute (moe.recompute) on the debug model: the same numbers, less kept.
+"""Selective recompute (moe.recompute, attention.recompute_kv) on the debug model: the same numbers, less kept.
 
 Recompute replays deterministic CPU ops on the same inputs, so the loss, every gradient, the routing counts
 (and so the router-bias update) and QK-clip's max logits must equal the plain path's bit for bit, with the
-switch alone and nested inside whole-block activation checkpointing (whose recompute, with early stop off,
-replays the routing: counted once all the same). The switch must free what it names (the bytes still
+switches alone and nested inside whole-block activation checkpointing (whose recompute, with early stop off,
+replays the routing: counted once all the same). Each switch must free what it names (the bytes still
 alive after a forward drop by at least those tensors' size) and rerun no expensive op in backward.
 """
 
@@ -23,12 +23,15 @@ from torch.utils.checkpoint import set_checkpoint_early_stop
 from kimi.config import load_config
 from kimi.kernels import HAS_TRITON
 from kimi.model import KimiModel
-from kimi.model.recompute import MATMULS
+from kimi.model.recompute import ATTENTION, MATMULS
 from kimi.parallel.parallelize import apply_activation_checkpointing
 
 ROOT = Path(__file__).resolve().parents[2]
 B, T = 4, 64
-SWITCHES = {"moe": "--moe.recompute=true"}
+SWITCHES = {"moe": "--moe.recompute=true", "kv": "--attention.recompute_kv=true"}
+# debug.yaml's v_head_dim (32) differs from its q/k head dim (48), so CPU SDPA takes its math decomposition;
+# 48 gives the fused CPU kernel, whose output the K/V region keeps rather than recomputes.
+FUSED_ATTENTION = "--attention.v_head_dim=48"
 
 
 def build(*overrides: str, block_ac: bool = False) -> KimiModel:
@@ -66,10 +69,14 @@ def step(model: KimiModel, early_stop: bool = True) -> dict:
     return out
 
 
-@pytest.mark.parametrize("switches, block_ac", [(["moe"], False), (["moe"], True)])
-def test_recompute_changes_no_number(switches, block_ac):
-    ref = step(build())
-    got = step(build(*(SWITCHES[s] for s in switches), block_ac=block_ac), early_stop=not block_ac)
+@pytest.mark.parametrize("attention", ["math", "fused"])
+@pytest.mark.parametrize(
+    "switches, block_ac", [(["moe"], False), (["kv"], False), (["moe", "kv"], False), (["moe", "kv"], True)]
+)
+def test_recompute_changes_no_number(attention, switches, block_ac):
+    base = [FUSED_ATTENTION] if attention == "fused" else []
+    ref = step(build(*base))
+    got = step(build(*base, *(SWITCHES[s] for s in switches), block_ac=block_ac), early_stop=not block_ac)
     assert got.keys() == ref.keys()
     for k, v in ref.items():
         same = all(map(torch.equal, v, got[k])) if isinstance(v, list) else torch.equal(v, got[k])
@@ -119,13 +126,18 @@ def kept_after_forward(*overrides: str) -> int:
 
 
 def test_each_switch_frees_what_it_names():
-    cfg = load_config(ROOT / "configs" / "debug.yaml").model
-    m = cfg.moe
+    cfg = load_config(ROOT / "configs" / "debug.yaml", [FUSED_ATTENTION]).model
+    a, m = cfg.attention, cfg.moe
     N, n_moe, fp32 = B * T * m.top_k, cfg.n_layer - m.first_k_dense_replace, 4
-    plain = kept_after_forward()
+    plain = kept_after_forward(FUSED_ATTENTION)
     # moe.recompute: the gathered rows (N x D) and silu(W1 x) (N x F) of each MoE layer
-    moe_saved = plain - kept_after_forward(SWITCHES["moe"])
+    moe_saved = plain - kept_after_forward(FUSED_ATTENTION, SWITCHES["moe"])
     assert moe_saved >= n_moe * N * (cfg.n_embd + m.expert_hidden) * fp32, moe_saved
+    # attention.recompute_kv with a fused kernel: the K/V expansion (n + v per head) and the keys as attention
+    # takes them (n + R per head), per token and layer, less the shared rope key the region keeps (R)
+    kv_saved = plain - kept_after_forward(FUSED_ATTENTION, SWITCHES["kv"])
+    expanded = cfg.n_head * (2 * a.qk_nope_head_dim + a.v_head_dim + a.qk_rope_head_dim) - a.qk_rope_head_dim
+    assert kv_saved >= cfg.n_layer * B * T * expanded * fp32, kv_saved
 
 
 class OpCount(TorchDispatchMode):
@@ -139,7 +151,7 @@ class OpCount(TorchDispatchMode):
 
 
 def ops_in_backward(*overrides: str) -> Counter:
-    model = build(*overrides)
+    model = build(FUSED_ATTENTION, *overrides)
     loss = model(*batch()).loss
     with OpCount() as ops:
         loss.backward()
@@ -147,10 +159,15 @@ def ops_in_backward(*overrides: str) -> Counter:
 
 
 def test_regions_recompute_only_cheap_ops():
-    """Backward reruns no expert matmul: the region keeps those outputs."""
+    """Backward reruns no fused attention kernel and no expert matmul: the regions keep those outputs. The K/V
+    region reruns exactly one matmul per layer, kv_b_proj (latent -> per-head K/V), its point."""
     plain = ops_in_backward()
-    for switch in SWITCHES.values():
+    n_layer = load_config(ROOT / "configs" / "debug.yaml").model.n_layer
+    for name, switch in SWITCHES.items():
         on = ops_in_backward(switch)
         assert sum(on.values()) > sum(plain.values()), f"{switch}: nothing was recomputed"
-        for op in MATMULS:
-            assert on[op] == plain[op], f"{switch}: backward ran {op} {on[op]} times, the plain path {plain[op]}"
+        for op in MATMULS | ATTENTION:
+            extra = n_layer if (name, op) == ("kv", torch.ops.aten.mm.default) else 0
+            assert on[op] == plain[op] + extra, (
+                f"{switch}: backward ran {op} {on[op]} times, the plain path {plain[op]}"
+            )
