@@ -208,6 +208,8 @@ FROZEN_ON_RESUME = ("model.", "data.block_size", "data.tokenizer_name", "train.s
 # ... except model fields that pick how the same math runs, or tune routing without changing shapes.
 RESUMABLE_MODEL_FIELDS = (
     "model.moe.kernels",
+    "model.moe.recompute",
+    "model.attention.recompute_kv",
     "model.moe.bias_update_rate",
     "model.moe.seq_aux_loss_coef",
     "model.moe.aux_loss_coef",
