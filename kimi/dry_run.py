@@ -5,11 +5,13 @@ once) and prints what one GPU will hold under the requested layout: parameters, 
 state and activations, plus FLOPs per step. The world size is dp_replicate x dp_shard (WORLD_SIZE from
 torchrun when set).
 
-Shared by every engine: activations (per micro-batch) are roughly 34*D + 5*H*T bytes per token and
-layer in bf16 without checkpointing (Korthikanti et al. 2022, flash attention drops the 5*H*T term) plus
-the MoE's dispatched copies (top_k x (D + 3F)) x 2 bytes; with activation checkpointing one D-vector per
-token and layer, plus one layer recomputed; plus the loss's working memory (`head_bytes`: the fp32 logits
-and their gradient, or with model.loss_chunk_tokens one chunk's and the gradients it holds). Parameters,
+Shared by every engine: activations (per micro-batch, `layer_activations`) are roughly 34*D + 5*H*T bytes
+per token and layer in bf16 without checkpointing (Korthikanti et al. 2022, flash attention drops the
+5*H*T term), with MLA's expanded keys/values in place of D-wide ones, plus a MoE layer's routed rows;
+moe.recompute and attention.recompute_kv take out what they rebuild in backward. With activation
+checkpointing: one D-vector per token and layer, plus the largest layer recomputed; plus the loss's
+working memory (`head_bytes`: the fp32 logits and their gradient, or with model.loss_chunk_tokens one
+chunk's and the gradients it holds). Parameters,
 gradients and optimizer state are each engine's own model (`memory_estimate` in kimi/engine/<name>.py);
 every registered engine is printed, the configured one marked. `params`, `grads` and `optim` are what a
 rank holds from one step to the next; `buffers` are working copies alive only inside a step (FSDP2's
@@ -107,6 +109,28 @@ def head_bytes(m: KimiConfig, tokens: int) -> int:
     return min(tokens, m.loss_chunk_tokens) * m.vocab_size * 4 * 2 + (tokens + m.vocab_size) * m.n_embd * 4
 
 
+def layer_activations(m: KimiConfig, ep: int) -> tuple[int, int]:
+    """Bytes per token that one (dense, MoE) layer keeps for backward, at 2 bytes a value.
+
+    34*D counts a transformer layer with flash attention and D-wide K and V. MLA keeps instead kv_b_proj's
+    output and the keys with the shared rope key on every head, H*(2n + v + R) values; with
+    attention.recompute_kv only the rope key R (rebuilt from the latent, which is kept anyway). A MoE layer
+    adds, per chosen expert, the gathered input and the expert output (D each) and four F-wide SwiGLU
+    tensors; moe.recompute rebuilds the gathered input and silu(W1x), but under EP the rows received from
+    the all-to-all (the region's input) stay, in place of the gathered ones.
+    """
+    D, a, moe = m.n_embd, m.attention, m.moe
+    layer = 34 * D
+    if a.type == "mla":
+        expanded = m.n_head * (2 * a.qk_nope_head_dim + a.v_head_dim + a.qk_rope_head_dim)
+        layer += 2 * ((a.qk_rope_head_dim if a.recompute_kv else expanded) - 2 * D)
+    if not moe.use_moe:
+        return layer, layer
+    F = moe.expert_hidden or 0
+    rows = 2 * D + 4 * F - (F + (D if ep == 1 else 0) if moe.recompute else 0)
+    return layer, layer + 2 * moe.top_k * rows
+
+
 def memory_plan(cfg: Config, world: int) -> dict:
     """Sizes of cfg's model (model_counts), its activations, and each engine's per-GPU estimate
     (`memory_estimate` in kimi/engine/<name>.py: {"params", "grads", "optim", "buffers", "activations"} in
@@ -119,11 +143,12 @@ def memory_plan(cfg: Config, world: int) -> dict:
     counts = model_counts(cfg)
     T, D = cfg.block_size, m.n_embd
     tokens = cfg.train.micro_batch_size * T
-    moe_extra = m.moe.top_k * (D + 3 * (m.moe.expert_hidden or 0)) * 2 if m.moe.use_moe else 0
+    dense_layer, moe_layer = layer_activations(m, dims.ep)
+    n_moe = max(0, m.n_layer - m.moe.first_k_dense_replace) if m.moe.use_moe else 0  # as KimiConfig.is_moe_layer
     if cfg.train.activation_checkpointing:
-        act = tokens * D * 2 * m.n_layer + tokens * (34 * D + moe_extra)
+        act = tokens * D * 2 * m.n_layer + tokens * (moe_layer if n_moe else dense_layer)
     else:
-        act = tokens * (34 * D + moe_extra) * m.n_layer
+        act = tokens * ((m.n_layer - n_moe) * dense_layer + n_moe * moe_layer)
     sizes = {
         "total": counts["total"],
         "expert_params": counts["expert_params"],

@@ -209,6 +209,8 @@ FROZEN_ON_RESUME = ("model.", "data.block_size", "data.tokenizer_name", "train.s
 RESUMABLE_MODEL_FIELDS = (
     "model.loss_chunk_tokens",
     "model.moe.kernels",
+    "model.moe.recompute",
+    "model.attention.recompute_kv",
     "model.moe.bias_update_rate",
     "model.moe.seq_aux_loss_coef",
     "model.moe.aux_loss_coef",

@@ -53,6 +53,7 @@ class AttentionConfig:
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)  # YaRN; takes a dict too
     bias: bool = False  # biases on the attention projections (MHA baseline only)
     track_max_logits: bool = True  # record per-head max pre-softmax logit (needed by QK-clip)
+    recompute_kv: bool = False  # MLA: rebuild per-head K/V from the latent in backward instead of keeping them
 
     def validate(self, n_head: int, n_embd: int) -> None:
         if self.type not in ("mla", "mha"):
@@ -106,6 +107,7 @@ class MoEConfig:
     aux_loss_coef: float = 0.0  # classic switch-transformer balance loss (0 = off)
     capacity_factor: float | None = None  # None: dropless; else each expert keeps <= cf * T*K/E tokens
     kernels: str = "torch"  # routing/permute path: "torch", "triton" (kimi.kernels) or "auto" (Triton on CUDA)
+    recompute: bool = False  # recompute the gathered rows and SwiGLU products in backward (keep W1x, W3x)
 
     def validate(self, n_layer: int) -> None:
         if not self.use_moe:

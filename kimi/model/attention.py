@@ -22,6 +22,7 @@ from torch import nn
 from kimi.config import AttentionConfig
 from kimi.model.cache import MHALayerCache, MLALayerCache
 from kimi.model.layers import FP32Buffers, RMSNorm, apply_rope, fp32_region, yarn_softmax_gain
+from kimi.model.recompute import ATTENTION, recompute, recomputing
 
 # DeepSeek-V3 builds its q/kv latent norms with the default eps, whatever config.rms_norm_eps says;
 # matching that keeps converted checkpoints exact.
@@ -77,7 +78,7 @@ class _MaxLogitMixin(FP32Buffers):
         self.register_buffer("max_logits_H", torch.zeros(n_head, dtype=torch.float32), persistent=False)
 
     def _record(self, q_BHTd, k_BHSd) -> None:
-        if self.training and self.track_max_logits:
+        if self.training and self.track_max_logits and not recomputing():  # a recomputed forward saw the same
             m_H = causal_max_logits(q_BHTd, k_BHSd, self.softmax_scale)
             self.max_logits_H.copy_(torch.maximum(self.max_logits_H, m_H))
 
@@ -93,6 +94,7 @@ class MLA(_MaxLogitMixin, nn.Module):
     Training (and prefill) expands the latent into per-head keys/values and runs SDPA. Decoding from a
     cache uses the absorbed form: kv_b_proj's k part is folded into q and its v part applied after
     attention, so keys/values are never materialised per head (`absorb`: None = only when T == 1).
+    With attention.recompute_kv, training keeps the latent, not the expanded keys/values, for backward.
     """
 
     def __init__(self, dim: int, n_head: int, cfg: AttentionConfig):
@@ -141,16 +143,25 @@ class MLA(_MaxLogitMixin, nn.Module):
         return self.o_proj(o_BTHv.reshape(B, T, H * self.v_dim))
 
     def _attend_expanded(self, q_nope_BTHn, q_rope_BTHR, c_kv_BSC, k_rope_BSR, start_pos: int, record: bool):
+        q_BHTd = torch.cat([q_nope_BTHn, q_rope_BTHR], dim=-1).transpose(1, 2)
+        args = (q_BHTd, c_kv_BSC, k_rope_BSR, start_pos, record)
+        if self.cfg.recompute_kv:
+            # Backward keeps the latent and attention's output, and rebuilds the per-head K/V (one small
+            # matmul, C -> H * (n + v)) instead of keeping them: H * (2n + v + R) values per token.
+            o_BHTv = recompute(self._expand_and_attend, *args, keep=ATTENTION)
+        else:
+            o_BHTv = self._expand_and_attend(*args)
+        return o_BHTv.transpose(1, 2)
+
+    def _expand_and_attend(self, q_BHTd, c_kv_BSC, k_rope_BSR, start_pos: int, record: bool):
         B, S, _ = c_kv_BSC.shape
         H = self.n_head
         k_nope_BSHn, v_BSHv = self.kv_b_proj(c_kv_BSC).view(B, S, H, -1).split([self.nope, self.v_dim], dim=-1)
         k_rope_BSHR = k_rope_BSR[:, :, None, :].to(k_nope_BSHn.dtype).expand(B, S, H, self.rope)
-        q_BHTd = torch.cat([q_nope_BTHn, q_rope_BTHR], dim=-1).transpose(1, 2)
         k_BHSd = torch.cat([k_nope_BSHn, k_rope_BSHR], dim=-1).transpose(1, 2)
         if record:
             self._record(q_BHTd, k_BHSd)
-        o_BHTv = attend(q_BHTd, k_BHSd, v_BSHv.transpose(1, 2), self.softmax_scale, start_pos)
-        return o_BHTv.transpose(1, 2)
+        return attend(q_BHTd, k_BHSd, v_BSHv.transpose(1, 2), self.softmax_scale, start_pos)
 
     def _attend_absorbed(self, q_nope_BTHn, q_rope_BTHR, c_kv_BSC, k_rope_BSR, start_pos: int):
         T, S = q_nope_BTHn.shape[1], c_kv_BSC.shape[1]

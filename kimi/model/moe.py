@@ -24,6 +24,7 @@ from torch import nn
 from kimi.config import MoEConfig
 from kimi.model.kernel_choice import kernel_module
 from kimi.model.layers import MLP, FP32Buffers, fp32_region
+from kimi.model.recompute import MATMULS, recompute, recomputing
 from kimi.model.router import (
     Router,
     capacity_keep,
@@ -52,14 +53,24 @@ def gather_rows(x_TD: torch.Tensor, sort_idx_N: torch.Tensor, top_k: int) -> tor
     return x_TD.index_select(0, sort_idx_N // top_k)
 
 
+def scatter_rows(y_ND: torch.Tensor, idx_N: torch.Tensor) -> torch.Tensor:
+    """out_ND[idx_N[n]] = y_ND[n] for a permutation idx_N: undoes `index_select(0, idx_N)`.
+
+    index_put rather than index_copy: both backwards are a gather (deterministic on GPU, no atomics), but
+    index_copy's autograd also keeps `source` (to read its shape), a second N x D copy of the expert
+    outputs alive until backward; index_put's keeps only the index.
+    """
+    return y_ND.new_empty(y_ND.shape).index_put((idx_N,), y_ND)
+
+
 def unpermute(y_ND: torch.Tensor, sort_idx_N: torch.Tensor, topk_w_TK: torch.Tensor) -> torch.Tensor:
     """Put expert outputs back in (token, k) order, weight by topk_w and sum over k -> y_TD (fp32).
 
-    index_copy + a sum over K instead of index_add: its backward is a gather, so it stays deterministic
+    A scatter + a sum over K instead of index_add: its backward is a gather, so it stays deterministic
     on GPU (no atomics). Weighting in fp32 as HF does, so bf16 outputs are not rounded twice.
     """
     T, K = topk_w_TK.shape
-    y_TKD = y_ND.new_empty(y_ND.shape).index_copy(0, sort_idx_N, y_ND).view(T, K, -1)
+    y_TKD = scatter_rows(y_ND, sort_idx_N).view(T, K, -1)
     return (y_TKD.float() * topk_w_TK[..., None].float()).sum(dim=1)
 
 
@@ -100,53 +111,96 @@ def grouped_mm_supported(x_ND: torch.Tensor, w_EFD: torch.Tensor) -> bool:
     return x_ND.device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] >= 8
 
 
-def grouped_swiglu(x_ND, w1_EFD, w3_EFD, w2_EDF, counts_E) -> torch.Tensor:
-    """All experts in three grouped GEMMs; expert e owns rows offs[e-1]:offs[e] (some may own none)."""
+def grouped_swiglu_up(x_ND, w1_EFD, w3_EFD, counts_E) -> torch.Tensor:
+    """h_NF = silu(x W1^T) * (x W3^T) for all experts in two grouped GEMMs; expert e owns rows
+    offs[e-1]:offs[e] (some may own none)."""
     offs_E = counts_E.cumsum(0).to(torch.int32)
     dtype = _compute_dtype(x_ND)  # grouped_mm has no autocast rule: cast explicitly
     x_ND, mm = x_ND.to(dtype), _grouped_mm_op()
     h_NF = F.silu(mm(x_ND, w1_EFD.to(dtype).transpose(-2, -1), offs=offs_E))
-    h_NF = h_NF * mm(x_ND, w3_EFD.to(dtype).transpose(-2, -1), offs=offs_E)
-    return mm(h_NF, w2_EDF.to(dtype).transpose(-2, -1), offs=offs_E)
+    return h_NF * mm(x_ND, w3_EFD.to(dtype).transpose(-2, -1), offs=offs_E)
 
 
-def looped_swiglu(x_ND, w1_EFD, w3_EFD, w2_EDF, counts_E) -> torch.Tensor:
-    """Reference / fallback: one expert at a time (one host sync for the counts)."""
+def grouped_swiglu_down(h_NF, w2_EDF, counts_E) -> torch.Tensor:
+    """y_ND = h W2^T per expert, one grouped GEMM."""
+    offs_E = counts_E.cumsum(0).to(torch.int32)
+    return _grouped_mm_op()(h_NF, w2_EDF.to(h_NF.dtype).transpose(-2, -1), offs=offs_E)
+
+
+def looped_swiglu_up(x_ND, w1_EFD, w3_EFD, counts_E) -> torch.Tensor:
+    """Reference / fallback for grouped_swiglu_up: one expert at a time (one host sync for the counts)."""
+    return _looped(x_ND, counts_E, w1_EFD.shape[1], lambda e, xe: F.silu(xe @ w1_EFD[e].T) * (xe @ w3_EFD[e].T))
+
+
+def looped_swiglu_down(h_NF, w2_EDF, counts_E) -> torch.Tensor:
+    return _looped(h_NF, counts_E, w2_EDF.shape[1], lambda e, he: he @ w2_EDF[e].T)
+
+
+def _looped(rows, counts_E, width: int, fn) -> torch.Tensor:
+    """fn(e, expert e's slice of `rows`) for each expert with rows, concatenated; (N, width)."""
     outs, start = [], 0
     for e, n in enumerate(counts_E.tolist()):
         if n:
-            xe = x_ND[start : start + n]
-            outs.append((F.silu(xe @ w1_EFD[e].T) * (xe @ w3_EFD[e].T)) @ w2_EDF[e].T)
+            outs.append(fn(e, rows[start : start + n]))
         start += n
-    if start < x_ND.shape[0]:  # rows past sum(counts) (padding) belong to no expert
-        outs.append(x_ND.new_zeros(x_ND.shape[0] - start, w2_EDF.shape[1]))
-    return torch.cat(outs) if outs else x_ND.new_zeros(0, w2_EDF.shape[1])
+    if start < rows.shape[0]:  # rows past sum(counts) (padding) belong to no expert
+        outs.append(rows.new_zeros(rows.shape[0] - start, width))
+    return torch.cat(outs) if outs else rows.new_zeros(0, width)
+
+
+def grouped_swiglu(x_ND, w1_EFD, w3_EFD, w2_EDF, counts_E) -> torch.Tensor:
+    """All experts in three grouped GEMMs."""
+    return grouped_swiglu_down(grouped_swiglu_up(x_ND, w1_EFD, w3_EFD, counts_E), w2_EDF, counts_E)
+
+
+def looped_swiglu(x_ND, w1_EFD, w3_EFD, w2_EDF, counts_E) -> torch.Tensor:
+    """Reference / fallback: one expert at a time."""
+    return looped_swiglu_down(looped_swiglu_up(x_ND, w1_EFD, w3_EFD, counts_E), w2_EDF, counts_E)
 
 
 class GroupedExperts(nn.Module):
     """E SwiGLU experts stored as stacked 3-D weights: w1 (gate) and w3 (up) are (E, F, D), w2 (down)
-    is (E, D, F). forward(x_ND, counts_E): rows already sorted by expert, counts_E has one entry per
-    expert this module holds (E_local = w1.shape[0] under expert parallelism); experts may get 0 rows."""
+    is (E, D, F). forward(x, counts_E, gather=None): rows gather(x) (x itself without a gather) sorted
+    by expert, counts_E with one entry per expert this module holds (E_local = w1.shape[0] under expert
+    parallelism); experts may get 0 rows.
+
+    `recompute` (moe.recompute): backward keeps W1x and W3x and their SwiGLU product h (the input of the
+    down projection), and recomputes the gathered rows (N x D) and silu(W1x) (N x F) from x and W1x
+    instead of keeping them. Dispatchers pass the gather in, not its result, so it falls in that region.
+    """
 
     use_grouped_mm = True  # set False (class or instance) to force the per-expert loop
 
-    def __init__(self, num_experts: int, dim: int, hidden: int):
+    def __init__(self, num_experts: int, dim: int, hidden: int, recompute: bool = False):
         super().__init__()
         self.w1 = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.recompute = recompute
 
     @property
     def num_experts(self) -> int:
         return self.w1.shape[0]
 
-    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counts_E: torch.Tensor, gather=None) -> torch.Tensor:
         if counts_E.shape[0] != self.num_experts:
             raise ValueError(
                 f"counts_E has {counts_E.shape[0]} entries but this module holds {self.num_experts} experts"
             )
-        fn = grouped_swiglu if self.use_grouped_mm and grouped_mm_supported(x_ND, self.w1) else looped_swiglu
-        return fn(x_ND, self.w1, self.w3, self.w2, counts_E)
+        grouped = self.use_grouped_mm and grouped_mm_supported(x, self.w1)
+        up, down = (grouped_swiglu_up, grouped_swiglu_down) if grouped else (looped_swiglu_up, looped_swiglu_down)
+
+        def rows_up(x, w1_EFD, w3_EFD):  # weights as arguments: under EP they are this forward's local views
+            return up(x if gather is None else gather(x), w1_EFD, w3_EFD, counts_E)
+
+        if self.recompute:
+            h_NF = recompute(rows_up, x, self.w1, self.w3, keep=MATMULS)
+        else:
+            h_NF = rows_up(x, self.w1, self.w3)
+        return down(h_NF, self.w2, counts_E)
+
+    def extra_repr(self) -> str:
+        return f"recompute={self.recompute}" if self.recompute else ""
 
 
 class LocalDispatcher:
@@ -159,16 +213,12 @@ class LocalDispatcher:
     def __call__(self, x_TD, topk_idx_TK, topk_w_TK, experts: GroupedExperts) -> torch.Tensor:
         permute_, gather_rows_, unpermute_ = dispatch_steps(self.kernels, x_TD.device)
         sort_idx_N, counts_E = permute_(topk_idx_TK, experts.num_experts)
-        y_ND = experts(gather_rows_(x_TD, sort_idx_N, topk_idx_TK.shape[1]), counts_E)
+        K = topk_idx_TK.shape[1]
+        y_ND = experts(x_TD, counts_E, gather=lambda x: gather_rows_(x, sort_idx_N, K))
         return unpermute_(y_ND, sort_idx_N, topk_w_TK).to(x_TD.dtype)
 
     def __repr__(self) -> str:
         return f"LocalDispatcher(kernels={self.kernels!r})"
-
-
-def _in_backward() -> bool:
-    """True while autograd recomputes a checkpointed forward; its routing must not be counted twice."""
-    return torch._C._current_graph_task_id() != -1
 
 
 class MoE(FP32Buffers, nn.Module):
@@ -187,7 +237,7 @@ class MoE(FP32Buffers, nn.Module):
         self.cfg = cfg
         self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
         self.router = Router(dim, cfg.num_experts, cfg.score_func)
-        self.experts = GroupedExperts(cfg.num_experts, dim, cfg.expert_hidden)
+        self.experts = GroupedExperts(cfg.num_experts, dim, cfg.expert_hidden, cfg.recompute)
         n_shared = cfg.n_shared_experts
         self.shared_experts = MLP(dim, n_shared * cfg.expert_hidden) if n_shared > 0 else None
         self.dispatcher = LocalDispatcher(cfg.kernels)
@@ -217,7 +267,7 @@ class MoE(FP32Buffers, nn.Module):
             y_TD = y_TD * y_scale
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
-        if self.training and not _in_backward():
+        if self.training and not recomputing():  # a recomputed block routes again: count once
             self._accumulate(scores_TE, topk_idx_TK)
         return y_TD.view(B, L, D)
 

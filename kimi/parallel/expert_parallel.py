@@ -28,7 +28,7 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from kimi.model.moe import dispatch_steps
+from kimi.model.moe import dispatch_steps, scatter_rows
 
 
 def _as_group(group: dist.ProcessGroup | DeviceMesh) -> dist.ProcessGroup:
@@ -96,8 +96,8 @@ class AllToAllDispatcher:
         seg_M = torch.repeat_interleave(torch.arange(R * L, device=x_TD.device), recv_counts_E, output_size=M)
         order_M = torch.argsort((seg_M % L) * R + seg_M // L, stable=True)
         counts_L = recv_counts_RL.sum(0)
-        y_MD = experts(x_MD.index_select(0, order_M), counts_L)
-        y_MD = torch.empty_like(y_MD).index_copy(0, order_M, y_MD)  # undo the reorder
+        y_MD = experts(x_MD, counts_L, gather=lambda x: x.index_select(0, order_M))  # see GroupedExperts.recompute
+        y_MD = scatter_rows(y_MD, order_M)  # undo the reorder
 
         # 6. Results back to the ranks that own the tokens; un-permute, weight, sum over K: the model's own
         #    combine step, so EP and single-device outputs round identically.

@@ -103,3 +103,21 @@ def test_sizes_from_a_few_layers_equal_the_whole_model(overrides):
         p.numel() for n, p in model.named_parameters() if param_group_name(n, p, cfg.optim) == "muon"
     )
     assert plan["sizes"]["block_params"] == max(sum(p.numel() for p in b.parameters()) for b in model.layers)
+
+
+def test_recompute_switches_take_out_what_they_rebuild():
+    """moe.recompute: the gathered rows and silu(W1x) per routed row (under EP only the latter: the received
+    rows stay); attention.recompute_kv: MLA's expanded K/V but the rope key, per token and layer."""
+
+    def act(*overrides, world=1):
+        cfg = load_config(ROOT / "configs" / "bench" / "byte.yaml", ["--train.micro_batch_size=8", *overrides])
+        return memory_plan(cfg, world)["sizes"]["activations"]
+
+    m = load_config(ROOT / "configs" / "bench" / "byte.yaml").model
+    a, tokens, n_moe = m.attention, 8 * m.block_size, m.n_layer - m.moe.first_k_dense_replace
+    per_row = 2 * m.moe.top_k * tokens * n_moe  # bytes of one value per routed row, over the MoE layers
+    assert act() - act("--moe.recompute=true") == per_row * (m.n_embd + m.moe.expert_hidden)
+    ep = ["--parallel.dp_shard=2", "--parallel.ep=2"]
+    assert act(*ep, world=2) - act(*ep, "--moe.recompute=true", world=2) == per_row * m.moe.expert_hidden
+    kv = m.n_head * (2 * a.qk_nope_head_dim + a.v_head_dim + a.qk_rope_head_dim) - a.qk_rope_head_dim
+    assert act() - act("--attention.recompute_kv=true") == 2 * kv * tokens * m.n_layer

@@ -171,6 +171,20 @@ def test_config_stored_by_an_old_checkpoint_still_loads(tmp_path):
     ]
 
 
+def test_recompute_switches_may_change_on_resume(tmp_path):
+    """They choose what backward keeps or rebuilds, not the model: a resume reports the change, not refuses it."""
+    from kimi.checkpoint import config_changes
+
+    before = load_config(CONFIGS / "debug.yaml", OLD_RUN)
+    (tmp_path / "config.yaml").write_text(before.to_yaml())
+    kv, moe = before.model.attention.recompute_kv, before.model.moe.recompute
+    flipped = [f"--attention.recompute_kv={not kv}", f"--moe.recompute={not moe}"]
+    assert config_changes(tmp_path, load_config(CONFIGS / "debug.yaml", [*OLD_RUN, *flipped])) == [
+        f"model.attention.recompute_kv {kv} -> {not kv}",
+        f"model.moe.recompute {moe} -> {not moe}",
+    ]
+
+
 @pytest.mark.parametrize(
     "build, needle",
     [

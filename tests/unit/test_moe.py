@@ -266,3 +266,25 @@ def test_route_ties_go_to_the_lowest_index():
     scores = torch.tensor([[0.5, 0.9, 0.5, 0.9, 0.5, 0.5, 0.9, 0.9]])  # groups of 2: sums 1.4, 1.4, 1.0, 1.8
     assert route(scores, None, 3, n_group=4, topk_group=2)[0].tolist() == [[1, 6, 7]]  # groups 3 and 0
     assert route(scores, None, 3)[0].tolist() == [[1, 3, 6]]
+
+
+def _saved_row_copies(m: MoE, x: torch.Tensor, n_rows: int) -> int:
+    """How many distinct n_rows x D tensors a forward of `m` keeps for backward."""
+    seen = set()
+
+    def pack(t):
+        if t.dim() >= 2 and t.shape[-1] == D and t.numel() == n_rows * D:
+            seen.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        m(x)
+    return len(seen)
+
+
+def test_routed_rows_are_kept_once_each():
+    """Backward needs the gathered inputs (the expert matmuls' weight grads) and the expert outputs (topk_w's
+    grad), one copy each. index_copy in the un-permute kept a second copy of the outputs (its `source`)."""
+    m = make_moe()
+    x = torch.randn(2, 5, D, requires_grad=True)
+    assert _saved_row_copies(m, x, n_rows=2 * 5 * m.top_k) == 2

@@ -25,12 +25,14 @@ from tests.dist_utils import run_distributed
 B_PER_RANK, SEQ, RTOL, ATOL = 2, 8, 1e-5, 1e-6
 
 
-def tiny_config(num_experts: int = 4, top_k: int = 2, loss_chunk_tokens: int = 0) -> KimiConfig:
+def tiny_config(
+    num_experts: int = 4, top_k: int = 2, loss_chunk_tokens: int = 0, recompute: bool = False
+) -> KimiConfig:
     return KimiConfig(
         n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=SEQ, intermediate_size=64,
         loss_chunk_tokens=loss_chunk_tokens,
-        attention=dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8),
-        moe=dict(num_experts=num_experts, top_k=top_k, expert_hidden=16, n_shared_experts=1),
+        attention=dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, recompute_kv=recompute),
+        moe=dict(num_experts=num_experts, top_k=top_k, expert_hidden=16, n_shared_experts=1, recompute=recompute),
     )  # fmt: skip
 
 
@@ -52,13 +54,16 @@ def run_case(
     compile: bool = False,
     accum: int = 1,
     loss_chunk: int = 0,
+    recompute: bool = False,
 ) -> dict:
     from kimi.optim import build_optimizer
     from kimi.parallel import ParallelDims, build_mesh, parallelize, submesh, update_router_bias
 
     torch.manual_seed(0)
-    ref = KimiModel(tiny_config(num_experts, top_k))  # the full logits, then F.cross_entropy
-    model = KimiModel(tiny_config(num_experts, top_k, loss_chunk))  # loss_chunk > 0: kimi/model/loss.py
+    # the reference stays plain: the full logits, then F.cross_entropy, and no recompute; the model under
+    # test may chunk its loss (kimi/model/loss.py) and recompute (moe.recompute, attention.recompute_kv)
+    ref = KimiModel(tiny_config(num_experts, top_k))
+    model = KimiModel(tiny_config(num_experts, top_k, loss_chunk, recompute))
     model.load_state_dict(ref.state_dict())
     idx = torch.randint(0, 64, (B_PER_RANK * world_size, SEQ))
     tgt = torch.randint(0, 64, (B_PER_RANK * world_size, SEQ))
@@ -154,8 +159,12 @@ def _body(rank, world_size, cases, ckpt_dir):
 CASES = {
     # dp_shard=2 (FSDP2 only) with the chunked cross-entropy, 5 tokens a chunk (16 per rank: a short last
     # chunk) through the sharded head; EP=2 over dp_shard=2 (experts: size-1 FSDP mesh) with checkpointing +
-    # compile.
-    2: [(ParallelConfig(dp_shard=2), 4, 2, False, False, 1, 5), (ParallelConfig(dp_shard=2, ep=2), 4, 2, True, True)],
+    # compile; the same EP=2 layout with moe.recompute and attention.recompute_kv on.
+    2: [
+        (ParallelConfig(dp_shard=2), 4, 2, False, False, 1, 5),
+        (ParallelConfig(dp_shard=2, ep=2), 4, 2, True, True),
+        (ParallelConfig(dp_shard=2, ep=2), 4, 2, False, False, 1, 0, True),
+    ],
     # dp_shard=4 x ep=2 (experts FSDP-sharded over dp_shard_mod_ep=2), gradient accumulation; HSDP 2 x 2 with ep=2; one local expert
     # per EP rank over 2 FSDP ranks (Shard(1) on the hidden dim).
     4: [
