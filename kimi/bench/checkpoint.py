@@ -44,7 +44,8 @@ def add_args(p) -> None:
         "--saves", type=int, default=4, help="checkpoint: saves per run (the first apart, the last not counted)"
     )
     p.add_argument("--interval", type=int, default=8, help="checkpoint: steps between saves")
-    p.add_argument("--rounds", type=int, default=2, help="checkpoint: sync/async run pairs, interleaved")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="checkpoint: sync/async run pairs, interleaved; ns: passes over all variants, interleaved")  # fmt: skip
 
 
 def _overrides(overrides: list[str], out: Path, saves: int, interval: int, world: int) -> list[str]:

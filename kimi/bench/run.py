@@ -11,6 +11,7 @@
     python -m kimi.bench checkpoint [--quick] ...  loop time held by sync vs async saves, save time vs world size
                                                    (kimi/bench/checkpoint.py)
     python -m kimi.bench convert    [--quick] ...  HF import: peak RSS vs shard sizes (kimi/bench/convert.py)
+    python -m kimi.bench ns         [--variants ...]  Muon's Newton-Schulz alone on the config's matrices (kimi/bench/ns.py)
 
 `dist` runs the real training loop on `nproc` gloo/NCCL processes for each of: EP=1 and EP=ep
 (the same global batch, so the same work), with Muon and with AdamW, and prints per step: tokens/s,
@@ -90,9 +91,10 @@ def _table(results: list[tuple[str, dict]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m kimi.bench", description=__doc__.split("\n\n")[0])
-    from kimi.bench import checkpoint, compare, convert, data, memory, state, throughput
+    from kimi.bench import checkpoint, compare, convert, data, memory, ns, state, throughput
 
-    what = ["dist", "train", "kernels", "compare", "throughput", "memory", "data", "state", "checkpoint", "convert"]
+    what = ["dist", "train", "kernels", "compare", "throughput", "memory", "data", "state", "checkpoint", "convert",
+            "ns"]  # fmt: skip
     p.add_argument("what", choices=what)
     p.add_argument("--config", default="configs/debug.yaml")
     p.add_argument("--nproc", type=int, default=2)
@@ -107,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     state.add_args(p)
     checkpoint.add_args(p)
     convert.add_args(p)
+    ns.add_args(p)
     args, overrides = p.parse_known_args(argv)
     if args.what == "kernels":
         from kimi.bench.kernels import run
@@ -114,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         return run()
     try:  # bad input (a ConfigError is a ValueError) is one line and exit code 2, never a traceback
         benches = {"compare": compare, "throughput": throughput, "memory": memory, "data": data, "state": state,
-                   "checkpoint": checkpoint, "convert": convert}  # fmt: skip
+                   "checkpoint": checkpoint, "convert": convert, "ns": ns}  # fmt: skip
         if args.what in benches:
             return benches[args.what].main(args, overrides)
         return run_train_or_dist(args, overrides)

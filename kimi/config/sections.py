@@ -198,7 +198,10 @@ class OptimConfig:
     eps: float = 1e-8  # AdamW epsilon
     momentum: float = 0.95  # Muon momentum
     nesterov: bool = True  # Muon: Nesterov momentum
-    ns_steps: int = 5  # Muon: Newton-Schulz iterations
+    # "polar_express": a minimax polynomial per iteration (Amsel et al. 2025), see kimi/optim/newton_schulz.py.
+    ns_method: str = "quintic"  # Muon's Newton-Schulz polynomials: "quintic" (fixed) or "polar_express" (per step)
+    ns_steps: int | None = None  # Muon: Newton-Schulz iterations; None: the method's own (quintic 5, polar_express 4)
+    ns_gram: bool = False  # Newton-Schulz on X X^T for matrices >= 1.5x wider than tall (fewer FLOPs); fp32 only
     ns_dtype: str = "auto"  # Newton-Schulz dtype: "auto" (bf16 on CUDA and CPUs with native bf16), "bf16", "fp32"
     qk_clip: bool = True  # MuonClip: rescale q/k weights of heads whose max logit exceeds tau
     qk_clip_tau: float = 100.0  # QK-clip threshold on the max pre-softmax logit
@@ -220,6 +223,12 @@ class OptimConfig:
             raise ConfigError(f"optim.expert_lr_mult={self.expert_lr_mult} must be > 0")
         if self.ns_dtype not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"optim.ns_dtype={self.ns_dtype!r} is not one of 'auto', 'bf16', 'fp32'")
+        if self.ns_method not in ("quintic", "polar_express"):
+            raise ConfigError(f"optim.ns_method={self.ns_method!r} is not one of 'quintic', 'polar_express'")
+        if self.ns_steps is not None and self.ns_steps < 1:
+            raise ConfigError(f"optim.ns_steps={self.ns_steps} must be >= 1")
+        if self.ns_gram and self.ns_dtype == "bf16":
+            raise ConfigError("optim.ns_gram=true needs optim.ns_dtype=fp32 or auto (Gram iterations drift in bf16)")
 
 
 @section("train")

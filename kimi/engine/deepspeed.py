@@ -243,7 +243,10 @@ class DeepSpeedEngine(Engine):
         client = build_optimizer(model, optim)
         if self.experts:
             kw = {k: v for k, v in client.defaults.items() if k != "use_muon"}
-            client = type(client)(split_expert_groups(client.param_groups), ns_dtype=client.ns_dtype, **kw)
+            ns = dict(
+                ns_dtype=client.ns_dtype, ns_method=client.ns.method, ns_steps=client.ns.steps, ns_gram=client.ns.gram
+            )
+            client = type(client)(split_expert_groups(client.param_groups), **ns, **kw)
         local = sum(p.numel() for p in model.parameters())  # this rank's: dense whole, its experts
         self.ds_config = ds_config(optim, parallel, train, rt.world, rt.amp_dtype == torch.bfloat16, local)
         if self.experts:

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from kimi.optim.newton_schulz import default_ns_dtype, newton_schulz
+from kimi.optim.newton_schulz import NSSpec, default_ns_dtype
 from kimi.optim.zero_muon import orthogonalize_flat
 
 
@@ -70,7 +70,7 @@ def _classify(p: Tensor) -> tuple[str, int, int]:
     return "fallback", -1, -1
 
 
-def _ns_batched(mats: list[Tensor], steps: int, dtype: torch.dtype | None) -> list[Tensor]:
+def _ns_batched(mats: list[Tensor], ns: NSSpec, dtype: torch.dtype | None) -> list[Tensor]:
     """Newton-Schulz on a list of (..., A, B) tensors, one batched call per distinct shape."""
     out: list[Tensor | None] = [None] * len(mats)
     by_shape: dict[tuple, list[int]] = {}
@@ -78,18 +78,18 @@ def _ns_batched(mats: list[Tensor], steps: int, dtype: torch.dtype | None) -> li
         by_shape.setdefault((tuple(m.shape), m.device), []).append(i)
     for idx in by_shape.values():
         if len(idx) == 1:
-            out[idx[0]] = newton_schulz(mats[idx[0]], steps, dtype=dtype)
+            out[idx[0]] = ns(mats[idx[0]], dtype)
         else:
-            res = newton_schulz(torch.stack([mats[i] for i in idx]), steps, dtype=dtype)
+            res = ns(torch.stack([mats[i] for i in idx]), dtype)
             for j, i in enumerate(idx):
                 out[i] = res[j]
     return out  # type: ignore[return-value]
 
 
 def orthogonalize(
-    params: list[Tensor], updates: list[Tensor], steps: int, dtype: torch.dtype | None = None
+    params: list[Tensor], updates: list[Tensor], ns: NSSpec, dtype: torch.dtype | None = None
 ) -> list[Tensor]:
-    """NS(update) for each Muon parameter, returned as rank-local tensors shaped like each update.
+    """ns(update) for each Muon parameter, returned as rank-local tensors shaped like each update.
     A ZeRO flat partition (a tensor with a `flat_shard`, see zero_muon.py) gets its update with each
     matrix's Muon lr scale already applied, since one partition holds matrices of different shapes.
 
@@ -101,7 +101,7 @@ def orthogonalize(
     buckets: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (id(mesh), mesh dim) -> [(i, tensor dim)]
     for i, p in enumerate(params):
         if hasattr(p, "flat_shard"):  # a ZeRO flat partition (DeepSpeed engine): returned already lr-scaled
-            out[i] = orthogonalize_flat(p.flat_shard, updates[i], steps, dtype)
+            out[i] = orthogonalize_flat(p.flat_shard, updates[i], ns, dtype)
             continue
         kind, k, d = _classify(p)
         if kind == "local":
@@ -109,12 +109,12 @@ def orthogonalize(
         elif kind == "gathered":
             buckets.setdefault((id(p.device_mesh), k), []).append((i, d))
         else:
-            out[i] = _ns_fallback(p, updates[i], steps, dtype)
-    for i, o in zip(local, _ns_batched([updates[i] for i in local], steps, dtype)):
+            out[i] = _ns_fallback(p, updates[i], ns, dtype)
+    for i, o in zip(local, _ns_batched([updates[i] for i in local], ns, dtype)):
         out[i] = o
     for (_, k), items in buckets.items():
         res = _ns_gathered(params[items[0][0]].device_mesh, k, [params[i] for i, _ in items],
-                           [updates[i] for i, _ in items], [d for _, d in items], steps, dtype)  # fmt: skip
+                           [updates[i] for i, _ in items], [d for _, d in items], ns, dtype)  # fmt: skip
         for (i, _), o in zip(items, res):
             out[i] = o
     return out  # type: ignore[return-value]
@@ -130,10 +130,10 @@ def _assign_owners(shapes: list[torch.Size], n: int) -> list[int]:
     return owner
 
 
-def _ns_gathered(mesh, k: int, params: list[Tensor], updates: list[Tensor], dims: list[int], steps: int,
+def _ns_gathered(mesh, k: int, params: list[Tensor], updates: list[Tensor], dims: list[int], ns: NSSpec,
                  dtype: torch.dtype | None) -> list[Tensor]:  # fmt: skip
     group, n, me = mesh.get_group(k), mesh.size(k), mesh.get_local_rank(k)
-    dt = dtype or default_ns_dtype(updates[0].device)
+    dt = dtype or default_ns_dtype(updates[0].device, ns.gram)
     owner = _assign_owners([p.shape for p in params], n)
     owned = [[j for j in range(len(params)) if owner[j] == r] for r in range(n)]
 
@@ -157,7 +157,7 @@ def _ns_gathered(mesh, k: int, params: list[Tensor], updates: list[Tensor], dims
     for s in range(n):
         for j in owned[me]:
             parts[j].append(next(pieces).view(shard_shape(j, s)))
-    full = _ns_batched([torch.cat(parts[j], dim=dims[j]) for j in owned[me]], steps, dt)
+    full = _ns_batched([torch.cat(parts[j], dim=dims[j]) for j in owned[me]], ns, dt)
 
     # 2) owners -> every rank: each rank's rows of every result
     send = []
@@ -181,9 +181,9 @@ def _all_to_all(chunks: list[Tensor], in_splits: list[int], out_splits: list[int
     return recv
 
 
-def _ns_fallback(p: Tensor, update: Tensor, steps: int, dtype: torch.dtype | None) -> Tensor:
+def _ns_fallback(p: Tensor, update: Tensor, ns: NSSpec, dtype: torch.dtype | None) -> Tensor:
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     u = DTensor.from_local(update, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
-    o = newton_schulz(u.full_tensor(), steps, dtype=dtype)
+    o = ns(u.full_tensor(), dtype)
     return distribute_tensor(o, p.device_mesh, p.placements, src_data_rank=None).to_local()

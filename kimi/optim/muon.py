@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from kimi.config import ConfigError, OptimConfig
 from kimi.optim.dist_muon import orthogonalize  # the (possibly distributed) Newton-Schulz
-from kimi.optim.newton_schulz import default_ns_dtype, newton_schulz  # noqa: F401  (re-exported)
+from kimi.optim.newton_schulz import NSSpec, default_ns_dtype, newton_schulz  # noqa: F401  (re-exported)
 
 
 def muon_lr_scale(shape: torch.Size) -> float:
@@ -63,12 +63,15 @@ def _local(t: Tensor) -> Tensor:
 
 class Muon(torch.optim.Optimizer):
     """Muon + AdamW. Each param group carries `use_muon`; Muon groups use lr, weight_decay, momentum,
-    nesterov, ns_steps; AdamW groups use lr, weight_decay, betas, eps. Weight decay is decoupled in both
+    nesterov; AdamW groups use lr, weight_decay, betas, eps. Weight decay is decoupled in both
     (p *= 1 - lr * wd, with the group's unscaled lr). Gradients must already be reduced across ranks
     (FSDP2 does that); a parameter whose grad is None is skipped, which must happen on all ranks alike.
 
+    `ns_method`, `ns_steps`, `ns_gram`: which Newton-Schulz (newton_schulz.NSSpec; ns_steps None: the
+    method's default). Like `ns_dtype` they belong to the optimizer, not to its param groups, so a resumed
+    run uses its config's, not its checkpoint's.
     `ns_dtype`: Newton-Schulz compute (and, when distributed, communication) dtype; None: bf16 on CUDA and
-    on CPUs with native bf16 matmuls, fp32 elsewhere (newton_schulz.default_ns_dtype).
+    on CPUs with native bf16 matmuls, fp32 elsewhere, fp32 for Gram iterations (newton_schulz.default_ns_dtype).
     `chunk_numel`: Muon parameters are updated in chunks of about this many elements (`update_chunks`),
     which bounds the step's temporary memory.
     """
@@ -80,19 +83,22 @@ class Muon(torch.optim.Optimizer):
         weight_decay: float = 0.1,
         momentum: float = 0.95,
         nesterov: bool = True,
-        ns_steps: int = 5,
+        ns_steps: int | None = None,
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         ns_dtype: torch.dtype | None = None,
         chunk_numel: int = CHUNK_NUMEL,
+        ns_method: str = "quintic",
+        ns_gram: bool = False,
     ):
         if lr < 0 or weight_decay < 0 or not 0 <= momentum < 1:
             raise ValueError(
                 f"Muon: need lr >= 0, weight_decay >= 0, 0 <= momentum < 1 (got {lr}, {weight_decay}, {momentum})"
             )
-        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         betas=tuple(betas), eps=eps, use_muon=True)  # fmt: skip
         super().__init__(params, defaults)
+        self.ns = NSSpec(ns_method, ns_steps, ns_gram)
         self.ns_dtype = ns_dtype
         self.chunk_numel = chunk_numel
         for group in self.param_groups:
@@ -131,7 +137,7 @@ class Muon(torch.optim.Optimizer):
                 # factor (1 - m) that Newton-Schulz's normalisation removes.
                 buf.lerp_(g, 1 - mom)
                 updates.append(g.lerp(buf, mom) if group["nesterov"] else buf)
-            orthos = orthogonalize(chunk, updates, steps=group["ns_steps"], dtype=self.ns_dtype)
+            orthos = orthogonalize(chunk, updates, self.ns, dtype=self.ns_dtype)
             del updates
             for p, o in zip(chunk, orthos):
                 p_local = _local(p)
@@ -209,7 +215,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, ns_dtype: torch.dtype | 
         groups.append(g)
     _check_partition(named, groups)
     return Muon(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                ns_steps=cfg.ns_steps, betas=cfg.betas, eps=cfg.eps, ns_dtype=ns_dtype)  # fmt: skip
+                betas=cfg.betas, eps=cfg.eps, ns_dtype=ns_dtype, ns_method=cfg.ns_method, ns_steps=cfg.ns_steps,
+                ns_gram=cfg.ns_gram)  # fmt: skip
 
 
 def _check_partition(named: list[tuple[str, Tensor]], groups: list[dict]) -> None:

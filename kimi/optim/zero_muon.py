@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from kimi.optim.newton_schulz import default_ns_dtype, newton_schulz
+from kimi.optim.newton_schulz import NSSpec, default_ns_dtype
 
 
 @dataclass
@@ -56,12 +56,12 @@ class FlatShard:
         return self.rank * self.size
 
 
-def orthogonalize_flat(shard: FlatShard, update: Tensor, steps: int, dtype: torch.dtype | None = None) -> Tensor:
+def orthogonalize_flat(shard: FlatShard, update: Tensor, ns: NSSpec, dtype: torch.dtype | None = None) -> Tensor:
     """The scaled Newton-Schulz update of this rank's partition (same shape as `update`: (shard.size,)).
     Collective over `shard.group`: every rank of it must call it for the same buffer."""
     if update.shape != (shard.size,):
         raise ValueError(f"Muon: flat update of shape {tuple(update.shape)}, expected ({shard.size},)")
-    dt = dtype or default_ns_dtype(update.device)
+    dt = dtype or default_ns_dtype(update.device, ns.gram)
     part = update.to(dt)
     if shard.world > 1:
         full = torch.empty(shard.numel, dtype=dt, device=update.device)
@@ -77,7 +77,7 @@ def orthogonalize_flat(shard: FlatShard, update: Tensor, steps: int, dtype: torc
     out = torch.zeros_like(part)
     for shape, js in by_shape.items():
         mats = torch.stack([full[shard.offsets[j] : shard.offsets[j] + shape.numel()].view(shape) for j in js])
-        for j, o in zip(js, newton_schulz(mats, steps, dtype=dt)):
+        for j, o in zip(js, ns(mats, dt)):
             o = o.reshape(-1) * shard.scales[j]
             a, b = max(lo, shard.offsets[j]), min(hi, shard.offsets[j] + shape.numel())
             out[a - lo : b - lo] = o[a - shard.offsets[j] : b - shard.offsets[j]]

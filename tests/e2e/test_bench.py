@@ -274,6 +274,8 @@ def test_compare_quick(tmp_path):
         (["data", "--sizes", "lots"], "--sizes: 'lots' is not a size; give e.g. 100M,1G,5G"),
         (["data", "--data-workers", "two"], "--data-workers='two': give worker counts, e.g. 1,2"),
         (["convert", "--shards", "0"], "--shards=0: give at least 1"),
+        (["ns", "--variants", "quintic"], "--variants: 'quintic' is not method:steps[:gram]"),
+        (["ns", "--variants", "cubic:3"], "Newton-Schulz method 'cubic' is not one of"),
     ],
 )
 def test_bad_bench_input_is_one_line(args, needle):
@@ -346,3 +348,12 @@ def test_convert_quick(tmp_path):
     res = json.loads((tmp_path / "c.json").read_text())
     assert res["shards"] == 3 and res["fp8"] and 0 < res["largest_tensor_mb"] <= res["shards_mb"] < res["output_mb"]
     assert res["peak_mb"] > 10 and res["floor_mb"] > 10 and "FP8 128x128" in r.stdout
+
+
+def test_ns_quick(tmp_path):
+    r = _cli("ns", "--rounds", "1", "--variants", "quintic:5,polar_express:4:gram", "--json", str(tmp_path / "n.json"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "n.json").read_text())
+    assert res["matrices"] > 0 and res["ns_calls"] >= res["chunks"] > 0
+    assert all(len(v["cpu_ms"]) == 1 and v["wall_median_ms"] > 0 for v in res["variants"].values())
+    assert "| polar_express:4:gram |" in r.stdout

@@ -5,7 +5,10 @@ Covered layouts: FSDP2 fully_shard over a 1-D mesh (2-D weights with even, uneve
 a 3-D expert stack sharded along the expert dim, empty shards at 4 ranks), a weight sharded along its
 columns, and at 4 ranks on a 2x2 mesh: HSDP (Replicate, Shard(0)), an expert stack (Shard(0), Shard(1)),
 (Shard(0), Shard(1)) on a 2-D weight (the full_tensor fallback), and expert stacks placed the way
-kimi/parallel does (EP Shard(0), then fully_shard over the other mesh dim on dim 0 or dim 1).
+kimi/parallel does (EP Shard(0), then fully_shard over the other mesh dim on dim 0 or dim 1); and ZeRO's
+flat partitions (zero_muon.orthogonalize_flat, the DeepSpeed engine's path), matrices straddling partitions.
+Muon runs each with the default Newton-Schulz and with Polar Express on Gram iterations (NS_VARIANTS):
+the distributed paths pass the choice through to the one newton_schulz.
 """
 
 import socket
@@ -27,6 +30,7 @@ from tests.unit.test_qk_clip import StandInMLA
 
 TOL = dict(rtol=1e-6, atol=1e-6)
 STEPS = 3
+NS_VARIANTS = [{}, dict(ns_method="polar_express", ns_gram=True)]  # Muon / OptimConfig keyword arguments
 
 
 class Net(nn.Module):
@@ -52,7 +56,7 @@ def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _check_fsdp_muon(mesh):
+def _check_fsdp_muon(mesh, ns):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import distribute_tensor
 
@@ -61,7 +65,7 @@ def _check_fsdp_muon(mesh):
     model = Net()
     model.load_state_dict(ref.state_dict())
     fully_shard(model, mesh=mesh)
-    opt_ref, opt = build_optimizer(ref, OptimConfig(lr=0.02)), build_optimizer(model, OptimConfig(lr=0.02))
+    opt_ref, opt = build_optimizer(ref, OptimConfig(lr=0.02, **ns)), build_optimizer(model, OptimConfig(lr=0.02, **ns))
     opt.chunk_numel = 300  # the sharded run steps in several chunks (each a collective), the reference in one
     for step in range(STEPS):
         grads = _grads(ref.named_parameters(), step)
@@ -112,14 +116,14 @@ def _layout_params(world):
     return out
 
 
-def _check_manual_layouts(world):
+def _check_manual_layouts(world, ns):
     """Muon on DTensor params in each layout vs plain params."""
     from torch.distributed.tensor import distribute_tensor
 
     pairs = _layout_params(world)
     ref = [nn.Parameter(f.clone()) for f, _ in pairs]
     dps = [d for _, d in pairs]
-    opt_ref, opt = Muon(ref, lr=0.02), Muon(dps, lr=0.02)
+    opt_ref, opt = Muon(ref, lr=0.02, **ns), Muon(dps, lr=0.02, **ns)
     for step in range(STEPS):
         g = torch.Generator().manual_seed(200 + step)
         for r, d in zip(ref, dps):
@@ -130,6 +134,33 @@ def _check_manual_layouts(world):
         opt.step()
     for r, d in zip(ref, dps):
         torch.testing.assert_close(_full(d.detach()), r.detach(), **TOL, msg=str(d.placements))
+
+
+def _check_zero_flat(rank, world, ns):
+    """orthogonalize_flat on this rank's equal partition of a flat buffer (matrices back to back, some
+    straddling partitions, padding at the end) == its one-process call on the whole buffer, which is each
+    matrix's update, scaled (to 1e-4 relative: it runs them batched, which rounds differently)."""
+    from kimi.optim.newton_schulz import NSSpec
+    from kimi.optim.zero_muon import FlatShard, orthogonalize_flat
+
+    spec = NSSpec(ns.get("ns_method", "quintic"), gram=ns.get("ns_gram", False))
+    shapes = [torch.Size(s) for s in [(6, 20), (3, 8, 16), (20, 6), (5, 5), (6, 20)]]
+    offsets, at = [], 0
+    for s in shapes:
+        offsets.append(at)
+        at += s.numel()
+    numel = -(-(at + 3) // world) * world  # >= 3 elements of padding, divisible by world
+    scales = [0.5 + j for j in range(len(shapes))]
+    flat = torch.randn(numel, generator=torch.Generator().manual_seed(6))
+    ref = orthogonalize_flat(FlatShard(shapes, offsets, scales, numel, 0, 1, None), flat.clone(), spec, torch.float32)
+    for s, o, c in zip(shapes, offsets, scales):
+        one = spec(flat[o : o + s.numel()].view(s), torch.float32).reshape(-1) * c
+        torch.testing.assert_close(ref[o : o + s.numel()], one, rtol=1e-4, atol=1e-5)
+    assert not ref[at:].any()  # padding
+    shard = FlatShard(shapes, offsets, scales, numel, rank, world, dist.group.WORLD)
+    part = orthogonalize_flat(shard, flat[shard.start : shard.start + shard.size].clone(), spec, torch.float32)
+    torch.testing.assert_close(part, ref[shard.start : shard.start + shard.size], **TOL)
+    assert part.abs().max() > 0.1  # real updates, not zeros
 
 
 def _check_qk_clip(mesh, rank, world):
@@ -193,8 +224,10 @@ def _worker(rank, world, port):
 
         torch.set_num_threads(1)
         mesh = init_device_mesh("cpu", (world,))
-        _check_fsdp_muon(mesh)
-        _check_manual_layouts(world)
+        for ns in NS_VARIANTS:
+            _check_fsdp_muon(mesh, ns)
+            _check_manual_layouts(world, ns)
+            _check_zero_flat(rank, world, ns)
         _check_qk_clip(mesh, rank, world)
         _check_grad_clip(mesh, world)
     finally:

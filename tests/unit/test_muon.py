@@ -161,3 +161,32 @@ def test_optim_ns_dtype_reaches_the_optimizer():
     assert build_optimizer(model, OptimConfig()).ns_dtype is None  # auto: newton_schulz.default_ns_dtype decides
     with pytest.raises(ConfigError, match="optim.ns_dtype='fp16' is not one of"):
         build_optimizer(model, OptimConfig(ns_dtype="fp16"))
+
+
+def test_optim_ns_method_reaches_the_optimizer_and_is_not_a_param_group_option():
+    """optim.ns_method / ns_steps / ns_gram become the optimizer's NSSpec, and its step uses it (the update is
+    the one the spec's Newton-Schulz gives); they are the optimizer's, not its groups', so a state dict from
+    before them (ns_steps in each group) loads, and the config's choice survives the load."""
+    from kimi.optim.newton_schulz import NSSpec
+
+    model = nn.Linear(16, 8, bias=False)
+    assert build_optimizer(model, OptimConfig()).ns == NSSpec("quintic", 5)
+    opt = build_optimizer(model, OptimConfig(ns_method="polar_express", ns_gram=True, ns_dtype="fp32"))
+    assert opt.ns == NSSpec("polar_express", 4, True)
+    assert build_optimizer(model, OptimConfig(ns_method="polar_express", ns_steps=3)).ns.steps == 3
+    old = opt.state_dict()
+    for g in old["param_groups"]:
+        g["ns_steps"] = 5
+    opt.load_state_dict(old)
+    assert opt.ns == NSSpec("polar_express", 4, True)
+    w0, g = model.weight.detach().clone(), torch.randn(8, 16, generator=torch.Generator().manual_seed(8))
+    model.weight.grad = g.clone()
+    opt.step()
+    lr, wd, mom = 3e-3, 0.1, 0.95  # OptimConfig's defaults; first step: buf = (1 - mom) g, Nesterov g + mom (buf - g)
+    ns = newton_schulz(g + mom * ((1 - mom) * g - g), 4, dtype=torch.float32, method="polar_express", gram=True)
+    torch.testing.assert_close(model.weight.detach(), w0 * (1 - lr * wd) - lr * 0.2 * 16**0.5 * ns, rtol=0, atol=1e-7)
+    for bad, msg in [(dict(ns_method="cubic"), "optim.ns_method='cubic' is not one of"),
+                     (dict(ns_steps=0), "optim.ns_steps=0 must be >= 1"),
+                     (dict(ns_gram=True, ns_dtype="bf16"), "optim.ns_gram=true needs optim.ns_dtype=fp32")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=msg):
+            build_optimizer(model, OptimConfig(**bad))
