@@ -13,10 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import kimi.kernels as kernels  # always imports; HAS_TRITON says whether the kernels exist
 import pytest
 import torch
 import torch.nn.functional as F
+
+import kimi.kernels as kernels  # always imports; HAS_TRITON says whether the kernels exist
 
 if not kernels.HAS_TRITON:
     pytest.skip("triton is not installed (pip install -e '.[dev]')", allow_module_level=True)
