@@ -152,7 +152,7 @@ class KimiConfig:
     # Training's cross-entropy from the final hidden state, this many tokens at a time, each chunk's gradient
     # computed in forward (kimi/model/loss.py): the (tokens, vocab) fp32 logits never exist whole, and
     # ModelOutput.logits is None when targets are given. 0: the full logits, then F.cross_entropy.
-    loss_chunk_tokens: int = 0  # chunked (fused) linear cross-entropy, tokens per chunk; 0 = full logits
+    loss_chunk_tokens: int = 1024  # chunked (fused) linear cross-entropy, tokens per chunk; 0 = full logits
     attention: AttentionConfig = field(default_factory=AttentionConfig)  # takes a dict too
     moe: MoEConfig = field(default_factory=MoEConfig)  # takes a dict too
 

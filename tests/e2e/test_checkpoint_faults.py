@@ -262,9 +262,15 @@ def test_changed_config_on_resume_applies_and_is_listed(tmp_path, capsys):
         _train(out, "--train.max_steps=6", "--model.n_embd=64")
     capsys.readouterr()
     _train(
-        out, "--train.max_steps=6", "--optim.lr=0.03", "--optim.weight_decay=0.5", "--moe.kernels=auto"
+        out,
+        "--train.max_steps=6",
+        "--optim.lr=0.03",
+        "--optim.weight_decay=0.5",
+        "--moe.kernels=auto",
+        "--model.loss_chunk_tokens=0",
     )  # same math, another path: allowed
-    assert "model.moe.kernels torch -> auto" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "model.loss_chunk_tokens 1024 -> 0" in printed and "model.moe.kernels torch -> auto" in printed
 
 
 # ----------------------------------------------------------------------------- disk full, bad paths
