@@ -89,8 +89,6 @@ def run_one(config: str, v: Variant, seed: int, steps: int, eval_every: int, eva
     from kimi.loading import load_model
 
     run_dir = out / "runs" / f"{v.name}-s{seed}"
-    if resume and (run_dir / "result.json").exists():
-        return json.loads((run_dir / "result.json").read_text())
     args = [
         *flatten(v.overrides),  # the command line's overrides are merged in there
         f"--train.max_steps={steps}",
@@ -108,6 +106,12 @@ def run_one(config: str, v: Variant, seed: int, steps: int, eval_every: int, eva
     ]
     if tracking_uri:
         args.append(f"--logging.tracking_uri={tracking_uri}")
+    if resume and (run_dir / "result.json").exists():
+        done = json.loads((run_dir / "result.json").read_text())
+        if done.get("args") != args:  # another budget or recipe: its result would be tabled as this one's
+            raise ValueError(f"--resume: {run_dir} finished with other settings ({done.get('args')}); "
+                             "give another --out, or delete that run directory to train it again")  # fmt: skip
+        return done
     if run_dir.exists() and not resume:
         import shutil
 
@@ -144,6 +148,7 @@ def run_one(config: str, v: Variant, seed: int, steps: int, eval_every: int, eva
         "tokens_per_s": steps * tok_per_step / train_time if train_time else None, "peak_rss_bytes": rss,
         "val_loss_by_position": by_position, "kv_bytes_per_token": model.kv_cache_bytes_per_token(),
     }  # fmt: skip
+    result["args"] = args  # the command line it trained with: a later --resume checks it
     (run_dir / "result.json").write_text(json.dumps(result))
     return result
 

@@ -226,6 +226,9 @@ def test_compare_resume_continues_a_killed_compare_on_the_same_curve(tmp_path):
     r = _cli(*cmd, "--out", str(tmp_path / "cut"))
     assert r.returncode == 0 and json.loads((tmp_path / "cut" / "runs.json").read_text())[0] == cut
     assert not any("kimi.train" in line for line in r.stdout.splitlines()) and time.monotonic() - t0 < 60
+    # ... unless it finished with other settings: refused in one line, not tabled as this budget's
+    r = _cli(*cmd, "--optim.lr=1e-2", "--out", str(tmp_path / "cut"))
+    assert r.returncode == 2 and "finished with other settings" in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
 def test_compare_quick(tmp_path):
