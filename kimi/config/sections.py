@@ -187,6 +187,9 @@ class KimiConfig:
         return self.moe.use_moe and layer_idx >= self.moe.first_k_dense_replace
 
 
+NS_DEFAULT_STEPS = {"quintic": 5, "polar_express": 4}  # Newton-Schulz method -> its default iteration count
+
+
 @section("optim")
 class OptimConfig:
     """Optimizer: Muon/AdamW, QK-clip, learning-rate schedule."""
@@ -200,7 +203,7 @@ class OptimConfig:
     nesterov: bool = True  # Muon: Nesterov momentum
     # "polar_express": a minimax polynomial per iteration (Amsel et al. 2025), see kimi/optim/newton_schulz.py.
     ns_method: str = "quintic"  # Muon's Newton-Schulz polynomials: "quintic" (fixed) or "polar_express" (per step)
-    ns_steps: int | None = None  # Muon: Newton-Schulz iterations; None: the method's own (quintic 5, polar_express 4)
+    ns_steps: int | None = None  # Muon: Newton-Schulz iterations; None: the method's own (NS_DEFAULT_STEPS), filled in
     ns_gram: bool = False  # Newton-Schulz on X X^T for matrices >= 1.5x wider than tall (fewer FLOPs); fp32 only
     ns_dtype: str = "auto"  # Newton-Schulz dtype: "auto" (bf16 on CUDA and CPUs with native bf16), "bf16", "fp32"
     qk_clip: bool = True  # MuonClip: rescale q/k weights of heads whose max logit exceeds tau
@@ -225,7 +228,9 @@ class OptimConfig:
             raise ConfigError(f"optim.ns_dtype={self.ns_dtype!r} is not one of 'auto', 'bf16', 'fp32'")
         if self.ns_method not in ("quintic", "polar_express"):
             raise ConfigError(f"optim.ns_method={self.ns_method!r} is not one of 'quintic', 'polar_express'")
-        if self.ns_steps is not None and self.ns_steps < 1:
+        if self.ns_steps is None:  # stored resolved: a checkpoint's config says how many iterations it ran
+            self.ns_steps = NS_DEFAULT_STEPS[self.ns_method]
+        if self.ns_steps < 1:
             raise ConfigError(f"optim.ns_steps={self.ns_steps} must be >= 1")
         if self.ns_gram and self.ns_dtype == "bf16":
             raise ConfigError("optim.ns_gram=true needs optim.ns_dtype=fp32 or auto (Gram iterations drift in bf16)")

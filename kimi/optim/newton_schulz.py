@@ -13,7 +13,8 @@ with matmuls as (aI + bXX^T + c(XX^T)^2) X. Two schedules of polynomials (`NSSpe
 
 and two ways to evaluate them (`NSSpec.gram`): on X itself, or on the small Gram matrix R = X X^T of a
 wide X (n x m, m >= 1.5 n), accumulating the polynomial Q = h_k(R_k)...h_1(R_1) and applying it once:
-X_k = Q X. Imported by `muon.py`, `dist_muon.py` and `zero_muon.py`; imports neither.
+X_k = Q X. Imported by `muon.py`, `dist_muon.py` and `zero_muon.py`; imports neither (only the config's
+table of default iteration counts).
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kimi.config.sections import NS_DEFAULT_STEPS
+
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic: maximal slope at 0, singular values land in ~[0.7, 1.2]
-NS_METHODS = {"quintic": 5, "polar_express": 4}  # method -> its default iteration count
+NS_METHODS = NS_DEFAULT_STEPS  # method -> its default iteration count (one table, in the config)
 # Polar Express: the schedule is optimal for singular values (over the Frobenius norm) in [PE_LOWER, 1];
 # smaller ones still grow, by the product of the slopes at 0 (~8 x 4 x 4 x 3.4), but land below the band.
 # 3e-3: at 4 iterations the band on [3e-3, 1] is [0.78, 1.22]; with 1e-3 (the paper's) it is [0.43, 1.57].
