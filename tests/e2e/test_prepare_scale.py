@@ -42,7 +42,8 @@ def _kill_after_shards(proc, split_dir, n: int) -> int:
         if done >= n:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            return done
+            # Read again: a worker may have recorded another shard between the read above and the kill.
+            return len(json.loads(progress.read_text())["shards"])
         time.sleep(0.02)
     raise AssertionError(f"prepare ended (rc {proc.poll()}) before writing {n} shards: make the corpus bigger")
 
