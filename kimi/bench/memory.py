@@ -14,6 +14,7 @@ training       peak memory of a few training steps of the config's model and of 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -90,7 +91,11 @@ def generation_speed(config: str, overrides: list[str], prompt_len: int, new_tok
 
 # A CPU child trains and prints its peak RSS before and after: the difference is what training added
 # on top of the interpreter and torch: weights, grads, optimizer state, activations (one fresh process per
-# model, so one peak cannot hide another).
+# model, so one peak cannot hide another). glibc's malloc raises its mmap threshold each time a large
+# block is freed, after which big tensors come from the heap and freed ones stay resident, fragmented: the
+# same run's peak RSS then moved by +-15% between runs. A fixed threshold (which stops that adjustment)
+# maps every tensor over 128 KiB and returns it on free, so the peak is what was live, run after run.
+_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 _CHILD = """import json, sys, torch
 from kimi.bench.tables import vm_hwm
 from kimi.bench.throughput import step_breakdown
@@ -116,7 +121,7 @@ def training_memory(config: str, overrides: list[str], steps: int) -> list[dict]
         else:
             tree = c.to_dict()
             cmd = [sys.executable, "-c", _CHILD, str(steps), json.dumps(tree)]
-            p = subprocess.run(cmd, capture_output=True, text=True)
+            p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **_MALLOC_ENV})
             if p.returncode != 0:
                 raise RuntimeError(f"training-memory child failed: {p.stderr.strip()[-300:]}")
             before, after = json.loads(p.stdout.strip().splitlines()[-1])
