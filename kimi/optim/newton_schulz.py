@@ -28,7 +28,6 @@ from torch import Tensor
 from kimi.config.sections import NS_DEFAULT_STEPS
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic: maximal slope at 0, singular values land in ~[0.7, 1.2]
-NS_METHODS = NS_DEFAULT_STEPS  # method -> its default iteration count (one table, in the config)
 # Polar Express: the schedule is optimal for singular values (over the Frobenius norm) in [PE_LOWER, 1];
 # smaller ones still grow, by the product of the slopes at 0 (~8 x 4 x 4 x 3.4), but land below the band.
 # 3e-3: at 4 iterations the band on [3e-3, 1] is [0.78, 1.22]; with 1e-3 (the paper's) it is [0.43, 1.57].
@@ -44,17 +43,19 @@ GRAM_RESTART = 3  # recompute X and R = X X^T from the accumulated polynomial ev
 @dataclass(frozen=True)
 class NSSpec:
     """Which Newton-Schulz Muon runs: the polynomial schedule, its iteration count (None: the method's
-    default, NS_METHODS), and whether wide matrices iterate on their Gram matrix (fp32 only)."""
+    default, NS_DEFAULT_STEPS in the config), and whether wide matrices iterate on their Gram matrix (fp32 only)."""
 
     method: str = "quintic"
     steps: int | None = None
     gram: bool = False
 
     def __post_init__(self) -> None:
-        if self.method not in NS_METHODS:
-            raise ValueError(f"Newton-Schulz method {self.method!r} is not one of {', '.join(map(repr, NS_METHODS))}")
+        if self.method not in NS_DEFAULT_STEPS:
+            raise ValueError(
+                f"Newton-Schulz method {self.method!r} is not one of {', '.join(map(repr, NS_DEFAULT_STEPS))}"
+            )
         if self.steps is None:
-            object.__setattr__(self, "steps", NS_METHODS[self.method])
+            object.__setattr__(self, "steps", NS_DEFAULT_STEPS[self.method])
         if self.steps < 1:
             raise ValueError(f"Newton-Schulz needs >= 1 iteration, got {self.steps}")
 
