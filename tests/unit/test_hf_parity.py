@@ -100,6 +100,19 @@ def assert_routing_fields_matter(ours: KimiModel, idx, ref_logits) -> None:
         m.cfg = moe
 
 
+def test_the_checkouts_kernels_folder_does_not_shadow_the_pypi_kernels_package():
+    """transformers >= 5.25 imports the PyPI package `kernels` on `import transformers.activations`; the
+    checkout's top-level kernels/ (kimi.kernels) must not be found under that name first (tests/conftest.py,
+    pyproject's --import-mode=append), or every DeepSeek-V3 model build here fails with an ImportError."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("kernels")
+    ours = Path(__file__).resolve().parents[2] / "kernels"
+    assert spec is None or Path(spec.origin).parent != ours, f"`import kernels` finds {spec.origin}"
+    transformers.DeepseekV3Config  # noqa: B018  (resolves transformers' lazy module, which imports `kernels`)
+
+
 @pytest.mark.parametrize(
     "q_lora_rank,interleave,routing",
     [(None, True, {}), (24, True, {}), (24, False, {}), (None, True, GROUPED)],
