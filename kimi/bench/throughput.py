@@ -1,4 +1,4 @@
-"""python -m kimi.bench throughput [--config configs/nano.yaml] [--steps 10] [--json out.json] [--quick]
+"""python -m kimi.bench throughput [--config configs/nano.yaml] [--steps 10] [--rounds 2] [--json out.json] [--quick]
 
 Training speed of the config's model and of its nanoGPT-equivalent (kimi/bench/variants.py) in the same
 process, on synthetic tokens (speed does not depend on the text):
@@ -11,7 +11,11 @@ process, on synthetic tokens (speed does not depend on the text):
                      Each phase ends in a device sync, so the total is a little above an unprofiled step's.
   MoE vs dense       one MoE layer's forward+backward against a dense SwiGLU MLP with the same active
                      FLOPs (hidden = (n_shared + top_k) * expert_hidden), at the nano and small widths.
-Medians over the steps after the first (warm-up). Numbers for docs/benchmarking.md, never for tests.
+Medians over the steps after the first (warm-up). With --rounds N (default 2) the two models take turns,
+N runs each (nanoKimi, nanoGPT, nanoGPT, nanoKimi, ...), so drift in the machine's speed (other jobs,
+clocks) hits both alike: each figure is the median over rounds, and the MFU ratio is given per round too
+(its spread says how far to trust it; single runs on a shared 2-core VM varied by ~30%).
+Numbers for docs/benchmarking.md, never for tests.
 """
 
 from __future__ import annotations
@@ -123,7 +127,23 @@ def moe_vs_dense(config: str, tokens: int, reps: int, device: torch.device) -> d
     return res
 
 
-def run(config: str, overrides: list[str], steps: int, quick: bool) -> dict:
+def interleaved(pair: dict[str, Config], steps: int, rounds: int, device: torch.device) -> dict:
+    """step_breakdown of each config, in turns, `rounds` times; per config the median of each figure over
+    rounds (the peak memory: the largest), plus the per-round tokens/s (`rounds_tokens_per_s`)."""
+    per: dict[str, list[dict]] = {name: [] for name in pair}
+    for i in range(rounds):
+        for name in list(pair)[:: 1 if i % 2 == 0 else -1]:  # the order flips every round
+            per[name].append(step_breakdown(pair[name], steps, device))
+    out = {}
+    for name, runs in per.items():
+        out[name] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}  # counts are the same in each
+        if "peak_memory_bytes" in runs[0]:
+            out[name]["peak_memory_bytes"] = max(r["peak_memory_bytes"] for r in runs)
+        out[name]["rounds_tokens_per_s"] = [r["tokens_per_s"] for r in runs]
+    return out
+
+
+def run(config: str, overrides: list[str], steps: int, quick: bool, rounds: int = 1) -> dict:
     from kimi.bench.variants import matched_pair
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -131,15 +151,20 @@ def run(config: str, overrides: list[str], steps: int, quick: bool) -> dict:
     kimi_cfg, base_cfg = matched_pair(config, overrides)
     peak = matmul_peak(device, dtype, n=256 if quick else None)
     out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads",
-           "torch": torch.__version__, "config": config, "matmul_peak_flops": peak, "matmul_dtype": str(dtype)}  # fmt: skip
+           "torch": torch.__version__, "config": config, "matmul_peak_flops": peak, "matmul_dtype": str(dtype),
+           "rounds": rounds}  # fmt: skip
     if device.type == "cuda":
         out["datasheet_peak_flops"] = datasheet_peak_flops(device)
-    for name, cfg in (("nanokimi", kimi_cfg), ("nanogpt", base_cfg)):
-        r = step_breakdown(cfg, steps, device)
+    for name, r in interleaved({"nanokimi": kimi_cfg, "nanogpt": base_cfg}, steps, rounds, device).items():
         r["mfu_measured_peak"] = r["flops_per_token"] * r["tokens_per_s"] / peak
         if out.get("datasheet_peak_flops"):
             r["mfu_datasheet"] = r["flops_per_token"] * r["tokens_per_s"] / out["datasheet_peak_flops"]
         out[name] = r
+    k, g = out["nanokimi"], out["nanogpt"]
+    # MFU ratio = (FLOPs/token x tokens/s) over the pair; per round, the two runs next to each other
+    out["mfu_ratio_rounds"] = [k["flops_per_token"] * a / (g["flops_per_token"] * b)
+                               for a, b in zip(k["rounds_tokens_per_s"], g["rounds_tokens_per_s"])]  # fmt: skip
+    out["mfu_ratio"] = statistics.median(out["mfu_ratio_rounds"])
     widths = [QUICK_CONFIG] if quick else ["configs/nano.yaml", "configs/small.yaml"]
     tokens = 256 if quick else (16384 if device.type == "cuda" else 2048)
     out["moe_vs_dense"] = [moe_vs_dense(c, tokens, 2 if quick else 5, device) for c in widths]
@@ -160,10 +185,13 @@ def report(r: dict) -> str:
         speed.append([name, f"{m['tokens_per_s']:,.0f}", mfu, *phases])
     moe = [[str(m["width"]), str(m["tokens"]), f"{m['experts']} ({m['top_k']})", f"{m['moe_ms']:.2f}",
             f"{m['dense_ms']:.2f}", f"{m['ratio']:.2f}"] for m in r["moe_vs_dense"]]  # fmt: skip
+    ratios = ", ".join(f"{x:.2f}" for x in r["mfu_ratio_rounds"])
     return "\n".join([
-        f"kimi.bench throughput: {r['config']} on {r['device']}, torch {r['torch']}; {peak}", "",
+        f"kimi.bench throughput: {r['config']} on {r['device']}, torch {r['torch']}; {peak}; "
+        f"medians of {r['rounds']} interleaved round(s)", "",
         *md_table(["model", "tokens/s", "MFU (measured peak)", "step ms", "forward", "backward", "optimizer",
                    "routing"], speed), "",
+        f"MFU nanoKimi / nanoGPT: {r['mfu_ratio']:.2f}x (per round: {ratios})", "",
         *md_table(["width", "tokens", "experts (top-k)", "MoE fwd+bwd ms", "dense SwiGLU (same active FLOPs) ms",
                    "MoE/dense"], moe)])  # fmt: skip
 
@@ -171,9 +199,12 @@ def report(r: dict) -> str:
 def main(args, overrides: list[str]) -> dict:
     config = QUICK_CONFIG if args.quick else args.config
     steps = 2 if args.quick else args.steps
+    rounds = 1 if args.quick else args.rounds
     if steps < 2:
         raise ValueError(f"--steps={steps}: need >= 2 (the first step is warm-up and not counted)")
-    r = run(config, overrides, steps, args.quick)
+    if rounds < 1:
+        raise ValueError(f"--rounds={rounds}: need >= 1")
+    r = run(config, overrides, steps, args.quick, rounds)
     print(report(r))
     save_json(args.json, r)
     return r

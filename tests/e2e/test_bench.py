@@ -274,6 +274,7 @@ def test_compare_quick(tmp_path):
         (["compare", "--quick", "--ablations", "kimi_moar"], "unknown ablation(s) kimi_moar"),
         (["memory", "--quick", "--contexts", "1k"], "--contexts='1k': give comma-separated context lengths"),
         (["throughput", "--config", "configs/debug.yaml", "--steps", "1"], "--steps=1: need >= 2"),
+        (["throughput", "--config", "configs/debug.yaml", "--rounds", "0"], "--rounds=0: need >= 1"),
         (["data", "--sizes", "lots"], "--sizes: 'lots' is not a size; give e.g. 100M,1G,5G"),
         (["data", "--data-workers", "two"], "--data-workers='two': give worker counts, e.g. 1,2"),
         (["convert", "--shards", "0"], "--shards=0: give at least 1"),
@@ -297,6 +298,7 @@ def test_throughput_quick(tmp_path):
         assert 0 < parts <= m["step_s"] * 1.001 and 0 < m["mfu_measured_peak"]
     assert res["nanokimi"]["routing_s"] > 0 and res["nanogpt"]["flops_per_token"] > 0
     assert res["moe_vs_dense"][0]["moe_ms"] > 0 and "| nanokimi |" in r.stdout
+    assert res["mfu_ratio_rounds"] == [res["mfu_ratio"]] and "MFU nanoKimi / nanoGPT" in r.stdout  # --quick: 1 round
 
 
 def test_checkpoint_quick(tmp_path):
