@@ -37,6 +37,7 @@ def _losses(out: Path) -> list[float]:
     return [r["loss"] for r in rows]
 
 
+@pytest.mark.slow
 def test_two_node_job_trains_ep_across_the_nodes_like_one_process(two_nodes: Cluster, tmp_path: Path) -> None:
     from kimi.config import load_config
     from kimi.train import train

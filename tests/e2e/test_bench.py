@@ -195,6 +195,7 @@ def test_compare_quick_against_dense_muon(tmp_path):
     assert (tmp_path / "gap_vs_tokens.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_compare_resume_continues_a_killed_compare_on_the_same_curve(tmp_path):
     """SIGKILL a real `kimi.bench compare --resume` (and its training child) mid-run; the same command
     continues from the run's last checkpoint and gives the uninterrupted run's curve bit for bit; a third
@@ -231,6 +232,7 @@ def test_compare_resume_continues_a_killed_compare_on_the_same_curve(tmp_path):
     assert r.returncode == 2 and "finished with other settings" in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
+@pytest.mark.slow
 def test_compare_quick(tmp_path):
     r = _cli("compare", "--quick", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -317,6 +319,7 @@ def test_checkpoint_quick(tmp_path):
     assert "async / sync blocked time" in r.stdout
 
 
+@pytest.mark.slow
 def test_memory_quick(tmp_path):
     r = _cli("memory", "--quick", "--json", str(tmp_path / "m.json"))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -333,6 +336,7 @@ def test_memory_quick(tmp_path):
     assert [t["model"] for t in res["training"]] == ["nanokimi", "nanogpt (equal active)", "nanogpt (equal total)"]
 
 
+@pytest.mark.slow
 def test_data_quick(tmp_path):
     r = _cli("data", "--quick", "--data-workers", "1,2", "--work", str(tmp_path), "--json", str(tmp_path / "d.json"))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -347,6 +351,7 @@ def test_data_quick(tmp_path):
     assert "| kimi.prepare | 1 |" in r.stdout and "| tiktoken script | 2 |" in r.stdout
 
 
+@pytest.mark.slow
 def test_convert_quick(tmp_path):
     r = _cli("convert", "--quick", "--shards", "3", "--fp8", "--json", str(tmp_path / "c.json"))
     assert r.returncode == 0, r.stderr[-2000:]

@@ -95,6 +95,7 @@ def _uninterrupted(out: Path, args: list[str], log: Path):
             ref.wait()
 
 
+@pytest.mark.slow
 def test_sigkill_at_every_point_of_a_save_loses_nothing(tmp_path):
     """One run killed (real SIGKILL) during five saves in a row, each at a different point, then resumed to
     the end: the losses equal an uninterrupted run's bit for bit, and metrics.jsonl has each step once."""

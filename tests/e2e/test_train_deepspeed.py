@@ -145,6 +145,7 @@ def test_deepspeed_checkpoint_reads_on_one_process(runs, tmp_path):
     assert (tmp_path / "hf" / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_sigterm_preempted_deepspeed_job_resumes_exactly(tmp_path, runs):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -187,6 +188,7 @@ def _world4(rank, world, out):
     train(load_config(ROOT / "configs" / "debug.yaml", _overrides(out, *W4, *extra)))
 
 
+@pytest.mark.slow
 def test_world4_ep2_zero2_with_expert_replicas_matches_one_process(tmp_path):
     """World 4, ep 2: each expert lives on 2 ranks, so ZeRO reduces expert gradients over their 2 replicas
     (not all 4 ranks) and Muon all-gathers expert partitions over those 2 (orthogonalize_flat) while dense
