@@ -46,7 +46,7 @@ def add_args(p) -> None:
     p.add_argument("--interval", type=int, default=8, help="checkpoint: steps between saves")
     p.add_argument("--rounds", type=int, default=2,
                    help="checkpoint: sync/async run pairs, interleaved; ns: passes over all variants, interleaved; "
-                   "throughput: runs per model, interleaved (--quick: 1)")  # fmt: skip
+                   "throughput: runs per model, interleaved")  # fmt: skip
 
 
 def _overrides(overrides: list[str], out: Path, saves: int, interval: int, world: int) -> list[str]:

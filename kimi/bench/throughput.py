@@ -143,7 +143,7 @@ def interleaved(pair: dict[str, Config], steps: int, rounds: int, device: torch.
     return out
 
 
-def run(config: str, overrides: list[str], steps: int, quick: bool, rounds: int = 1) -> dict:
+def run(config: str, overrides: list[str], steps: int, quick: bool, rounds: int = 2) -> dict:
     from kimi.bench.variants import matched_pair
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -199,7 +199,7 @@ def report(r: dict) -> str:
 def main(args, overrides: list[str]) -> dict:
     config = QUICK_CONFIG if args.quick else args.config
     steps = 2 if args.quick else args.steps
-    rounds = 1 if args.quick else args.rounds
+    rounds = args.rounds
     if steps < 2:
         raise ValueError(f"--steps={steps}: need >= 2 (the first step is warm-up and not counted)")
     if rounds < 1:
