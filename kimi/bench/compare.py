@@ -14,6 +14,9 @@ its best lr (lowest whole-split loss) is the reference for the other seeds and f
   tokens_to_baseline   tokens a model needs before its validation curve first reaches the best baseline's
                        final curve loss (linear interpolation between evals; None if never reached)
   speedup_tokens       baseline's tokens to that loss / the model's (> 1: the model converges faster)
+  time_to_baseline_s   the same on the clock: training seconds (the sum of step times; evals left out)
+  speedup_time         baseline's seconds to that loss / the model's (ratios of runs that shared the CPU
+                       with --jobs > 1 hold only when each had its own cores: one thread per run)
 
 Writes results.json, results.md, val_vs_tokens.png, val_vs_time.png under --out, and logs every run
 (and a summary run with the table and plots) to MLflow (`--tracking-uri`; default sqlite in --out).
@@ -166,22 +169,30 @@ def _mean_spread(xs: list[float | None]) -> tuple[float | None, float | None, in
 def summarise(runs: list[dict], best_baseline: str) -> list[dict]:
     """One row per variant (best baseline lr only for the baseline group), means and spreads over seeds."""
     base = {r["seed"]: r for r in runs if r["variant"] == best_baseline}
+
+    def reach(run: dict | None, key: str, target: float | None) -> float | None:
+        return tokens_to_reach(run[key], target) if run and run.get(key) and target is not None else None
+
     for r in runs:
         b = base.get(r["seed"])
         target = b["final_curve_val"] if b else None
         r["target_loss"] = target
-        r["tokens_to_baseline"] = tokens_to_reach(r["curve"], target) if target is not None else None
-        b_tok = tokens_to_reach(b["curve"], target) if b and target is not None else None
-        r["speedup_tokens"] = b_tok / r["tokens_to_baseline"] if b_tok and r["tokens_to_baseline"] else None
+        # Tokens to the baseline's final loss, and the same on the clock: training seconds (the sum of
+        # step times, evals left out), each against the baseline's own.
+        for x, key, ratio in (("curve", "tokens_to_baseline", "speedup_tokens"),
+                              ("curve_time", "time_to_baseline_s", "speedup_time")):  # fmt: skip
+            r[key], b_x = reach(r, x, target), reach(b, x, target)
+            r[ratio] = b_x / r[key] if b_x and r[key] else None
     names = list(dict.fromkeys(r["variant"] for r in runs))
     rows = []
     for name in names:
         rs = [r for r in runs if r["variant"] == name]
         row = {k: rs[0][k] for k in ("variant", "group", "about", "lr", "params_total", "params_active",
                                      "params_non_embedding", "params_active_non_embedding", "tokens")}  # fmt: skip
-        for k in ("final_val_loss", "tokens_to_baseline", "speedup_tokens", "train_time_s", "tokens_per_s",
-                  "peak_rss_bytes"):  # fmt: skip
-            row[k], row[k + "_std"], row["n_seeds"] = _mean_spread([r[k] for r in rs])
+        for k in ("final_val_loss", "tokens_to_baseline", "speedup_tokens", "time_to_baseline_s", "speedup_time",
+                  "train_time_s", "tokens_per_s", "peak_rss_bytes"):  # fmt: skip
+            row[k], row[k + "_std"], _ = _mean_spread([r.get(k) for r in rs])
+        row["n_seeds"] = len(rs)
         row["reference"] = name == best_baseline
         rows.append(row)
     return rows
@@ -199,8 +210,9 @@ def markdown_table(rows: list[dict], header: str) -> str:
         header,
         "",
         "| variant | lr | params total / active / non-emb (M) | active non-emb (M) | val loss (whole split) | "
-        "tokens to baseline loss | speed-up (tokens) | train s | tokens/s | peak RSS MB | seeds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "tokens to baseline loss | speed-up (tokens) | train s to baseline loss | speed-up (time) | train s | "
+        "tokens/s | peak RSS MB | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         name = f"**{r['variant']}** (reference)" if r["reference"] else r["variant"]
@@ -209,7 +221,9 @@ def markdown_table(rows: list[dict], header: str) -> str:
             f"{r['params_non_embedding'] / 1e6:.2f} | {r['params_active_non_embedding'] / 1e6:.3f} | "
             f"{_fmt(r['final_val_loss'], '.4f', r['final_val_loss_std'])} | "
             f"{_fmt(r['tokens_to_baseline'], ',.0f', r['tokens_to_baseline_std'])} | "
-            f"{_fmt(r['speedup_tokens'], '.2f', r['speedup_tokens_std'])} | {_fmt(r['train_time_s'], '.0f')} | "
+            f"{_fmt(r['speedup_tokens'], '.2f', r['speedup_tokens_std'])} | "
+            f"{_fmt(r['time_to_baseline_s'], ',.0f', r['time_to_baseline_s_std'])} | "
+            f"{_fmt(r['speedup_time'], '.2f', r['speedup_time_std'])} | {_fmt(r['train_time_s'], '.0f')} | "
             f"{_fmt(r['tokens_per_s'], ',.0f')} | {_fmt(r['peak_rss_bytes'] and r['peak_rss_bytes'] / 2**20, '.0f')} | "
             f"{r['n_seeds']} |"
         )

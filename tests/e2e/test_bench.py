@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kimi.bench.compare import full_split_loss, tokens_to_reach
+from kimi.bench.compare import full_split_loss, markdown_table, summarise, tokens_to_reach
 from kimi.bench.variants import (
     _width_overrides,
     baseline_at_total,
@@ -136,6 +136,26 @@ def test_tokens_to_reach_interpolates():
     assert tokens_to_reach(curve, 1.5) == 300
     assert tokens_to_reach(curve, 3.5) == 100
     assert tokens_to_reach(curve, 1.0) is None
+
+
+def test_summary_gives_tokens_and_seconds_to_the_reference_loss():
+    # Two seeds; the model reaches the reference's final curve loss in half its tokens and a third of its time.
+    def run(variant, seed, curve, seconds):
+        return {"variant": variant, "group": variant, "about": "", "lr": 1e-3, "seed": seed, "tokens": 300,
+                "params_total": 1, "params_active": 1, "params_non_embedding": 1, "params_active_non_embedding": 1,
+                "curve": curve, "curve_time": [(t, loss) for t, (_, loss) in zip(seconds, curve)],
+                "final_curve_val": curve[-1][1], "final_val_loss": curve[-1][1], "train_time_s": seconds[-1],
+                "tokens_per_s": None, "peak_rss_bytes": None}  # fmt: skip
+
+    ref = [(100, 3.0), (200, 2.0), (300, 1.0)]
+    runs = [run("dense_muon", s, ref, [10, 20, 30]) for s in (1, 2)]
+    runs += [run("kimi", 1, [(100, 2.0), (150, 1.0), (300, 0.5)], [5, 10, 20]),
+             run("kimi", 2, [(100, 2.0), (150, 1.0), (300, 0.5)], [5, 10, 20])]  # fmt: skip
+    rows = {row["variant"]: row for row in summarise(runs, "dense_muon")}
+    assert rows["dense_muon"]["speedup_tokens"] == 1.0 and rows["dense_muon"]["speedup_time"] == 1.0
+    assert rows["kimi"]["tokens_to_baseline"] == 150 and rows["kimi"]["speedup_tokens"] == 2.0
+    assert rows["kimi"]["time_to_baseline_s"] == 10 and rows["kimi"]["speedup_time"] == 3.0
+    assert rows["kimi"]["n_seeds"] == 2 and "| 10 | 3.00 |" in markdown_table(list(rows.values()), "")
 
 
 def test_full_split_loss_scores_every_token_once():
