@@ -18,6 +18,9 @@ its best lr (lowest whole-split loss) is the reference for the other seeds and f
   speedup_time         baseline's seconds to that loss / the model's (ratios of runs that shared the CPU
                        with --jobs > 1 hold only when each had its own cores: one thread per run)
 
+With dense_muon among the runs, results.md also tables each variant's validation loss minus dense_muon's
+at every eval (mean and range over seeds) and gap_vs_tokens.png draws it.
+
 Writes results.json, results.md, val_vs_tokens.png, val_vs_time.png under --out, and logs every run
 (and a summary run with the table and plots) to MLflow (`--tracking-uri`; default sqlite in --out).
 """
@@ -275,13 +278,42 @@ def plot_curves(runs: list[dict], out: Path, keep: set[str]) -> list[Path]:
     return paths
 
 
-def plot_gap(runs: list[dict], out: Path, reference: str = DENSE_REFERENCE) -> list[Path]:
-    """Each variant's validation loss minus `reference`'s at the same tokens, seed by seed (same eval
-    schedule, so the curves share their token counts): mean and min-max band over seeds. Below zero the
-    variant is ahead. Nothing when the reference did not run."""
+def gaps_by_tokens(runs: list[dict], reference: str = DENSE_REFERENCE) -> dict[str, dict[int, list[float]]]:
+    """Per variant: {tokens: [its validation loss - `reference`'s, one per seed]} at the evals both ran
+    (same eval schedule, so the curves share their token counts). Empty when the reference did not run."""
     ref = {r["seed"]: dict(r["curve"]) for r in runs if r["variant"] == reference}
-    others = [n for n in dict.fromkeys(r["variant"] for r in runs) if n != reference]
-    if not ref or not others:
+    out: dict[str, dict[int, list[float]]] = {}
+    for r in runs:
+        if r["variant"] == reference or r["seed"] not in ref:
+            continue
+        gaps = out.setdefault(r["variant"], {})
+        for tok, loss in r["curve"]:
+            if tok in ref[r["seed"]]:
+                gaps.setdefault(tok, []).append(loss - ref[r["seed"]][tok])
+    return {name: dict(sorted(g.items())) for name, g in out.items() if g}
+
+
+def gap_table(runs: list[dict], reference: str = DENSE_REFERENCE) -> str:
+    """The gap against `reference` at every eval: mean, min and max over seeds (below zero: ahead)."""
+    gaps = gaps_by_tokens(runs, reference)
+    if not gaps:
+        return ""
+    names = list(gaps)
+    toks = sorted({t for g in gaps.values() for t in g})
+    lines = ["", f"Validation loss minus {reference}'s at the same tokens (same seed), mean [min, max] over seeds:", "",
+             f"| tokens | {' | '.join(names)} |", f"|---|{'---|' * len(names)}"]  # fmt: skip
+    for t in toks:
+        cells = [f"{statistics.fmean(g[t]):+.4f} [{min(g[t]):+.4f}, {max(g[t]):+.4f}] ({len(g[t])})" if t in g else "-"
+                 for g in gaps.values()]  # fmt: skip
+        lines.append(f"| {t:,} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_gap(runs: list[dict], out: Path, reference: str = DENSE_REFERENCE) -> list[Path]:
+    """`gaps_by_tokens` drawn: the mean over seeds and the min-max band. Below zero the variant is ahead.
+    Nothing when the reference did not run."""
+    gaps = gaps_by_tokens(runs, reference)
+    if not gaps:
         return []
     import matplotlib
 
@@ -289,19 +321,11 @@ def plot_gap(runs: list[dict], out: Path, reference: str = DENSE_REFERENCE) -> l
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name in others:
-        gaps: dict[int, list[float]] = {}
-        for r in runs:
-            if r["variant"] == name and r["seed"] in ref:
-                for tok, loss in r["curve"]:
-                    if tok in ref[r["seed"]]:
-                        gaps.setdefault(tok, []).append(loss - ref[r["seed"]][tok])
-        if not gaps:
-            continue
-        toks = sorted(gaps)
-        ax.plot(toks, [statistics.fmean(gaps[t]) for t in toks], lw=1.3,
-                label=f"{name} ({max(len(g) for g in gaps.values())} seeds)")  # fmt: skip
-        ax.fill_between(toks, [min(gaps[t]) for t in toks], [max(gaps[t]) for t in toks], alpha=0.2)
+    for name, g in gaps.items():
+        toks = list(g)
+        ax.plot(toks, [statistics.fmean(g[t]) for t in toks], lw=1.3,
+                label=f"{name} ({max(len(v) for v in g.values())} seeds)")  # fmt: skip
+        ax.fill_between(toks, [min(g[t]) for t in toks], [max(g[t]) for t in toks], alpha=0.2)
     ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xlabel("training tokens")
     ax.set_ylabel(f"validation loss - {reference}'s (nats)")
@@ -409,7 +433,8 @@ def write_results(runs: list[dict], out: Path, config: str, budget: str, trackin
         torch.cuda.get_device_name())  # fmt: skip
     header = (f"`python -m kimi.bench compare --config {config}`: {budget}, seeds {seeds}, {env}, "
               f"torch {torch.__version__}, commit {_git_commit()}, {time.strftime('%Y-%m-%d')}")  # fmt: skip
-    md = markdown_table(rows, header) + position_table(runs) + "".join(f"\nFAILED: {f}\n" for f in failed)
+    gaps = gap_table([r for r in runs if r["group"] != "nanogpt"])
+    md = markdown_table(rows, header) + gaps + position_table(runs) + "".join(f"\nFAILED: {f}\n" for f in failed)
     result = {"config": config, "budget": budget, "seeds": seeds, "best_baseline": best, "rows": rows,
               "runs": runs, "failed": list(failed), "commit": _git_commit(),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kimi.bench.compare import full_split_loss, markdown_table, summarise, tokens_to_reach
+from kimi.bench.compare import full_split_loss, gap_table, gaps_by_tokens, markdown_table, summarise, tokens_to_reach
 from kimi.bench.variants import (
     _width_overrides,
     baseline_at_total,
@@ -150,12 +150,16 @@ def test_summary_gives_tokens_and_seconds_to_the_reference_loss():
     ref = [(100, 3.0), (200, 2.0), (300, 1.0)]
     runs = [run("dense_muon", s, ref, [10, 20, 30]) for s in (1, 2)]
     runs += [run("kimi", 1, [(100, 2.0), (150, 1.0), (300, 0.5)], [5, 10, 20]),
-             run("kimi", 2, [(100, 2.0), (150, 1.0), (300, 0.5)], [5, 10, 20])]  # fmt: skip
+             run("kimi", 2, [(100, 2.5), (150, 1.0), (300, 0.7)], [5, 10, 20])]  # fmt: skip
     rows = {row["variant"]: row for row in summarise(runs, "dense_muon")}
     assert rows["dense_muon"]["speedup_tokens"] == 1.0 and rows["dense_muon"]["speedup_time"] == 1.0
     assert rows["kimi"]["tokens_to_baseline"] == 150 and rows["kimi"]["speedup_tokens"] == 2.0
     assert rows["kimi"]["time_to_baseline_s"] == 10 and rows["kimi"]["speedup_time"] == 3.0
     assert rows["kimi"]["n_seeds"] == 2 and "| 10 | 3.00 |" in markdown_table(list(rows.values()), "")
+    # The gap against the reference at the evals both ran, per seed, then its mean and range.
+    assert gaps_by_tokens(runs) == {"kimi": {100: [-1.0, -0.5], 300: [-0.5, pytest.approx(-0.3)]}}
+    table = gap_table(runs)
+    assert "| 100 | -0.7500 [-1.0000, -0.5000] (2) |" in table and "| 300 | -0.4000 [-0.5000, -0.3000] (2) |" in table
 
 
 def test_full_split_loss_scores_every_token_once():
@@ -213,6 +217,7 @@ def test_compare_quick_against_dense_muon(tmp_path):
     assert res["best_baseline"] == "dense_muon"
     assert {row["variant"]: row["reference"] for row in res["rows"]} == {"kimi": False, "dense_muon": True}
     assert (tmp_path / "gap_vs_tokens.png").stat().st_size > 0
+    assert "minus dense_muon's at the same tokens" in (tmp_path / "results.md").read_text()  # and tabled
 
 
 @pytest.mark.slow
