@@ -194,8 +194,11 @@ def summarise(runs: list[dict], best_baseline: str) -> list[dict]:
                                      "params_non_embedding", "params_active_non_embedding", "tokens")}  # fmt: skip
         for k in ("final_val_loss", "tokens_to_baseline", "speedup_tokens", "time_to_baseline_s", "speedup_time",
                   "train_time_s", "tokens_per_s", "peak_rss_bytes"):  # fmt: skip
-            row[k], row[k + "_std"], _ = _mean_spread([r.get(k) for r in rs])
+            row[k], row[k + "_std"], row[k + "_n"] = _mean_spread([r.get(k) for r in rs])
         row["n_seeds"] = len(rs)
+        # A seed that never reached the reference's loss has no tokens or seconds to it: the mean is over
+        # the seeds that did, and the table says how many of them there were.
+        row["n_reached"] = row["tokens_to_baseline_n"]
         row["reference"] = name == best_baseline
         rows.append(row)
     return rows
@@ -206,6 +209,13 @@ def _fmt(x, spec: str, std=None) -> str:
         return "-"
     s = format(x, spec)
     return s + (f" ± {format(std, spec)}" if std else "")
+
+
+def _fmt_reached(r: dict, key: str, spec: str) -> str:
+    """A to-the-reference column: '-' if no seed reached its loss, '(k of n seeds)' if only some did."""
+    s = _fmt(r[key], spec, r[key + "_std"])
+    k, n = r.get(key + "_n", r["n_seeds"]), r["n_seeds"]
+    return s if k in (0, n) else f"{s} ({k} of {n} seeds)"
 
 
 def markdown_table(rows: list[dict], header: str) -> str:
@@ -223,10 +233,9 @@ def markdown_table(rows: list[dict], header: str) -> str:
             f"| {name} | {r['lr']:g} | {r['params_total'] / 1e6:.2f} / {r['params_active'] / 1e6:.2f} / "
             f"{r['params_non_embedding'] / 1e6:.2f} | {r['params_active_non_embedding'] / 1e6:.3f} | "
             f"{_fmt(r['final_val_loss'], '.4f', r['final_val_loss_std'])} | "
-            f"{_fmt(r['tokens_to_baseline'], ',.0f', r['tokens_to_baseline_std'])} | "
-            f"{_fmt(r['speedup_tokens'], '.2f', r['speedup_tokens_std'])} | "
-            f"{_fmt(r['time_to_baseline_s'], ',.0f', r['time_to_baseline_s_std'])} | "
-            f"{_fmt(r['speedup_time'], '.2f', r['speedup_time_std'])} | {_fmt(r['train_time_s'], '.0f')} | "
+            f"{_fmt_reached(r, 'tokens_to_baseline', ',.0f')} | {_fmt_reached(r, 'speedup_tokens', '.2f')} | "
+            f"{_fmt_reached(r, 'time_to_baseline_s', ',.0f')} | {_fmt_reached(r, 'speedup_time', '.2f')} | "
+            f"{_fmt(r['train_time_s'], '.0f')} | "
             f"{_fmt(r['tokens_per_s'], ',.0f')} | {_fmt(r['peak_rss_bytes'] and r['peak_rss_bytes'] / 2**20, '.0f')} | "
             f"{r['n_seeds']} |"
         )

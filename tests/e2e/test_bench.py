@@ -158,6 +158,12 @@ def test_summary_gives_tokens_and_seconds_to_the_reference_loss():
     assert rows["kimi"]["n_seeds"] == 2 and "| 10 | 3.00 |" in markdown_table(list(rows.values()), "")
     # The gap against the reference at the evals both ran, per seed, then its mean and range.
     assert gaps_by_tokens(runs) == {"kimi": {100: [-1.0, -0.5], 300: [-0.5, pytest.approx(-0.3)]}}
+    # A seed that never reaches the reference's loss leaves the mean to the others, and the table says so.
+    runs[3] = run("kimi", 2, [(100, 2.5), (150, 1.5), (300, 1.2)], [5, 10, 20])
+    rows = {row["variant"]: row for row in summarise(runs, "dense_muon")}
+    assert rows["kimi"]["tokens_to_baseline"] == 150 and rows["kimi"]["n_reached"] == 1
+    assert "| 150 (1 of 2 seeds) | 2.00 (1 of 2 seeds) |" in markdown_table(list(rows.values()), "")
+    runs[3] = run("kimi", 2, [(100, 2.5), (150, 1.0), (300, 0.7)], [5, 10, 20])
     table = gap_table(runs)
     assert "| 100 | -0.7500 [-1.0000, -0.5000] (2) |" in table and "| 300 | -0.4000 [-0.5000, -0.3000] (2) |" in table
 
