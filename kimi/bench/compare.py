@@ -212,7 +212,8 @@ def _fmt(x, spec: str, std=None) -> str:
 
 
 def _fmt_reached(r: dict, key: str, spec: str) -> str:
-    """A to-the-reference column: '-' if no seed reached its loss, '(k of n seeds)' if only some did."""
+    """A mean over the seeds that have the number: '-' if none has it, '(k of n seeds)' if only some do (a seed
+    that never reached the reference's loss has no tokens to it; a partial record has no whole-split loss)."""
     s = _fmt(r[key], spec, r[key + "_std"])
     k, n = r.get(key + "_n", r["n_seeds"]), r["n_seeds"]
     return s if k in (0, n) else f"{s} ({k} of {n} seeds)"
@@ -232,7 +233,7 @@ def markdown_table(rows: list[dict], header: str) -> str:
         lines.append(
             f"| {name} | {r['lr']:g} | {r['params_total'] / 1e6:.2f} / {r['params_active'] / 1e6:.2f} / "
             f"{r['params_non_embedding'] / 1e6:.2f} | {r['params_active_non_embedding'] / 1e6:.3f} | "
-            f"{_fmt(r['final_val_loss'], '.4f', r['final_val_loss_std'])} | "
+            f"{_fmt_reached(r, 'final_val_loss', '.4f')} | "
             f"{_fmt_reached(r, 'tokens_to_baseline', ',.0f')} | {_fmt_reached(r, 'speedup_tokens', '.2f')} | "
             f"{_fmt_reached(r, 'time_to_baseline_s', ',.0f')} | {_fmt_reached(r, 'speedup_time', '.2f')} | "
             f"{_fmt(r['train_time_s'], '.0f')} | "
