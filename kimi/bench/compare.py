@@ -410,7 +410,7 @@ def compare(config: str, steps: int, eval_every: int, eval_batches: int, baselin
     if best is None:
         log(
             f"compare: neither a baseline nor {DENSE_REFERENCE} in --only; runs in {out / 'runs.json'}: "
-            "table them with --from-runs"
+            "table them with --from-runs (--reference VARIANT measures the others against one of them)"
         )
         return None
     cfg = load_config(config, extra)
@@ -425,25 +425,31 @@ def best_baseline(runs: list[dict]) -> str:
     if not base and any(r["variant"] == DENSE_REFERENCE for r in runs):
         return DENSE_REFERENCE
     if not base:
-        raise RuntimeError("no baseline run finished; see the logs under OUT/runs/")
+        names = ", ".join(dict.fromkeys(r["variant"] for r in runs))
+        raise ValueError(f"no nanoGPT baseline or {DENSE_REFERENCE} run among the finished runs ({names or 'none'}); "
+                         "see the logs under OUT/runs/ if one failed, or table them with --reference VARIANT")  # fmt: skip
     return min(base, key=lambda r: r["final_val_loss"])["variant"]
 
 
 def write_results(runs: list[dict], out: Path, config: str, budget: str, tracking_uri: str | None,
-                  failed: list[str] = (), log=print) -> dict:  # fmt: skip
+                  failed: list[str] = (), log=print, reference: str | None = None) -> dict:  # fmt: skip
     """Table, JSON, plots (and the MLflow summary run) from finished runs, also runs merged from several
-    `compare` outputs (--from-runs): the best baseline lr is picked over all of them."""
+    `compare` outputs (--from-runs): the best baseline lr is picked over all of them, unless `reference`
+    names the variant every other is measured against (e.g. kimi for its own ablations)."""
     out.mkdir(parents=True, exist_ok=True)
     order = list(dict.fromkeys(r["variant"] for r in sorted(runs, key=lambda r: r["group"] != "nanogpt")))
     runs = sorted(runs, key=lambda r: (order.index(r["variant"]), r["seed"]))
-    best = best_baseline(runs)
+    if reference and reference not in order:
+        raise ValueError(f"--reference={reference}: no such variant in the runs; give one of {', '.join(order)}")
+    best = reference or best_baseline(runs)
     rows = summarise(runs, best)
     seeds = sorted({r["seed"] for r in runs})
     env = f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs" if not torch.cuda.is_available() else (
         torch.cuda.get_device_name())  # fmt: skip
     header = (f"`python -m kimi.bench compare --config {config}`: {budget}, seeds {seeds}, {env}, "
               f"torch {torch.__version__}, commit {_git_commit()}, {time.strftime('%Y-%m-%d')}")  # fmt: skip
-    gaps = gap_table([r for r in runs if r["group"] != "nanogpt"])
+    gap_ref = reference or DENSE_REFERENCE
+    gaps = gap_table([r for r in runs if r["group"] != "nanogpt"], gap_ref)
     md = markdown_table(rows, header) + gaps + position_table(runs) + "".join(f"\nFAILED: {f}\n" for f in failed)
     result = {"config": config, "budget": budget, "seeds": seeds, "best_baseline": best, "rows": rows,
               "runs": runs, "failed": list(failed), "commit": _git_commit(),
@@ -452,7 +458,7 @@ def write_results(runs: list[dict], out: Path, config: str, budget: str, trackin
     (out / "results.md").write_text(md)
     files = [out / "results.json", out / "results.md"]
     files += plot_curves(runs, out, {r["variant"] for r in rows if r["variant"] == best or r["group"] != "nanogpt"})
-    files += plot_gap([r for r in runs if r["group"] != "nanogpt"], out)
+    files += plot_gap([r for r in runs if r["group"] != "nanogpt"], out, gap_ref)
     if tracking_uri:
         log_summary(out, tracking_uri, rows, files, {"config": config, "budget": budget, "seeds": str(seeds)})
     log(md)
@@ -485,6 +491,8 @@ def add_args(p) -> None:
                    "the others only set the matched size. Table with --from-runs")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="checkpoint each run at every eval and continue "
                    "the runs a killed compare left (bit-exact on CPU); finished runs are not trained again")  # fmt: skip
+    p.add_argument("--reference", default="", help="with --from-runs: the variant the others are measured "
+                   "against (default: the best baseline lr, else dense_muon), e.g. kimi for kimi_mha")  # fmt: skip
     p.add_argument("--tag", default="", help="suffix for the non-baseline variants' names (kimi -> kimi+TAG): "
                    "recipe changes given as overrides, tabled beside the plain runs")  # fmt: skip
 
@@ -495,8 +503,10 @@ def main(args, overrides: list[str]) -> None:
         runs = [r for f in args.from_runs.split(",") if f for r in json.loads(Path(f).read_text())]
         budget = "/".join(f"{t:,}" for t in sorted({r["tokens"] for r in runs})) + " tokens"
         uri = None if args.no_mlflow else args.tracking_uri or f"sqlite:///{Path(args.out).resolve() / 'mlflow.db'}"
-        write_results(runs, Path(args.out), config, budget, uri)
+        write_results(runs, Path(args.out), config, budget, uri, reference=args.reference or None)
         return
+    if args.reference:
+        raise ValueError("--reference only tables finished runs: give it with --from-runs")
     steps = args.steps
     lrs = [float(x) for x in args.baseline_lrs.split(",") if x]
     abl = list(ABLATIONS) if args.ablations == "all" else [a for a in args.ablations.split(",") if a]

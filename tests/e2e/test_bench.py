@@ -168,6 +168,33 @@ def test_summary_gives_tokens_and_seconds_to_the_reference_loss():
     assert "| 100 | -0.7500 [-1.0000, -0.5000] (2) |" in table and "| 300 | -0.4000 [-0.5000, -0.3000] (2) |" in table
 
 
+def test_tabling_against_a_named_reference(tmp_path):
+    """--from-runs --reference kimi: an ablation of kimi (here kimi_mha) measured against kimi, with no
+    baseline or dense_muon among the runs; a name that is not among them is one line of bad input."""
+
+    def run(variant, curve):
+        return {"variant": variant, "group": variant, "about": "", "lr": 1e-3, "seed": 1, "tokens": 300,
+                "params_total": 1, "params_active": 1, "params_non_embedding": 1, "params_active_non_embedding": 1,
+                "curve": curve, "curve_time": curve, "final_curve_val": curve[-1][1], "final_val_loss": curve[-1][1],
+                "train_time_s": 30, "tokens_per_s": None, "peak_rss_bytes": None}  # fmt: skip
+
+    runs = [run("kimi", [(100, 3.0), (300, 2.0)]), run("kimi_mha", [(100, 2.5), (300, 1.5)])]
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    r = _cli("compare", "--from-runs", str(tmp_path / "runs.json"), "--no-mlflow", "--out", str(tmp_path))
+    assert r.returncode == 2 and r.stderr.endswith("table them with --reference VARIANT\n")  # no default reference
+    r = _cli("compare", "--from-runs", str(tmp_path / "runs.json"), "--no-mlflow", "--reference", "kimi",
+             "--out", str(tmp_path))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert [(row["variant"], row["reference"]) for row in res["rows"]] == [("kimi", True), ("kimi_mha", False)]
+    assert "minus kimi's" in (tmp_path / "results.md").read_text() and "| 300 | -0.5000" in r.stdout
+    r = _cli("compare", "--from-runs", str(tmp_path / "runs.json"), "--reference", "kimi_mla", "--out", str(tmp_path))
+    assert (
+        r.returncode == 2
+        and r.stderr == "error: --reference=kimi_mla: no such variant in the runs; give one of kimi, kimi_mha\n"
+    )
+
+
 def test_full_split_loss_scores_every_token_once():
     torch.manual_seed(0)
     cfg = load_config(str(ROOT / "configs" / "debug.yaml")).model
