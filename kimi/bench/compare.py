@@ -332,9 +332,8 @@ def plot_gap(runs: list[dict], out: Path, reference: str = DENSE_REFERENCE) -> l
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, g in gaps.items():
-        toks = list(g)
-        ax.plot(toks, [statistics.fmean(g[t]) for t in toks], lw=1.3,
-                label=f"{name} ({max(len(v) for v in g.values())} seeds)")  # fmt: skip
+        toks, n = list(g), max(len(v) for v in g.values())
+        ax.plot(toks, [statistics.fmean(g[t]) for t in toks], lw=1.3, label=f"{name} ({n} seed{'s' * (n > 1)})")
         ax.fill_between(toks, [min(g[t]) for t in toks], [max(g[t]) for t in toks], alpha=0.2)
     ax.axhline(0.0, color="k", lw=0.8)
     ax.set_xlabel("training tokens")
