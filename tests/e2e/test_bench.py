@@ -338,6 +338,7 @@ def test_compare_quick(tmp_path):
     "args, needle",
     [
         (["compare", "--quick", "--ablations", "kimi_moar"], "unknown ablation(s) kimi_moar"),
+        (["compare", "--quick", "--reference", "kimi"], "--reference only tables finished runs"),
         (["memory", "--quick", "--contexts", "1k"], "--contexts='1k': give comma-separated context lengths"),
         (["throughput", "--config", "configs/debug.yaml", "--steps", "1"], "--steps=1: need >= 2"),
         (["throughput", "--config", "configs/debug.yaml", "--rounds", "0"], "--rounds=0: need >= 1"),
