@@ -475,7 +475,8 @@ def _git_commit() -> str | None:
 def add_args(p) -> None:
     p.add_argument("--baseline-lrs", default="5e-4,1e-3,2e-3", help="the baseline's lr sweep (nanoGPT: 1e-3)")
     p.add_argument("--seeds", default="1337", help="comma-separated; the lr sweep runs on the first")
-    p.add_argument("--ablations", default="", help=f"comma-separated, from: {', '.join(ABLATIONS)}, or 'all'")
+    p.add_argument("--ablations", default="", help=f"comma-separated, from: {', '.join(ABLATIONS)}, or 'all' "
+                   "(throughput: time these beside kimi instead of the nanoGPT pair)")  # fmt: skip
     p.add_argument("--eval-every", type=int, default=None, help="steps between validation evals (default steps/10)")
     p.add_argument("--eval-batches", type=int, default=None, help="default: the config's train.eval_batches")
     p.add_argument("--out", default="out/bench/compare")
@@ -491,7 +492,8 @@ def add_args(p) -> None:
     p.add_argument("--resume", action="store_true", help="checkpoint each run at every eval and continue "
                    "the runs a killed compare left (bit-exact on CPU); finished runs are not trained again")  # fmt: skip
     p.add_argument("--reference", default="", help="with --from-runs: the variant the others are measured "
-                   "against (default: the best baseline lr, else dense_muon), e.g. kimi for kimi_mha")  # fmt: skip
+                   "against (default: the best baseline lr, else dense_muon), e.g. kimi for kimi_mha; throughput --ablations: "
+                   "the variant speeds are relative to (default dense_muon, else kimi)")  # fmt: skip
     p.add_argument("--tag", default="", help="suffix for the non-baseline variants' names (kimi -> kimi+TAG): "
                    "recipe changes given as overrides, tabled beside the plain runs")  # fmt: skip
 

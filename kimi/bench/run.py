@@ -91,7 +91,7 @@ def _table(results: list[tuple[str, dict]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m kimi.bench", description=__doc__.split("\n\n")[0])
-    from kimi.bench import checkpoint, compare, convert, data, memory, ns, state, throughput
+    from kimi.bench import checkpoint, compare, convert, data, memory, ns, state, throughput, throughput_variants
 
     what = ["dist", "train", "kernels", "compare", "throughput", "memory", "data", "state", "checkpoint", "convert",
             "ns"]  # fmt: skip
@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     try:  # bad input (a ConfigError is a ValueError) is one line and exit code 2, never a traceback
         benches = {"compare": compare, "throughput": throughput, "memory": memory, "data": data, "state": state,
                    "checkpoint": checkpoint, "convert": convert, "ns": ns}  # fmt: skip
+        if args.what == "throughput" and args.ablations:  # compare's variants instead of the nanoGPT pair
+            benches["throughput"] = throughput_variants
         if args.what in benches:
             return benches[args.what].main(args, overrides)
         return run_train_or_dist(args, overrides)

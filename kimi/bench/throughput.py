@@ -15,6 +15,9 @@ Medians over the steps after the first (warm-up). With --rounds N (default 2) th
 N runs each (nanoKimi, nanoGPT, nanoGPT, nanoKimi, ...), so drift in the machine's speed (other jobs,
 clocks) hits both alike: each figure is the median over rounds, and the MFU ratio is given per round too
 (its spread says how far to trust it; single runs on a shared 2-core VM varied by ~30%).
+With --ablations A,B (compare's names, e.g. dense_muon,kimi_mha): nanoKimi and those variants at the
+baseline's active size instead of the pair, and each one's speed relative to --reference (default
+dense_muon if timed, else kimi): kimi/bench/throughput_variants.py.
 Numbers for docs/benchmarking.md, never for tests.
 """
 
@@ -196,14 +199,18 @@ def report(r: dict) -> str:
                    "MoE/dense"], moe)])  # fmt: skip
 
 
-def main(args, overrides: list[str]) -> dict:
-    config = QUICK_CONFIG if args.quick else args.config
+def checked_args(args) -> tuple[str, int, int]:
+    """(config, steps, rounds) of the command line, or a ValueError that says what to give."""
     steps = 2 if args.quick else args.steps
-    rounds = args.rounds
     if steps < 2:
         raise ValueError(f"--steps={steps}: need >= 2 (the first step is warm-up and not counted)")
-    if rounds < 1:
-        raise ValueError(f"--rounds={rounds}: need >= 1")
+    if args.rounds < 1:
+        raise ValueError(f"--rounds={args.rounds}: need >= 1")
+    return QUICK_CONFIG if args.quick else args.config, steps, args.rounds
+
+
+def main(args, overrides: list[str]) -> dict:
+    config, steps, rounds = checked_args(args)
     r = run(config, overrides, steps, args.quick, rounds)
     print(report(r))
     save_json(args.json, r)

@@ -342,6 +342,11 @@ def test_compare_quick(tmp_path):
         (["memory", "--quick", "--contexts", "1k"], "--contexts='1k': give comma-separated context lengths"),
         (["throughput", "--config", "configs/debug.yaml", "--steps", "1"], "--steps=1: need >= 2"),
         (["throughput", "--config", "configs/debug.yaml", "--rounds", "0"], "--rounds=0: need >= 1"),
+        (["throughput", "--quick", "--ablations", "kimi_moar"], "unknown ablation(s) kimi_moar"),
+        (
+            ["throughput", "--quick", "--ablations", "kimi_mha", "--reference", "dense_muon"],
+            "--reference dense_muon: not among the timed variants (kimi, kimi_mha)",
+        ),  # fmt: skip
         (["data", "--sizes", "lots"], "--sizes: 'lots' is not a size; give e.g. 100M,1G,5G"),
         (["data", "--data-workers", "two"], "--data-workers='two': give worker counts, e.g. 1,2"),
         (["convert", "--shards", "0"], "--shards=0: give at least 1"),
@@ -373,6 +378,25 @@ def test_throughput_quick(tmp_path):
         assert len(m["rounds_tokens_per_s"]) == 2 and m["tokens_per_s"] == pytest.approx(
             sum(m["rounds_tokens_per_s"]) / 2
         )
+
+
+def test_throughput_of_compare_variants(tmp_path):
+    """--ablations: kimi and the named variants, built as compare builds them, each timed once per round,
+    with speeds relative to the reference per round and their median."""
+    r = _cli("throughput", "--quick", "--ablations", "dense_muon,kimi_mha", "--json", str(tmp_path / "t.json"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads((tmp_path / "t.json").read_text())
+    assert res["reference"] == "dense_muon" and list(res["variants"]) == ["kimi", "dense_muon", "kimi_mha"]
+    assert "| kimi_mha |" in r.stdout and "speed vs dense_muon" in r.stdout and "nanogpt" not in r.stdout
+    ref = res["variants"]["dense_muon"]
+    assert ref["speed_rounds"] == [1.0, 1.0]
+    for m in res["variants"].values():
+        assert len(m["rounds_tokens_per_s"]) == 2 and 0 < m["forward_s"] + m["backward_s"] <= m["step_s"] * 1.001
+        rounds = [a / b for a, b in zip(m["rounds_tokens_per_s"], ref["rounds_tokens_per_s"])]
+        assert m["speed_rounds"] == pytest.approx(rounds) and m["speed"] == pytest.approx(sum(rounds) / 2)
+    assert res["variants"]["kimi"]["routing_s"] > 0 and res["variants"]["dense_muon"]["routing_s"] == 0
+    # the variants are compare's: the same active non-embedding size
+    assert res["active_non_embedding"] == build_variants("configs/debug.yaml", [1e-3], ["dense_muon", "kimi_mha"])[1]
 
 
 def test_checkpoint_quick(tmp_path):
