@@ -23,6 +23,7 @@ Numbers for docs/benchmarking.md, never for tests.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import shutil
 import statistics
@@ -55,10 +56,14 @@ class _RouteTimer:
         return timed
 
 
-def step_breakdown(cfg: Config, steps: int, device: torch.device) -> dict:
+def step_breakdown(cfg: Config, steps: int, device: torch.device, ops: bool = False) -> dict:
     """Run `python -m kimi.train`'s own trainer for `steps` steps of cfg's model on synthetic tokens, with
     `train.profile` on (device syncs between phases), and return the median per-phase times, tokens/s and
-    peak memory. The step is the trainer's `train_step`, the engine in the path; a hook reads each row."""
+    peak memory. The step is the trainer's `train_step`, the engine in the path; a hook reads each row.
+    `ops`: also run torch.profiler over the steps after the first and return each op's self time per step
+    (`ops_s`, on the device on GPU; the profiler slows the step, so time the rounds without it)."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
     from kimi.train import Hooks, train
 
     cfg = copy.deepcopy(cfg)
@@ -75,14 +80,20 @@ def step_breakdown(cfg: Config, steps: int, device: torch.device) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    prof = profile(activities=acts, schedule=schedule(wait=0, warmup=1, active=steps - 1, repeat=1)) if ops else None
+
     def on_step(step: int, row: dict) -> None:
+        if prof is not None:
+            prof.step()  # step 1 warms the profiler up, the rest are recorded
         rows.append({"step_s": row["step_time_s"], "forward_s": row["forward_ms"] / 1000,
                      "backward_s": row["backward_ms"] / 1000, "optimizer_s": row.get("optim_ms", 0.0) / 1000,
                      "routing_s": timer[0].total})  # fmt: skip
         timer[0].total = 0.0
 
     try:
-        train(cfg, hooks=Hooks(on_build=on_build, on_step=on_step))
+        with prof or contextlib.nullcontext():
+            train(cfg, hooks=Hooks(on_build=on_build, on_step=on_step))
     finally:
         shutil.rmtree(out, ignore_errors=True)
     rows = rows[1:] or rows
@@ -93,6 +104,9 @@ def step_breakdown(cfg: Config, steps: int, device: torch.device) -> dict:
            "params_total": model.num_params(), "params_active_non_embedding": model.num_active_params(True)}  # fmt: skip
     if device.type == "cuda":
         res["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+    if prof is not None:
+        self_us = (lambda e: e.self_device_time_total) if device.type == "cuda" else (lambda e: e.self_cpu_time_total)
+        res["ops_s"] = {e.key: self_us(e) / 1e6 / (steps - 1) for e in prof.key_averages() if self_us(e) > 0}
     return res
 
 

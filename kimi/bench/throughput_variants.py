@@ -16,11 +16,12 @@ import statistics
 import torch
 
 from kimi.bench.tables import md_table, save_json
-from kimi.bench.throughput import checked_args, interleaved
+from kimi.bench.throughput import checked_args, interleaved, step_breakdown
 from kimi.config import load_config, parse_overrides
 
 
-def run(config: str, overrides: list[str], ablations: list[str], reference: str, steps: int, rounds: int) -> dict:
+def run(config: str, overrides: list[str], ablations: list[str], reference: str, steps: int, rounds: int,
+        ops: int = 0) -> dict:  # fmt: skip
     from kimi.bench.variants import ABLATIONS, build_variants
 
     ablations = list(ABLATIONS) if ablations == ["all"] else ablations
@@ -35,9 +36,12 @@ def run(config: str, overrides: list[str], ablations: list[str], reference: str,
     for r in res.values():
         r["speed_rounds"] = [a / b for a, b in zip(r["rounds_tokens_per_s"], ref)]
         r["speed"] = statistics.median(r["speed_rounds"])
+    if ops:  # a separate profiled run each: the profiler's overhead stays out of the timed rounds
+        for name, cfg in cfgs.items():
+            res[name]["ops_s"] = step_breakdown(cfg, steps, device, ops=True)["ops_s"]
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     return {"device": where, "torch": torch.__version__, "config": config, "overrides": overrides, "rounds": rounds,
-            "steps": steps, "active_non_embedding": target, "reference": reference, "variants": res}  # fmt: skip
+            "steps": steps, "active_non_embedding": target, "reference": reference, "variants": res, "ops": ops}  # fmt: skip
 
 
 def report(r: dict) -> str:
@@ -51,13 +55,28 @@ def report(r: dict) -> str:
         f"variants at {r['active_non_embedding'] / 1e6:.2f}M active non-embedding params; medians of "
         f"{r['rounds']} interleaved round(s) of {r['steps']} steps", "",
         *md_table(["variant", "tokens/s", f"speed vs {r['reference']} (per round)", "step ms", "forward",
-                   "backward", "optimizer", "routing"], rows)])  # fmt: skip
+                   "backward", "optimizer", "routing"], rows), *_ops_table(r)])  # fmt: skip
+
+
+def _ops_table(r: dict) -> list[str]:
+    """The r["ops"] ops with the most self time in any variant: ms per step in each (profiled runs)."""
+    if not r["ops"]:
+        return []
+    per = {name: m["ops_s"] for name, m in r["variants"].items()}
+    top = sorted({op for p in per.values() for op in p}, key=lambda op: -max(p.get(op, 0.0) for p in per.values()))
+    label = {"ProfilerStep*": "ProfilerStep* (outside any op: Python)"}
+    rows = [[label.get(op, op), *(f"{1000 * p.get(op, 0.0):.0f}" for p in per.values())] for op in top[: r["ops"]]]
+    rows.append(["all ops", *(f"{1000 * sum(p.values()):.0f}" for p in per.values())])
+    return ["", "self time per step, ms (torch.profiler, one run each; the profiler's overhead included)",
+            "", *md_table(["op", *per], rows)]  # fmt: skip
 
 
 def main(args, overrides: list[str]) -> dict:
     config, steps, rounds = checked_args(args)
     names = [a for a in args.ablations.split(",") if a]
-    r = run(config, overrides, names, args.reference, steps, rounds)
+    if args.ops < 0:
+        raise ValueError(f"--ops={args.ops}: give the number of ops to table (0: none)")
+    r = run(config, overrides, names, args.reference, steps, rounds, args.ops)
     print(report(r))
     save_json(args.json, r)
     return r

@@ -343,6 +343,7 @@ def test_compare_quick(tmp_path):
         (["throughput", "--config", "configs/debug.yaml", "--steps", "1"], "--steps=1: need >= 2"),
         (["throughput", "--config", "configs/debug.yaml", "--rounds", "0"], "--rounds=0: need >= 1"),
         (["throughput", "--quick", "--ablations", "kimi_moar"], "unknown ablation(s) kimi_moar"),
+        (["throughput", "--quick", "--ablations", "kimi_mha", "--ops", "-1"], "--ops=-1: give the number of ops"),
         (
             ["throughput", "--quick", "--ablations", "kimi_mha", "--reference", "dense_muon"],
             "--reference dense_muon: not among the timed variants (kimi, kimi_mha)",
@@ -383,7 +384,8 @@ def test_throughput_quick(tmp_path):
 def test_throughput_of_compare_variants(tmp_path):
     """--ablations: kimi and the named variants, built as compare builds them, each timed once per round,
     with speeds relative to the reference per round and their median."""
-    r = _cli("throughput", "--quick", "--ablations", "dense_muon,kimi_mha", "--json", str(tmp_path / "t.json"))
+    args = ["--ablations", "dense_muon,kimi_mha", "--ops", "4", "--json", str(tmp_path / "t.json")]
+    r = _cli("throughput", "--quick", *args)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads((tmp_path / "t.json").read_text())
     assert res["reference"] == "dense_muon" and list(res["variants"]) == ["kimi", "dense_muon", "kimi_mha"]
@@ -395,6 +397,10 @@ def test_throughput_of_compare_variants(tmp_path):
         rounds = [a / b for a, b in zip(m["rounds_tokens_per_s"], ref["rounds_tokens_per_s"])]
         assert m["speed_rounds"] == pytest.approx(rounds) and m["speed"] == pytest.approx(sum(rounds) / 2)
     assert res["variants"]["kimi"]["routing_s"] > 0 and res["variants"]["dense_muon"]["routing_s"] == 0
+    # --ops: a profiled run each, the ops' self time per step of the steps after the first (2 - 1 here)
+    assert "| aten::mm |" in r.stdout and "| all ops |" in r.stdout
+    for m in res["variants"].values():
+        assert m["ops_s"]["aten::mm"] > 0 and 0.4 < sum(m["ops_s"].values()) / m["step_s"] < 4
     # the variants are compare's: the same active non-embedding size
     assert res["active_non_embedding"] == build_variants("configs/debug.yaml", [1e-3], ["dense_muon", "kimi_mha"])[1]
 
