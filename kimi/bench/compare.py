@@ -38,11 +38,13 @@ from pathlib import Path
 
 import torch
 
+from kimi.bench.children import Children
 from kimi.bench.tables import vm_hwm
 from kimi.bench.variants import ABLATIONS, Variant, build_variants, flatten, param_counts
 from kimi.config import LoggingConfig, load_config, parse_overrides
 
 QUICK_CONFIG = "configs/debug.yaml"
+CHILDREN = Children()  # the kimi.train processes this compare started
 DENSE_REFERENCE = "dense_muon"  # the reference when no nanoGPT baseline ran ("when does MoE beat dense?")
 
 
@@ -79,10 +81,11 @@ def _run_training(cmd: list[str], log_path: Path, env: dict, append: bool = Fals
     t0 = time.perf_counter()
     peak = None
     with open(log_path, "a" if append else "w") as logf:
-        p = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+        p = CHILDREN.popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
         while p.poll() is None:
             peak = vm_hwm(p.pid) or peak
             time.sleep(0.2)
+    CHILDREN.done(p)  # after SIGTERM: Stopped, so a stopped run is neither scored nor reported failed
     return p.returncode, time.perf_counter() - t0, peak
 
 
@@ -400,7 +403,8 @@ def compare(config: str, steps: int, eval_every: int, eval_batches: int, baselin
 
     # First seed: every variant (the baseline's lr sweep included); then the best baseline lr and the others.
     # `jobs` > 1 trains that many at once: tokens-to-loss is unchanged, wall-clock columns then share the CPU.
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    # SIGTERM stops the training children too (each saves a checkpoint: --resume continues it; children.py)
+    with CHILDREN.on_sigterm(), ThreadPoolExecutor(max_workers=jobs) as pool:
         list(pool.map(lambda v: go(v, seeds[0]), variants))
         has_ref = any(r["group"] == "nanogpt" or r["variant"] == DENSE_REFERENCE for r in runs)
         best = best_baseline(runs) if has_ref or not only else None

@@ -297,6 +297,45 @@ def test_compare_resume_continues_a_killed_compare_on_the_same_curve(tmp_path):
 
 
 @pytest.mark.slow
+def test_sigterm_to_compare_stops_its_training_children_and_resume_continues(tmp_path):
+    """SIGTERM to a real `kimi.bench compare` process alone (not its group, as `kill PID` or a scheduler
+    sends it): its kimi.train child gets SIGTERM too, saves a checkpoint and exits, no later run starts,
+    and compare exits 143; `--resume` then continues the run from that checkpoint."""
+    import signal
+    import time
+
+    import psutil
+
+    toy = ["--data.dataset=toy", "--data.mix=", "--train.global_batch_size=4", "--train.micro_batch_size=4"]
+    cmd = [sys.executable, "-m", "kimi.bench", "compare", "--config", "configs/debug.yaml", "--steps", "400",
+           "--eval-every", "100", "--eval-batches", "1", "--only", "kimi,dense_muon", "--ablations", "dense_muon",
+           "--no-mlflow", "--resume", "--out", str(tmp_path), *toy]  # fmt: skip
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "runs" / "kimi-s1337" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+        assert p.poll() is None, p.stdout.read()
+        time.sleep(0.05)
+    children = psutil.Process(p.pid).children(recursive=True)
+    assert any("kimi.train" in " ".join(c.cmdline()) for c in children)
+    p.send_signal(signal.SIGTERM)
+    out = p.communicate(timeout=180)[0]
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    for c in alive:  # a failing run must not leave a trainer behind
+        c.kill()
+    assert p.returncode == 128 + signal.SIGTERM, out[-2000:]
+    assert not alive, [c.cmdline() for c in alive]
+    steps = len(metrics.read_text().splitlines())
+    assert steps < 400 and (metrics.parent / "checkpoints" / "latest").exists()  # saved on the way out
+    assert not (tmp_path / "runs" / "dense_muon-s1337").exists() and "FAILED" not in out  # nothing more started
+    log = (tmp_path / "runs" / "kimi-s1337.log").read_text()
+    r = subprocess.run([*cmd, "--only", "kimi"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = (tmp_path / "runs" / "kimi-s1337.log").read_text()[len(log) :]
+    assert "resumed from" in log and json.loads((tmp_path / "runs.json").read_text())[0]["train_steps"] == 400
+
+
+@pytest.mark.slow
 def test_compare_quick(tmp_path):
     r = _cli("compare", "--quick", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
