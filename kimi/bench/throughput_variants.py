@@ -38,7 +38,8 @@ def run(config: str, overrides: list[str], ablations: list[str], reference: str,
         r["speed"] = statistics.median(r["speed_rounds"])
     if ops:  # a separate profiled run each: the profiler's overhead stays out of the timed rounds
         for name, cfg in cfgs.items():
-            res[name]["ops_s"] = step_breakdown(cfg, steps, device, ops=True)["ops_s"]
+            profiled = step_breakdown(cfg, steps, device, ops=True)
+            res[name]["ops_s"], res[name]["ops_step_s"] = profiled["ops_s"], profiled["step_s"]
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     return {"device": where, "torch": torch.__version__, "config": config, "overrides": overrides, "rounds": rounds,
             "steps": steps, "active_non_embedding": target, "reference": reference, "variants": res, "ops": ops}  # fmt: skip

@@ -439,7 +439,8 @@ def test_throughput_of_compare_variants(tmp_path):
     # --ops: a profiled run each, the ops' self time per step of the steps after the first (2 - 1 here)
     assert "| aten::mm |" in r.stdout and "| all ops |" in r.stdout
     for m in res["variants"].values():
-        assert m["ops_s"]["aten::mm"] > 0 and 0.4 < sum(m["ops_s"].values()) / m["step_s"] < 4
+        # the ops' self times add up to the profiled run's own step (not the timed rounds': load varies)
+        assert m["ops_s"]["aten::mm"] > 0 and 0.75 < sum(m["ops_s"].values()) / m["ops_step_s"] < 1.33
     # the variants are compare's: the same active non-embedding size
     assert res["active_non_embedding"] == build_variants("configs/debug.yaml", [1e-3], ["dense_muon", "kimi_mha"])[1]
 
