@@ -496,8 +496,8 @@ def add_args(p) -> None:
     p.add_argument("--resume", action="store_true", help="checkpoint each run at every eval and continue "
                    "the runs a killed compare left (bit-exact on CPU); finished runs are not trained again")  # fmt: skip
     p.add_argument("--reference", default="", help="with --from-runs: the variant the others are measured "
-                   "against (default: the best baseline lr, else dense_muon), e.g. kimi for kimi_mha; throughput --ablations: "
-                   "the variant speeds are relative to (default dense_muon, else kimi)")  # fmt: skip
+                   "against (default: the best baseline lr, else dense_muon), e.g. kimi for kimi_mha; "
+                   "throughput --ablations: the variant speeds are relative to (default dense_muon, else kimi)")  # fmt: skip
     p.add_argument("--tag", default="", help="suffix for the non-baseline variants' names (kimi -> kimi+TAG): "
                    "recipe changes given as overrides, tabled beside the plain runs")  # fmt: skip
 

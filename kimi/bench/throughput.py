@@ -225,6 +225,8 @@ def checked_args(args) -> tuple[str, int, int]:
 
 def main(args, overrides: list[str]) -> dict:
     config, steps, rounds = checked_args(args)
+    if args.ops:
+        raise ValueError("--ops tables the ops of compare's variants: give it with --ablations, e.g. dense_muon,kimi")
     r = run(config, overrides, steps, args.quick, rounds)
     print(report(r))
     save_json(args.json, r)

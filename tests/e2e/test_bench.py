@@ -384,6 +384,10 @@ def test_compare_quick(tmp_path):
         (["throughput", "--quick", "--ablations", "kimi_moar"], "unknown ablation(s) kimi_moar"),
         (["throughput", "--quick", "--ablations", "kimi_mha", "--ops", "-1"], "--ops=-1: give the number of ops"),
         (
+            ["throughput", "--quick", "--ops", "5"],
+            "--ops tables the ops of compare's variants: give it with --ablations",
+        ),
+        (
             ["throughput", "--quick", "--ablations", "kimi_mha", "--reference", "dense_muon"],
             "--reference dense_muon: not among the timed variants (kimi, kimi_mha)",
         ),  # fmt: skip
