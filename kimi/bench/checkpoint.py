@@ -47,8 +47,6 @@ def add_args(p) -> None:
     p.add_argument("--rounds", type=int, default=2,
                    help="checkpoint: sync/async run pairs, interleaved; ns: passes over all variants, interleaved; "
                    "throughput: runs per model, interleaved")  # fmt: skip
-    p.add_argument("--ops", type=int, default=0, help="throughput --ablations: after the timed rounds, one "
-                   "torch.profiler run per variant and a table of the N ops with the most self time per step")  # fmt: skip
 
 
 def _overrides(overrides: list[str], out: Path, saves: int, interval: int, world: int) -> list[str]:

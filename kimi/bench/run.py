@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
                    "table (default 1,2,4)")  # fmt: skip
     state.add_args(p)
     checkpoint.add_args(p)
+    throughput.add_args(p)
     convert.add_args(p)
     ns.add_args(p)
     args, overrides = p.parse_known_args(argv)

@@ -23,11 +23,12 @@ Numbers for docs/benchmarking.md, never for tests.
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import json
 import shutil
 import statistics
 import tempfile
+from pathlib import Path
 
 import torch
 
@@ -56,14 +57,19 @@ class _RouteTimer:
         return timed
 
 
+def add_args(p) -> None:
+    p.add_argument("--ops", type=int, default=0, help="throughput --ablations: after the timed rounds, one "
+                   "profiled run per variant (the trainer's train.profile_steps) and a table of the N ops with the "
+                   "most self time per step")  # fmt: skip
+
+
 def step_breakdown(cfg: Config, steps: int, device: torch.device, ops: bool = False) -> dict:
     """Run `python -m kimi.train`'s own trainer for `steps` steps of cfg's model on synthetic tokens, with
     `train.profile` on (device syncs between phases), and return the median per-phase times, tokens/s and
     peak memory. The step is the trainer's `train_step`, the engine in the path; a hook reads each row.
-    `ops`: also run torch.profiler over the steps after the first and return each op's self time per step
-    (`ops_s`, on the device on GPU; the profiler slows the step, so time the rounds without it)."""
-    from torch.profiler import ProfilerActivity, profile, schedule
-
+    `ops`: also profile the steps after the first with the trainer's own `train.profile_steps` and return
+    each op's self time per step from its ops file (`ops_s`, device time on GPU; the profiler slows the step,
+    so time the rounds without it)."""
     from kimi.train import Hooks, train
 
     cfg = copy.deepcopy(cfg)
@@ -80,20 +86,20 @@ def step_breakdown(cfg: Config, steps: int, device: torch.device, ops: bool = Fa
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    prof = profile(activities=acts, schedule=schedule(wait=0, warmup=1, active=steps - 1, repeat=1)) if ops else None
+    if ops:
+        t.profile_steps = f"2:{steps}"  # step 1 warms up; writes OUT/profile/rank0_ops_steps_2-{steps}.json
 
     def on_step(step: int, row: dict) -> None:
-        if prof is not None:
-            prof.step()  # step 1 warms the profiler up, the rest are recorded
         rows.append({"step_s": row["step_time_s"], "forward_s": row["forward_ms"] / 1000,
                      "backward_s": row["backward_ms"] / 1000, "optimizer_s": row.get("optim_ms", 0.0) / 1000,
                      "routing_s": timer[0].total})  # fmt: skip
         timer[0].total = 0.0
 
     try:
-        with prof or contextlib.nullcontext():
-            train(cfg, hooks=Hooks(on_build=on_build, on_step=on_step))
+        train(cfg, hooks=Hooks(on_build=on_build, on_step=on_step))
+        if ops:
+            opsfile = Path(out) / "profile" / f"rank0_ops_steps_2-{steps}.json"
+            ops_s = json.loads(opsfile.read_text())["ops_s_per_step"]
     finally:
         shutil.rmtree(out, ignore_errors=True)
     rows = rows[1:] or rows
@@ -104,9 +110,8 @@ def step_breakdown(cfg: Config, steps: int, device: torch.device, ops: bool = Fa
            "params_total": model.num_params(), "params_active_non_embedding": model.num_active_params(True)}  # fmt: skip
     if device.type == "cuda":
         res["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
-    if prof is not None:
-        self_us = (lambda e: e.self_device_time_total) if device.type == "cuda" else (lambda e: e.self_cpu_time_total)
-        res["ops_s"] = {e.key: self_us(e) / 1e6 / (steps - 1) for e in prof.key_averages() if self_us(e) > 0}
+    if ops:
+        res["ops_s"] = ops_s
     return res
 
 

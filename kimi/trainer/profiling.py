@@ -9,13 +9,16 @@ CUDA allocator's history over the same steps.
                                            # logs every rank's files to MLflow under profile/
 
 Files: OUT/profile/rank{r}_steps_A-B.json (Chrome trace format: ui.perfetto.dev or chrome://tracing), each
-step inside a `train_step#N` range; OUT/profile/rank{r}_memory_steps_A-B.pickle (CUDA: open it in
-pytorch.org/memory_viz). Distinct from `train.profile`, which times the step's phases into the metrics rows.
+step inside a `train_step#N` range; OUT/profile/rank{r}_ops_steps_A-B.json, each operator's self time per
+step (device time on CUDA, CPU time otherwise; the table `kimi.bench throughput --ops` prints);
+OUT/profile/rank{r}_memory_steps_A-B.pickle (CUDA: open it in pytorch.org/memory_viz). Distinct from
+`train.profile`, which times the step's phases into the metrics rows.
 The profiler covers train_step (forward, backward, optimizer), not validation or checkpoint saves.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +39,7 @@ class StepProfiler:
         if train.memory_snapshot and not self.cuda:
             say(f"train.memory_snapshot: CUDA only, and this run is on {device.type}; no memory snapshot")
         self._prof: profile | None = None
+        self._steps = 0  # steps inside the running profiler (fewer than the window on a resume inside it)
 
     def _name(self, rank: int, what: str = "", suffix: str = "json") -> Path:
         a, b = self.window
@@ -52,6 +56,7 @@ class StepProfiler:
             self._start()
         with record_function(f"train_step#{step}"):
             yield
+        self._steps += 1
         if step == self.window[1]:
             self._stop()
 
@@ -70,6 +75,9 @@ class StepProfiler:
         self.dir.mkdir(parents=True, exist_ok=True)
         trace = self._name(self.rank)
         prof.export_chrome_trace(str(trace))
+        ops = op_self_times(prof, self._steps, self.cuda)
+        self._name(self.rank, "ops_").write_text(json.dumps(ops, indent=1))
+        self._steps = 0
         if self.memory:
             snapshot = self._name(self.rank, "memory_", "pickle")
             torch.cuda.memory._dump_snapshot(str(snapshot))
@@ -85,3 +93,13 @@ class StepProfiler:
                 a, b = self.window
                 for f in sorted(self.dir.glob(f"rank*_*steps_{a}-{b}.*")):
                     tracker.log_artifact(f, "profile")
+
+
+def op_self_times(prof: profile, steps: int, cuda: bool) -> dict:
+    """Each operator's self time per step over a stopped profiler's `steps` steps, most first: device time on
+    CUDA (kernels run asynchronously, so CPU time would count launches), CPU time otherwise. The
+    `train_step#N` markers are left out; on CPU the rest add up to about the steps' wall time."""
+    self_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    per = {e.key: self_us(e) / 1e6 / max(steps, 1) for e in prof.key_averages() if not e.key.startswith("train_step#")}
+    per = dict(sorted(((k, v) for k, v in per.items() if v > 0), key=lambda kv: -kv[1]))
+    return {"steps": steps, "time": "device" if cuda else "cpu", "ops_s_per_step": per}

@@ -1,5 +1,6 @@
 """train.profile_steps=A:B: a torch.profiler trace per rank covering exactly steps A..B, written where the docs
-say, loadable as Chrome-trace JSON, and held by the run's MLflow store (sqlite under OUT, as by default);
+say, loadable as Chrome-trace JSON, with each op's self time per step beside it (adding up to the steps), and
+held by the run's MLflow store (sqlite under OUT, as by default);
 train.memory_snapshot on CPU: one line, and the run goes on."""
 
 import json
@@ -30,10 +31,16 @@ def test_profile_steps_write_a_trace_of_those_steps_and_log_it_to_mlflow(tmp_pat
     assert s2["ts"] + s2["dur"] <= s3["ts"]
     inside = [e for e in events if e.get("ph") == "X" and s2["ts"] <= e["ts"] <= s3["ts"] + s3["dur"]]
     assert any(e["name"].startswith("aten::") for e in inside)  # the steps' own operators, not just markers
-    assert [p.name for p in (out / "profile").iterdir()] == [trace.name]  # no snapshot on CPU
+    ops = json.loads((out / "profile" / "rank0_ops_steps_2-3.json").read_text())
+    assert ops["steps"] == 2 and ops["time"] == "cpu" and ops["ops_s_per_step"]["aten::mm"] > 0
+    assert not any(k.startswith("train_step#") for k in ops["ops_s_per_step"])
+    step_s = (s2["dur"] + s3["dur"]) / 2 / 1e6  # the trace's microseconds; per step, not over both
+    assert 0.75 < sum(ops["ops_s_per_step"].values()) / step_s < 1.33
+    names = sorted(p.name for p in (out / "profile").iterdir())
+    assert names == ["rank0_ops_steps_2-3.json", trace.name]  # no snapshot on CPU
 
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("prof").experiment_id])
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "profile")] == ["profile/rank0_steps_2-3.json"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "profile")] == [f"profile/{n}" for n in names]
     stored = Path(client.download_artifacts(run.info.run_id, "profile/rank0_steps_2-3.json", str(tmp_path)))
     assert stored.read_bytes() == trace.read_bytes()
