@@ -65,8 +65,7 @@ def _ops_table(r: dict) -> list[str]:
         return []
     per = {name: m["ops_s"] for name, m in r["variants"].items()}
     top = sorted({op for p in per.values() for op in p}, key=lambda op: -max(p.get(op, 0.0) for p in per.values()))
-    label = {"ProfilerStep*": "ProfilerStep* (outside any op: Python)"}
-    rows = [[label.get(op, op), *(f"{1000 * p.get(op, 0.0):.0f}" for p in per.values())] for op in top[: r["ops"]]]
+    rows = [[op, *(f"{1000 * p.get(op, 0.0):.0f}" for p in per.values())] for op in top[: r["ops"]]]
     rows.append(["all ops", *(f"{1000 * sum(p.values()):.0f}" for p in per.values())])
     return ["", "self time per step, ms (torch.profiler, one run each; the profiler's overhead included)",
             "", *md_table(["op", *per], rows)]  # fmt: skip

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
+OUTSIDE_OPS = "(outside any op: Python)"  # the ops file's name for time in a step but in no operator
 MEMORY_HISTORY_ENTRIES = 100_000  # allocator events kept (a ring): enough for a few steps of a small model
 
 
@@ -98,8 +99,12 @@ class StepProfiler:
 def op_self_times(prof: profile, steps: int, cuda: bool) -> dict:
     """Each operator's self time per step over a stopped profiler's `steps` steps, most first: device time on
     CUDA (kernels run asynchronously, so CPU time would count launches), CPU time otherwise. The
-    `train_step#N` markers are left out; on CPU the rest add up to about the steps' wall time."""
+    `train_step#N` markers' own self time (Python between ops) is one entry, OUTSIDE_OPS; on CPU all of
+    them add up to about the steps' wall time."""
     self_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
-    per = {e.key: self_us(e) / 1e6 / max(steps, 1) for e in prof.key_averages() if not e.key.startswith("train_step#")}
+    per: dict[str, float] = {}
+    for e in prof.key_averages():
+        key = OUTSIDE_OPS if e.key.startswith("train_step#") else e.key
+        per[key] = per.get(key, 0.0) + self_us(e) / 1e6 / max(steps, 1)
     per = dict(sorted(((k, v) for k, v in per.items() if v > 0), key=lambda kv: -kv[1]))
     return {"steps": steps, "time": "device" if cuda else "cpu", "ops_s_per_step": per}

@@ -33,9 +33,10 @@ def test_profile_steps_write_a_trace_of_those_steps_and_log_it_to_mlflow(tmp_pat
     assert any(e["name"].startswith("aten::") for e in inside)  # the steps' own operators, not just markers
     ops = json.loads((out / "profile" / "rank0_ops_steps_2-3.json").read_text())
     assert ops["steps"] == 2 and ops["time"] == "cpu" and ops["ops_s_per_step"]["aten::mm"] > 0
-    assert not any(k.startswith("train_step#") for k in ops["ops_s_per_step"])
+    assert not any(k.startswith("train_step#") for k in ops["ops_s_per_step"])  # one entry: Python between ops
+    assert ops["ops_s_per_step"]["(outside any op: Python)"] > 0
     step_s = (s2["dur"] + s3["dur"]) / 2 / 1e6  # the trace's microseconds; per step, not over both
-    assert 0.75 < sum(ops["ops_s_per_step"].values()) / step_s < 1.33
+    assert 0.95 < sum(ops["ops_s_per_step"].values()) / step_s < 1.05  # 1.000 measured: self times partition a step
     names = sorted(p.name for p in (out / "profile").iterdir())
     assert names == ["rank0_ops_steps_2-3.json", trace.name]  # no snapshot on CPU
 
