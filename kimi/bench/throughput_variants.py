@@ -67,7 +67,8 @@ def _ops_table(r: dict) -> list[str]:
     top = sorted({op for p in per.values() for op in p}, key=lambda op: -max(p.get(op, 0.0) for p in per.values()))
     rows = [[op, *(f"{1000 * p.get(op, 0.0):.0f}" for p in per.values())] for op in top[: r["ops"]]]
     rows.append(["all ops", *(f"{1000 * sum(p.values()):.0f}" for p in per.values())])
-    return ["", "self time per step, ms (torch.profiler, one run each; the profiler's overhead included)",
+    what = "CPU" if r["device"].startswith("CPU") else "device"  # GPU: kernel time, not the step's wall time
+    return ["", f"{what} self time per step, ms (train.profile_steps, one run each; the profiler's overhead included)",
             "", *md_table(["op", *per], rows)]  # fmt: skip
 
 

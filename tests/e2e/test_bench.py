@@ -441,7 +441,7 @@ def test_throughput_of_compare_variants(tmp_path):
         assert m["speed_rounds"] == pytest.approx(rounds) and m["speed"] == pytest.approx(sum(rounds) / 2)
     assert res["variants"]["kimi"]["routing_s"] > 0 and res["variants"]["dense_muon"]["routing_s"] == 0
     # --ops: a profiled run each, the ops' self time per step of the steps after the first (2 - 1 here)
-    assert "| aten::mm |" in r.stdout and "| all ops |" in r.stdout
+    assert "| aten::mm |" in r.stdout and "| all ops |" in r.stdout and "CPU self time per step" in r.stdout
     for m in res["variants"].values():
         # the ops' self times add up to the profiled run's own step (not the timed rounds': load varies)
         assert m["ops_s"]["aten::mm"] > 0 and 0.75 < sum(m["ops_s"].values()) / m["ops_step_s"] < 1.33
