@@ -434,12 +434,29 @@ def best_baseline(runs: list[dict]) -> str:
     return min(base, key=lambda r: r["final_val_loss"])["variant"]
 
 
+def name_by_lr(runs: list[dict]) -> list[dict]:
+    """A variant that ran at several lrs (an lr sweep given as --optim.lr=X overrides, merged with
+    --from-runs) becomes one variant per lr, `dense_muon@lr0.004`: otherwise its lrs would be averaged as if
+    they were seeds. The baseline's names carry their lr already. Returns new dicts; the input is kept."""
+    lrs: dict[str, set] = {}
+    for r in runs:
+        lrs.setdefault(r["variant"], set()).add(r["lr"])
+    out = []
+    for r in runs:
+        if len(lrs[r["variant"]]) > 1 and r["group"] != "nanogpt":
+            name = f"{r['variant']}@lr{r['lr']:g}"
+            r = {**r, "variant": name, "group": f"{r['group']}@lr{r['lr']:g}"}
+        out.append(r)
+    return out
+
+
 def write_results(runs: list[dict], out: Path, config: str, budget: str, tracking_uri: str | None,
                   failed: list[str] = (), log=print, reference: str | None = None) -> dict:  # fmt: skip
     """Table, JSON, plots (and the MLflow summary run) from finished runs, also runs merged from several
     `compare` outputs (--from-runs): the best baseline lr is picked over all of them, unless `reference`
     names the variant every other is measured against (e.g. kimi for its own ablations)."""
     out.mkdir(parents=True, exist_ok=True)
+    runs = name_by_lr(runs)
     order = list(dict.fromkeys(r["variant"] for r in sorted(runs, key=lambda r: r["group"] != "nanogpt")))
     runs = sorted(runs, key=lambda r: (order.index(r["variant"]), r["seed"]))
     if reference and reference not in order:
@@ -486,7 +503,8 @@ def add_args(p) -> None:
     p.add_argument("--out", default="out/bench/compare")
     p.add_argument("--no-mlflow", action="store_true")
     p.add_argument("--from-runs", default=None, help="comma-separated runs.json files of earlier compares: "
-                   "no training, one table over all of them (e.g. an lr sweep finished in two goes)")  # fmt: skip
+                   "no training, one table over all of them (e.g. an lr sweep finished in two goes; a variant run "
+                   "at several --optim.lr values is tabled per lr, as NAME@lrX)")  # fmt: skip
     p.add_argument(
         "--jobs", type=int, default=1, help="training processes at once (wall-clock columns then share CPUs)"
     )

@@ -196,6 +196,29 @@ def test_tabling_against_a_named_reference(tmp_path):
     )
 
 
+def test_an_lr_sweep_of_one_variant_is_tabled_per_lr_not_averaged_as_seeds(tmp_path):
+    """dense_muon run at two lrs (--optim.lr overrides), merged with --from-runs: two rows named by lr, each
+    one seed, measured against the one named as --reference; never one row averaging the two lrs."""
+
+    def run(lr, curve):
+        return {"variant": "dense_muon", "group": "dense_muon", "about": "", "lr": lr, "seed": 1, "tokens": 300,
+                "params_total": 1, "params_active": 1, "params_non_embedding": 1, "params_active_non_embedding": 1,
+                "curve": curve, "curve_time": curve, "final_curve_val": curve[-1][1], "final_val_loss": curve[-1][1],
+                "train_time_s": 30, "tokens_per_s": None, "peak_rss_bytes": None}  # fmt: skip
+
+    (tmp_path / "a.json").write_text(json.dumps([run(6e-3, [(100, 3.0), (300, 2.0)])]))
+    (tmp_path / "b.json").write_text(json.dumps([run(4e-3, [(100, 3.2), (300, 1.9)])]))
+    files = f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}"
+    r = _cli(
+        "compare", "--from-runs", files, "--no-mlflow", "--reference", "dense_muon@lr0.006", "--out", str(tmp_path)
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [(row["variant"], row["final_val_loss"], row["n_seeds"]) for row in rows] == [
+        ("dense_muon@lr0.006", 2.0, 1), ("dense_muon@lr0.004", 1.9, 1)]  # fmt: skip
+    assert "| 300 | -0.1000" in r.stdout  # the gap of 4e-3 against 6e-3
+
+
 def test_full_split_loss_scores_every_token_once():
     torch.manual_seed(0)
     cfg = load_config(str(ROOT / "configs" / "debug.yaml")).model
