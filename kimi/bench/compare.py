@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from kimi.bench.children import Children
+from kimi.bench.lr_sweep import name_by_lr, plot_lr_sweep
 from kimi.bench.tables import vm_hwm
 from kimi.bench.variants import ABLATIONS, Variant, build_variants, flatten, param_counts
 from kimi.config import LoggingConfig, load_config, parse_overrides
@@ -434,22 +435,6 @@ def best_baseline(runs: list[dict]) -> str:
     return min(base, key=lambda r: r["final_val_loss"])["variant"]
 
 
-def name_by_lr(runs: list[dict]) -> list[dict]:
-    """A variant that ran at several lrs (an lr sweep given as --optim.lr=X overrides, merged with
-    --from-runs) becomes one variant per lr, `dense_muon@lr0.004`: otherwise its lrs would be averaged as if
-    they were seeds. The baseline's names carry their lr already. Returns new dicts; the input is kept."""
-    lrs: dict[str, set] = {}
-    for r in runs:
-        lrs.setdefault(r["variant"], set()).add(r["lr"])
-    out = []
-    for r in runs:
-        if len(lrs[r["variant"]]) > 1 and r["group"] != "nanogpt":
-            name = f"{r['variant']}@lr{r['lr']:g}"
-            r = {**r, "variant": name, "group": f"{r['group']}@lr{r['lr']:g}"}
-        out.append(r)
-    return out
-
-
 def write_results(runs: list[dict], out: Path, config: str, budget: str, tracking_uri: str | None,
                   failed: list[str] = (), log=print, reference: str | None = None) -> dict:  # fmt: skip
     """Table, JSON, plots (and the MLflow summary run) from finished runs, also runs merged from several
@@ -479,6 +464,7 @@ def write_results(runs: list[dict], out: Path, config: str, budget: str, trackin
     files = [out / "results.json", out / "results.md"]
     files += plot_curves(runs, out, {r["variant"] for r in rows if r["variant"] == best or r["group"] != "nanogpt"})
     files += plot_gap([r for r in runs if r["group"] != "nanogpt"], out, gap_ref)
+    files += plot_lr_sweep(rows, out)
     if tracking_uri:
         log_summary(out, tracking_uri, rows, files, {"config": config, "budget": budget, "seeds": str(seeds)})
     log(md)

@@ -189,6 +189,7 @@ def test_tabling_against_a_named_reference(tmp_path):
     res = json.loads((tmp_path / "results.json").read_text())
     assert [(row["variant"], row["reference"]) for row in res["rows"]] == [("kimi", True), ("kimi_mha", False)]
     assert "minus kimi's" in (tmp_path / "results.md").read_text() and "| 300 | -0.5000" in r.stdout
+    assert not (tmp_path / "lr_sweep.png").exists()  # no variant ran at two lrs
     r = _cli("compare", "--from-runs", str(tmp_path / "runs.json"), "--reference", "kimi_mla", "--out", str(tmp_path))
     assert (
         r.returncode == 2
@@ -217,6 +218,7 @@ def test_an_lr_sweep_of_one_variant_is_tabled_per_lr_not_averaged_as_seeds(tmp_p
     assert [(row["variant"], row["final_val_loss"], row["n_seeds"]) for row in rows] == [
         ("dense_muon@lr0.006", 2.0, 1), ("dense_muon@lr0.004", 1.9, 1)]  # fmt: skip
     assert "| 300 | -0.1000" in r.stdout  # the gap of 4e-3 against 6e-3
+    assert (tmp_path / "lr_sweep.png").stat().st_size > 0  # final loss against lr
 
 
 def test_full_split_loss_scores_every_token_once():
