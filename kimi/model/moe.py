@@ -16,6 +16,8 @@ tested against; its numerics are what the golden losses pin.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -58,9 +60,10 @@ def scatter_rows(y_ND: torch.Tensor, idx_N: torch.Tensor) -> torch.Tensor:
 
     index_put rather than index_copy: both backwards are a gather (deterministic on GPU, no atomics), but
     index_copy's autograd also keeps `source` (to read its shape), a second N x D copy of the expert
-    outputs alive until backward; index_put's keeps only the index.
+    outputs alive until backward; index_put's keeps only the index. In place into a fresh tensor: the
+    out-of-place index_put clones its (uninitialised) input first, an N x D copy for nothing.
     """
-    return y_ND.new_empty(y_ND.shape).index_put((idx_N,), y_ND)
+    return y_ND.new_empty(y_ND.shape).index_put_((idx_N,), y_ND)
 
 
 def unpermute(y_ND: torch.Tensor, sort_idx_N: torch.Tensor, topk_w_TK: torch.Tensor) -> torch.Tensor:
@@ -74,13 +77,63 @@ def unpermute(y_ND: torch.Tensor, sort_idx_N: torch.Tensor, topk_w_TK: torch.Ten
     return (y_TKD.float() * topk_w_TK[..., None].float()).sum(dim=1)
 
 
-def dispatch_steps(choice: str, device: torch.device):
-    """(permute, gather_rows, unpermute) for moe.kernels=`choice`; the Triton ones pass a `Plan` where the
-    torch ones pass sort_idx_N, and callers treat it as opaque."""
+def combine(y_ND: torch.Tensor, sort_idx_N: torch.Tensor, top_k: int) -> torch.Tensor:
+    """`unpermute` for rows the experts already weighted (GroupedExperts' scale_rows): each row added
+    to its token -> y_TD (fp32).
+
+    On CPU an index_add: deterministic there, and its backward is one gather of the (T, D) gradient. The
+    scatter + sum over K (elsewhere: index_add is atomic on GPU) costs 3x on CPU, mostly in backward,
+    where the sum's expanded gradient is copied out to (T, K, D) before the scatter's gather reads it.
+    """
+    T, D = sort_idx_N.numel() // top_k, y_ND.shape[-1]
+    if y_ND.device.type == "cpu":
+        return _AddRowsToTokens.apply(y_ND.float(), sort_idx_N // top_k, T)
+    return scatter_rows(y_ND, sort_idx_N).view(T, top_k, D).float().sum(dim=1)
+
+
+class _AddRowsToTokens(torch.autograd.Function):
+    """y_TD[token_N[n]] += y_ND[n]. Its own backward because index_add_'s autograd keeps `source` (for its
+    shape), an N x D copy alive until backward; this one keeps only the index."""
+
+    @staticmethod
+    def forward(ctx, y_ND, token_N, num_tokens: int):
+        ctx.save_for_backward(token_N)
+        return y_ND.new_zeros(num_tokens, y_ND.shape[-1]).index_add_(0, token_N, y_ND)
+
+    @staticmethod
+    def backward(ctx, grad_TD):
+        (token_N,) = ctx.saved_tensors
+        return grad_TD.index_select(0, token_N), None, None
+
+
+def rows_weights(topk_w_TK: torch.Tensor, sort_idx_N: torch.Tensor) -> torch.Tensor:
+    """w_N: each routed row's weight, in the expert order of `permute`."""
+    return topk_w_TK.reshape(-1).index_select(0, sort_idx_N)
+
+
+def weight_rows(h_NF: torch.Tensor, w_N: torch.Tensor) -> torch.Tensor:
+    """h_NF scaled row-wise by w_N, multiplied in fp32 and rounded once to h's dtype."""
+    return (h_NF.float() * w_N[:, None].float()).to(h_NF.dtype)
+
+
+class DispatchSteps(NamedTuple):
+    """The permute-side steps for one moe.kernels choice. `combine` is set where the experts should weight
+    their rows (GroupedExperts' scale_rows) and the rows then only be summed per token: the torch path.
+    The Triton un-permute weights as it gathers, at no extra cost, so it has none."""
+
+    permute: Callable
+    gather_rows: Callable
+    unpermute: Callable
+    combine: Callable | None
+
+
+def dispatch_steps(choice: str, device: torch.device) -> DispatchSteps:
+    """The steps for moe.kernels=`choice`; the Triton ones pass a `Plan` where the torch ones pass
+    sort_idx_N, and callers treat it as opaque."""
     kernels = kernel_module(choice, device)
     if kernels is None:
-        return permute, gather_rows, unpermute
-    return kernels.permute, kernels.gather_rows, kernels.unpermute
+        return DispatchSteps(permute, gather_rows, unpermute, combine)
+    return DispatchSteps(kernels.permute, kernels.gather_rows, kernels.unpermute, None)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -162,7 +215,11 @@ class GroupedExperts(nn.Module):
     """E SwiGLU experts stored as stacked 3-D weights: w1 (gate) and w3 (up) are (E, F, D), w2 (down)
     is (E, D, F). forward(x, counts_E, gather=None): rows gather(x) (x itself without a gather) sorted
     by expert, counts_E with one entry per expert this module holds (E_local = w1.shape[0] under expert
-    parallelism); experts may get 0 rows.
+    parallelism); experts may get 0 rows. `scale_rows` (optional, h_NF -> h_NF) scales each row's SwiGLU
+    product h before the down projection, which equals scaling the output (the projection is linear) at
+    F/D of the cost, and backward then keeps no N x D copy of the outputs for the weights' gradient. A
+    callable rather than the weights themselves: FSDP2's mixed precision casts the floating tensors a
+    wrapped module's forward receives (expert parallelism wraps the experts), and routing weights stay fp32.
 
     `recompute` (moe.recompute): backward keeps W1x and W3x and their SwiGLU product h (the input of the
     down projection), and recomputes the gathered rows (N x D) and silu(W1x) (N x F) from x and W1x
@@ -182,7 +239,7 @@ class GroupedExperts(nn.Module):
     def num_experts(self) -> int:
         return self.w1.shape[0]
 
-    def forward(self, x: torch.Tensor, counts_E: torch.Tensor, gather=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counts_E: torch.Tensor, gather=None, scale_rows=None) -> torch.Tensor:
         if counts_E.shape[0] != self.num_experts:
             raise ValueError(
                 f"counts_E has {counts_E.shape[0]} entries but this module holds {self.num_experts} experts"
@@ -197,6 +254,8 @@ class GroupedExperts(nn.Module):
             h_NF = recompute(rows_up, x, self.w1, self.w3, keep=MATMULS)
         else:
             h_NF = rows_up(x, self.w1, self.w3)
+        if scale_rows is not None:  # the down projection is linear: weight its F-wide input, not its output
+            h_NF = scale_rows(h_NF)
         return down(h_NF, self.w2, counts_E)
 
     def extra_repr(self) -> str:
@@ -211,11 +270,16 @@ class LocalDispatcher:
         self.kernels = kernels  # moe.kernels
 
     def __call__(self, x_TD, topk_idx_TK, topk_w_TK, experts: GroupedExperts) -> torch.Tensor:
-        permute_, gather_rows_, unpermute_ = dispatch_steps(self.kernels, x_TD.device)
-        sort_idx_N, counts_E = permute_(topk_idx_TK, experts.num_experts)
+        steps = dispatch_steps(self.kernels, x_TD.device)
+        sort_idx_N, counts_E = steps.permute(topk_idx_TK, experts.num_experts)
         K = topk_idx_TK.shape[1]
-        y_ND = experts(x_TD, counts_E, gather=lambda x: gather_rows_(x, sort_idx_N, K))
-        return unpermute_(y_ND, sort_idx_N, topk_w_TK).to(x_TD.dtype)
+        gather = lambda x: steps.gather_rows(x, sort_idx_N, K)  # noqa: E731
+        if steps.combine is None:
+            return steps.unpermute(experts(x_TD, counts_E, gather=gather), sort_idx_N, topk_w_TK).to(x_TD.dtype)
+        # the experts weight their F-wide rows; the un-permute then only sums, with no D-wide multiply
+        w_N = rows_weights(topk_w_TK, sort_idx_N)
+        y_ND = experts(x_TD, counts_E, gather=gather, scale_rows=lambda h_NF: weight_rows(h_NF, w_N))
+        return steps.combine(y_ND, sort_idx_N, K).to(x_TD.dtype)
 
     def __repr__(self) -> str:
         return f"LocalDispatcher(kernels={self.kernels!r})"

@@ -12,6 +12,7 @@ One MoE layer, on every rank of the EP group (dropless; differentiable end to en
     --one host sync: the split sizes--> all_to_all(x_ND) --> x_MD in (source, local expert) order
     --reorder--> local-expert-major --experts(x, counts_L): one grouped matmul--> reorder back
     --all_to_all back--> y_ND in our sorted order --> un-permute, weight by topk_w, sum over k --> y_TD
+(on the torch path each row's topk_w travels with it, and the experts weight their SwiGLU product instead)
 
 The model (kimi/model/moe.py) calls `dispatcher(x_TD, topk_idx_TK, topk_w_TK, experts)`; this file only
 replaces that seam and the experts' parameters, from outside the model.
@@ -28,7 +29,7 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from kimi.model.moe import dispatch_steps, scatter_rows
+from kimi.model.moe import dispatch_steps, rows_weights, scatter_rows, weight_rows
 
 
 def _as_group(group: dist.ProcessGroup | DeviceMesh) -> dist.ProcessGroup:
@@ -70,9 +71,9 @@ class AllToAllDispatcher:
 
         # 1. Permute locally to expert order with the model's own steps (stable sort; counts without a
         #    host sync). Rows for rank r's experts are now contiguous, in rank order.
-        permute, gather_rows, unpermute = dispatch_steps(self.kernels, x_TD.device)
-        sort_idx_N, counts_E = permute(topk_idx_TK, E)
-        x_ND = gather_rows(x_TD, sort_idx_N, K)
+        steps = dispatch_steps(self.kernels, x_TD.device)
+        sort_idx_N, counts_E = steps.permute(topk_idx_TK, E)
+        x_ND = steps.gather_rows(x_TD, sort_idx_N, K)
 
         # 2. Tell every rank how many rows of each of its experts we send: recv_counts_RL[s, l] = rows that
         #    source s sends to our local expert l. Small int tensor, even splits of L each.
@@ -96,8 +97,13 @@ class AllToAllDispatcher:
         seg_M = torch.repeat_interleave(torch.arange(R * L, device=x_TD.device), recv_counts_E, output_size=M)
         order_M = torch.argsort((seg_M % L) * R + seg_M // L, stable=True)
         counts_L = recv_counts_RL.sum(0)
-        y_MD = experts(x_MD, counts_L, gather=lambda x: x.index_select(0, order_M))  # see GroupedExperts.recompute
-        y_MD = scatter_rows(y_MD, order_M)  # undo the reorder
+        scale_rows = None
+        if steps.combine is not None:  # the torch path: rows travel with their weights, the experts apply them
+            w_N = rows_weights(topk_w_TK, sort_idx_N)
+            w_M = all_to_all_single_autograd(w_N, recv_splits, send_splits, self.group).index_select(0, order_M)
+            scale_rows = lambda h_MF: weight_rows(h_MF, w_M)  # noqa: E731
+        gather = lambda x: x.index_select(0, order_M)  # noqa: E731 (see GroupedExperts.recompute)
+        y_MD = scatter_rows(experts(x_MD, counts_L, gather=gather, scale_rows=scale_rows), order_M)  # undo the reorder
 
         # 6. Results back to the ranks that own the tokens; un-permute, weight, sum over K: the model's own
         #    combine step, so EP and single-device outputs round identically.
@@ -105,14 +111,17 @@ class AllToAllDispatcher:
         y_ND = self._waited(all_to_all_single_autograd(y_MD, send_splits, recv_splits, self.group))
         if self.kernels != "torch":
             y_ND = wait_tensor(y_ND)  # Triton launchers need the plain tensor, not the collective's async wrapper
-        self.stats["a2a_bytes"] += (sum(send_splits) + M) * x_TD.shape[1] * x_ND.element_size()
+        weight_bytes = sum(send_splits) * 4 if scale_rows is not None else 0  # fp32 weights, outbound only
+        self.stats["a2a_bytes"] += (sum(send_splits) + M) * x_TD.shape[1] * x_ND.element_size() + weight_bytes
         if self.profile:
             self.stats["a2a_s"] += a2a_s + time.perf_counter() - t1
         if x_TD.shape[0] == 0:
             # unpermute cannot view 0 rows as (0, K, -1). Keep y_ND in the graph all the same: this rank
             # must still join the backward all-to-alls, or its peers wait for it forever.
             return (x_TD.new_zeros(x_TD.shape) + (y_ND.sum() + topk_w_TK.sum()) * 0).to(x_TD.dtype)
-        return unpermute(y_ND, sort_idx_N, topk_w_TK).to(x_TD.dtype)
+        if steps.combine is not None:
+            return steps.combine(y_ND, sort_idx_N, K).to(x_TD.dtype)
+        return steps.unpermute(y_ND, sort_idx_N, topk_w_TK).to(x_TD.dtype)
 
     def _waited(self, t: Tensor) -> Tensor:
         return wait_tensor(t) if self.profile else t

@@ -283,8 +283,36 @@ def _saved_row_copies(m: MoE, x: torch.Tensor, n_rows: int) -> int:
 
 
 def test_routed_rows_are_kept_once_each():
-    """Backward needs the gathered inputs (the expert matmuls' weight grads) and the expert outputs (topk_w's
-    grad), one copy each. index_copy in the un-permute kept a second copy of the outputs (its `source`)."""
+    """Backward needs the gathered inputs (the up projections' weight grads), one N x D copy. Weighting the
+    expert outputs kept them too (topk_w's grad), and index_copy in the un-permute a third (its `source`);
+    the experts now weight the F-wide SwiGLU product instead."""
     m = make_moe()
     x = torch.randn(2, 5, D, requires_grad=True)
-    assert _saved_row_copies(m, x, n_rows=2 * 5 * m.top_k) == 2
+    assert _saved_row_copies(m, x, n_rows=2 * 5 * m.top_k) == 1
+
+
+def test_weighting_before_the_down_projection_matches_weighting_its_output():
+    """LocalDispatcher scales each row's SwiGLU product h by its routing weight; the reference scales the
+    expert outputs (unpermute). Same outputs and gradients (x, expert weights, topk_w), fp32."""
+    from kimi.model.moe import gather_rows, unpermute
+
+    m = make_moe()
+    g = torch.Generator().manual_seed(3)
+    x_TD = torch.randn(10, D, generator=g)
+    idx_TK = torch.randint(0, E, (10, 2), generator=g)
+    w_TK = torch.rand(10, 2, generator=g)
+    g_TD = torch.randn(10, D, generator=g)  # a different gradient per token: a mixed-up row order shows
+
+    def run(fast: bool):
+        m.zero_grad()
+        x, w = x_TD.clone().requires_grad_(), w_TK.clone().requires_grad_()
+        if fast:
+            y = LocalDispatcher()(x, idx_TK, w, m.experts)
+        else:
+            sort_idx_N, counts_E = permute(idx_TK, E)
+            y = unpermute(m.experts(gather_rows(x, sort_idx_N, 2), counts_E), sort_idx_N, w)
+        (y * g_TD).sum().backward()
+        return [y, x.grad, w.grad] + [p.grad for p in m.experts.parameters()]
+
+    for a, b in zip(run(True), run(False), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
