@@ -269,12 +269,15 @@ def test_route_ties_go_to_the_lowest_index():
 
 
 def _saved_row_copies(m: MoE, x: torch.Tensor, n_rows: int) -> int:
-    """How many distinct n_rows x D tensors a forward of `m` keeps for backward."""
-    seen = set()
+    """How many distinct n_rows x D tensors a forward of `m` keeps for backward. The tensors are held while
+    counting: a storage saved by a graph piece the forward then drops could be freed and its address
+    reused by a later one, which would count once."""
+    seen, held = set(), []
 
     def pack(t):
         if t.dim() >= 2 and t.shape[-1] == D and t.numel() == n_rows * D:
             seen.add(t.untyped_storage().data_ptr())
+            held.append(t)
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
