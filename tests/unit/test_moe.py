@@ -319,3 +319,22 @@ def test_weighting_before_the_down_projection_matches_weighting_its_output():
 
     for a, b in zip(run(True), run(False), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_combine_on_cpu_matches_the_scatter_path():
+    """combine's CPU index_add (own backward) against combine_by_scatter, the path off CPU: values and
+    gradients, with rows in a shuffled expert order and a different gradient per token."""
+    from kimi.model.moe import combine, combine_by_scatter
+
+    g = torch.Generator().manual_seed(4)
+    T, K = 6, 3
+    sort_idx_N = torch.randperm(T * K, generator=g)
+    y_ND, g_TD = torch.randn(T * K, D, generator=g), torch.randn(T, D, generator=g)
+    outs = []
+    for fn in (combine, combine_by_scatter):
+        y = y_ND.clone().requires_grad_()
+        out = fn(y, sort_idx_N, K)
+        (out * g_TD).sum().backward()
+        outs.append((out, y.grad))
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
