@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from kimi.config import KimiConfig, ParallelConfig, TrainConfig
+from kimi.host_memory import keep_freed_memory
 
 # Dense bf16 peak of common accelerators, for the MFU estimate (FLOP/s).
 _GPU_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "4090": 165e12}
@@ -146,6 +147,8 @@ def setup_runtime(
     if use_cuda:
         torch.cuda.set_device(local_rank)
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if not use_cuda and train.cpu_keep_freed_memory:
+        keep_freed_memory()
     dims = ParallelDims.for_model(parallel, model, world)
     rank, mesh, dp_group, owns_group = 0, None, None, False
     if world > 1:
