@@ -146,7 +146,12 @@ class Muon(torch.optim.Optimizer):
                 p_local.add_(o.to(p_local.dtype), alpha=-lr * scale)
 
     def _adamw_step(self, group: dict) -> None:
+        """One AdamW step of the group in torch's fused kernel (torch.optim.AdamW(fused=True)'s): one pass
+        over each tensor's p, g, m, v instead of ~10 elementwise ops with temporaries. On one CPU thread
+        that is 89 vs 426 ms for two 50,257 x 384 matrices (nano's embedding and head). The update is
+        AdamW's: p *= 1 - lr*wd; m, v EMAs; p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)."""
         lr, wd, (beta1, beta2), eps = group["lr"], group["weight_decay"], group["betas"], group["eps"]
+        lists: dict[tuple, tuple[list, ...]] = {}  # (device, dtype) -> params, grads, m, v, steps
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -155,16 +160,16 @@ class Muon(torch.optim.Optimizer):
                 state["step"] = torch.tensor(0.0)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] += 1
-            step = state["step"].item()
-            p_local, g = _local(p), _local(p.grad)
-            m, v = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
-            p_local.mul_(1 - lr * wd)
-            m.lerp_(g, 1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            bc1, bc2 = 1 - beta1**step, 1 - beta2**step
-            denom = (v.sqrt() / bc2**0.5).add_(eps)
-            p_local.addcdiv_(m, denom, value=-lr / bc1)
+            p_local = _local(p)
+            if state["step"].device != p_local.device:  # the kernel reads the count on the params' device
+                state["step"] = state["step"].to(p_local.device)
+            row = (p_local, _local(p.grad), _local(state["exp_avg"]), _local(state["exp_avg_sq"]), state["step"])
+            for column, t in zip(lists.setdefault((p_local.device, p_local.dtype), ([], [], [], [], [])), row):
+                column.append(t)
+        for params, grads, exp_avgs, exp_avg_sqs, steps in lists.values():
+            torch._foreach_add_(steps, 1)
+            torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=beta1, beta2=beta2,
+                                weight_decay=wd, eps=eps, amsgrad=False, maximize=False)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- building from a model
