@@ -6,8 +6,9 @@ the same large tensors every step, so each one's pages are faulted in (and zeroe
 every step: one fault per 4 KiB, ~2 us each on this project's Xeon VM. Tensors of 32 MiB and more can never
 come from the heap under the default settings. The MoE's routed rows are such tensors (T*K x D fp32: 32 MiB
 at byte_s's 4,096 tokens x top-8 x 256, 48 MiB at 6 x 384); a dense model of the same active size has none.
-Measured at byte_s, one thread (forward + backward of kimi_mha): 83-86k page faults a step, 1,996 ->
-1,649 ms with the heap kept; dense_muon unchanged (docs/benchmarking.md).
+Measured at byte_s, one quiet thread: 83-86k page faults a step in kimi_mha's forward + backward; with the
+heap kept its training step went from 1,222-1,229 to 1,096-1,119 ms (0.69x -> 0.79x dense_muon's tokens/s),
+dense_muon's unchanged (docs/benchmarking.md, "Page faults").
 
 The cost: RSS no longer shrinks after a peak (freed memory stays mapped for reuse), so `kimi.bench memory`,
 which measures peaks with a fixed threshold of its own, sets glibc's variables and is left alone here.
@@ -16,7 +17,7 @@ which measures peaks with a fixed threshold of its own, sets glibc's variables a
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import os
 import platform
 
@@ -29,11 +30,12 @@ def malloc_set_by_environment() -> bool:
     return any(k in os.environ for k in _GLIBC_ENV) or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
 
 
+@functools.cache
 def keep_freed_memory() -> bool:
     """Serve every allocation from malloc's heap (M_MMAP_MAX = 0) and never trim it (M_TRIM_THRESHOLD = -1),
-    for this whole process from now on. Returns whether it applied: False off glibc (macOS, musl) and when
-    the environment sets glibc's malloc itself."""
+    for this whole process from now on (once: later calls return the first answer). Returns whether it
+    applied: False off glibc (macOS, musl) and when the environment sets glibc's malloc itself."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or malloc_set_by_environment():
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc = ctypes.CDLL(None)  # the process's own symbols, glibc's mallopt among them
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, -1))

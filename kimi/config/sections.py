@@ -247,7 +247,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda if present), "cpu", "cuda"
     dtype: str = "auto"  # "auto" (bf16 autocast on GPU, fp32 on CPU), "bf16", "fp32"
     # CPU: glibc's malloc keeps freed memory for reuse instead of unmapping every block of 32 MiB and more, whose
-    # pages a step would fault in again (1/6 of a MoE step at byte_s; kimi/host_memory.py). RSS then stays at its
+    # pages a step would fault in again (~10% of a MoE step at byte_s; kimi/host_memory.py). RSS then stays at its
     # peak. Off by itself when MALLOC_*_ or GLIBC_TUNABLES set glibc's malloc.
     cpu_keep_freed_memory: bool = True  # CPU: no page faults on reallocated big tensors; RSS stays at its peak
     compile: bool = False  # torch.compile each block
