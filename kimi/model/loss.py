@@ -66,15 +66,22 @@ def _chunks(h_ND, w_VD, targets_N, chunk, mm_dtype, want_grads):
     for s in range(0, N, chunk):
         h_CD, t_C, valid_C = hm_ND[s : s + chunk], targets_N[s : s + chunk], valid_N[s : s + chunk]
         logits_CV = (h_CD @ wm_VD.T).float()
-        lse_C = torch.logsumexp(logits_CV, dim=-1)
         t_C1 = t_C.clamp(min=0).unsqueeze(1)  # ignored rows gather column 0, then are masked out
-        loss_sum += ((lse_C - logits_CV.gather(1, t_C1).squeeze(1)) * valid_C).sum()
+        target_C = logits_CV.gather(1, t_C1).squeeze(1)
+        # One exp over the chunk, in place, for both the log-sum-exp and the softmax: e = exp(logits - max),
+        # lse = max + log(sum e), softmax = e / sum e. (torch.logsumexp would allocate its own (C, V)
+        # temporary and exponentiate, and the softmax a second time.) An overflowed (inf) logit makes the
+        # loss NaN here where logsumexp gives inf: non-finite either way, which the trainer's guard handles.
+        max_C1 = logits_CV.amax(dim=-1, keepdim=True)
+        e_CV = logits_CV.sub_(max_C1).exp_()
+        sum_C = e_CV.sum(dim=-1)
+        loss_sum += ((max_C1.squeeze(1) + sum_C.log() - target_C) * valid_C).sum()
         if not want_grads:
             continue
-        # d CE / d logits = softmax - one_hot(target), per valid row, over n_valid; in place on the logits.
-        g_CV = logits_CV.sub_(lse_C.unsqueeze(1)).exp_()
-        g_CV.scatter_add_(1, t_C1, -valid_C.float().unsqueeze(1))
-        g_CV.mul_(scale_N[s : s + chunk].unsqueeze(1))
+        # d CE / d logits = softmax - one_hot(target), per valid row, over n_valid; in place on e.
+        scale_C = scale_N[s : s + chunk]
+        g_CV = e_CV.mul_((scale_C / sum_C).unsqueeze(1))
+        g_CV.scatter_add_(1, t_C1, -scale_C.unsqueeze(1))
         gm_CV = g_CV.to(mm_dtype)
         dh_ND[s : s + chunk] = gm_CV @ wm_VD
         if mm_dtype == torch.float32:
