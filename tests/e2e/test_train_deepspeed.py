@@ -11,14 +11,14 @@
 - World 4, EP=2, ZeRO-2 (each expert on 2 ranks: expert gradients reduced over their replicas, Muon's
   expert all-gather over 2 ranks) matches one process (FSDP2, no parallelism): losses and grad norms 2e-5
   relative, final weights 1e-4 absolute, except a few isolated elements of the AdamW-trained embedding and
-  head (at most 8 each beyond 1e-4, none beyond 1e-3: AdamW divides by sqrt(v), tiny for rarely seen tokens,
-  which magnifies last-bit gradient differences; a real error would move whole rows, and the losses).
-  Muon runs Polar Express on Gram iterations, so the engine's rebuilt optimizer is seen to keep the NS
-  choice (dropped on purpose: step 2 loss off by 3.5e-4 relative). Measured with the quintic NS (2-core
-  CPU, fp32, 20 steps): losses <= 2.3e-7 and grad norms <= 2.7e-6 relative; weights <= 3.4e-6 (experts
-  included) except 7 elements of embed_tokens and lm_head, <= 5.9e-5. With Polar Express + Gram at 98d19c4
-  (the chunked loss's softmax rounded differently): weights <= 7.3e-6 except embed_tokens and lm_head, 3 and
-  2 elements beyond 1e-5, one each beyond 1e-4 (1.03e-4, 1.06e-4). Broken on purpose, it fails: the expert all-gather skipped (step 3 loss off by 4.5e-5
+  head (at most 8 each beyond 1e-4, none beyond 1e-3): AdamW divides by sqrt(v), tiny for rarely seen
+  tokens, which magnifies last-bit gradient differences. Muon runs Polar Express on Gram iterations, so the
+  engine's rebuilt optimizer is seen to keep the NS choice (dropped on purpose: step 2 loss off by 3.5e-4
+  relative). Measured with the quintic NS (2-core CPU, fp32, 20 steps): losses <= 2.3e-7 and grad norms
+  <= 2.7e-6 relative; weights <= 3.4e-6 (experts included) except 7 elements of embed_tokens and lm_head,
+  <= 5.9e-5. With Polar Express + Gram at 98d19c4 (the chunked loss's softmax rounded differently): weights
+  <= 7.3e-6 except embed_tokens and lm_head, 3 and 2 elements beyond 1e-5, one each beyond 1e-4 (1.03e-4,
+  1.06e-4). Broken on purpose, it fails on the losses: the expert all-gather skipped (step 3 loss off by 4.5e-5
   relative), or expert gradients not reduced over replicas (step 2, 1.7e-4).
 
 Tolerance DeepSpeed vs FSDP2: 1e-5 relative per step. Measured (2-core CPU, fp32): losses <= 1.3e-7 and
