@@ -11,6 +11,9 @@ process, on synthetic tokens (speed does not depend on the text):
                      Each phase ends in a device sync, so the total is a little above an unprofiled step's.
   MoE vs dense       one MoE layer's forward+backward against a dense SwiGLU MLP with the same active
                      FLOPs (hidden = (n_shared + top_k) * expert_hidden), at the nano and small widths.
+  Newton-Schulz      the matmul FLOPs Muon's orthogonalisation adds to each step (Muon.newton_schulz_flops)
+                     as a share of the model's: MFU leaves them out, so against an AdamW baseline they cap
+                     the MFU ratio at 1 / (1 + share) even where every matmul runs as fast as the baseline's.
 Medians over the steps after the first (warm-up). With --rounds N (default 2) the two models take turns,
 N runs each (nanoKimi, nanoGPT, nanoGPT, nanoKimi, ...), so drift in the machine's speed (other jobs,
 clocks) hits both alike: each figure is the median over rounds, and the MFU ratio is given per round too
@@ -107,12 +110,23 @@ def step_breakdown(cfg: Config, steps: int, device: torch.device, ops: bool = Fa
     tokens = t.global_batch_size * cfg.block_size
     model = _meta_model(cfg)
     res = {**med, "tokens_per_s": tokens / med["step_s"], "flops_per_token": model.flops_per_token(cfg.block_size),
-           "params_total": model.num_params(), "params_active_non_embedding": model.num_active_params(True)}  # fmt: skip
+           "params_total": model.num_params(), "params_active_non_embedding": model.num_active_params(True),
+           "ns_flops_per_step": ns_flops_per_step(cfg, model), "tokens_per_step": tokens}  # fmt: skip
     if device.type == "cuda":
         res["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
     if ops:
         res["ops_s"] = ops_s
     return res
+
+
+def ns_flops_per_step(cfg: Config, model) -> int:
+    """Matmul FLOPs of Muon's Newton-Schulz in one step of cfg's optimizer on `model` (0 with AdamW)."""
+    from kimi.optim import build_optimizer
+
+    if cfg.optim.name != "muon":
+        return 0
+    with torch.device("meta"):
+        return build_optimizer(model, cfg.optim).newton_schulz_flops()
 
 
 def _meta_model(cfg: Config):
@@ -213,9 +227,20 @@ def report(r: dict) -> str:
         f"medians of {r['rounds']} interleaved round(s)", "",
         *md_table(["model", "tokens/s", "MFU (measured peak)", "step ms", "forward", "backward", "optimizer",
                    "routing"], speed), "",
-        f"MFU nanoKimi / nanoGPT: {r['mfu_ratio']:.2f}x (per round: {ratios})", "",
+        f"MFU nanoKimi / nanoGPT: {r['mfu_ratio']:.2f}x (per round: {ratios})", ns_line(r["nanokimi"]), "",
         *md_table(["width", "tokens", "experts (top-k)", "MoE fwd+bwd ms", "dense SwiGLU (same active FLOPs) ms",
                    "MoE/dense"], moe)])  # fmt: skip
+
+
+def ns_line(m: dict) -> str:
+    """What Muon's Newton-Schulz adds to a step that MFU does not count, and the MFU ratio that leaves."""
+    if not m.get("ns_flops_per_step"):
+        return ""
+    share = m["ns_flops_per_step"] / (m["flops_per_token"] * m["tokens_per_step"])
+    return (
+        f"Muon's Newton-Schulz: {m['ns_flops_per_step'] / 1e9:.1f} GFLOP a step, {share:.2f}x nanoKimi's model "
+        f"FLOPs, which MFU does not count: at equal matmul efficiency the MFU ratio is at most {1 / (1 + share):.2f}x"
+    )
 
 
 def checked_args(args) -> tuple[str, int, int]:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from kimi.config import ConfigError, OptimConfig
 from kimi.optim.dist_muon import orthogonalize  # the (possibly distributed) Newton-Schulz
-from kimi.optim.newton_schulz import NSSpec, default_ns_dtype, newton_schulz  # noqa: F401  (re-exported)
+from kimi.optim.newton_schulz import NSSpec, default_ns_dtype, newton_schulz, newton_schulz_flops  # noqa: F401
 
 
 def muon_lr_scale(shape: torch.Size) -> float:
@@ -120,6 +120,12 @@ class Muon(torch.optim.Optimizer):
             else:
                 self._adamw_step(group)
         return loss
+
+    def newton_schulz_flops(self) -> int:
+        """Matmul FLOPs of one step's Newton-Schulz over all Muon matrices (global shapes: the whole job's,
+        whichever rank runs each)."""
+        muon = [p for g in self.param_groups if g["use_muon"] for p in g["params"]]
+        return sum(newton_schulz_flops(tuple(p.shape), self.ns.steps, self.ns.gram) for p in muon)
 
     def _muon_step(self, group: dict) -> None:
         lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]

@@ -442,6 +442,9 @@ def test_throughput_quick(tmp_path):
     # --rounds 2 (the default): each model ran twice, the figures are medians over both runs
     assert len(res["mfu_ratio_rounds"]) == 2 and "MFU nanoKimi / nanoGPT" in r.stdout
     assert res["mfu_ratio"] == pytest.approx(sum(res["mfu_ratio_rounds"]) / 2)
+    # Muon's Newton-Schulz FLOPs (Muon.newton_schulz_flops, checked against torch's flop counter in test_muon)
+    assert res["nanokimi"]["ns_flops_per_step"] > 0 and res["nanogpt"]["ns_flops_per_step"] == 0  # AdamW
+    assert "Muon's Newton-Schulz:" in r.stdout and "the MFU ratio is at most" in r.stdout
     for name in ("nanokimi", "nanogpt"):
         m = res[name]
         assert len(m["rounds_tokens_per_s"]) == 2 and m["tokens_per_s"] == pytest.approx(

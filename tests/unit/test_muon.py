@@ -192,3 +192,21 @@ def test_optim_ns_method_reaches_the_optimizer_and_is_not_a_param_group_option()
                      (dict(ns_gram=True, ns_dtype="bf16"), "optim.ns_gram=true needs optim.ns_dtype=fp32")]:  # fmt: skip
         with pytest.raises(ConfigError, match=msg):
             build_optimizer(model, OptimConfig(**bad))
+
+
+@pytest.mark.parametrize("ns", [{}, dict(ns_method="polar_express", ns_gram=True)])
+def test_newton_schulz_flops_is_what_a_step_multiplies(ns):
+    """Muon.newton_schulz_flops() == the matmul FLOPs torch's FlopCounterMode counts in one step (the AdamW
+    part multiplies nothing), stacked experts and chunking included."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    gen = torch.Generator().manual_seed(3)
+    params = [nn.Parameter(torch.randn(s, generator=gen)) for s in [(16, 40), (40, 16), (4, 24, 56), (12, 12)]]
+    extra = nn.Parameter(torch.randn(30, 8, generator=gen))
+    opt = Muon([dict(params=params), dict(params=[extra], use_muon=False)], ns_dtype=torch.float32, chunk_numel=2048,
+               **ns)  # fmt: skip
+    for p in [*params, extra]:
+        p.grad = torch.randn(p.shape, generator=gen)
+    with FlopCounterMode(display=False) as counter:
+        opt.step()
+    assert opt.newton_schulz_flops() == counter.get_total_flops() > 0

@@ -24,6 +24,7 @@ from kimi.optim.newton_schulz import (
     NSSpec,
     _minimax_quintic,
     newton_schulz,
+    newton_schulz_flops,
     polar_express_coeffs,
 )
 
@@ -163,3 +164,17 @@ def test_spec_defaults_and_refusals():
         NSSpec(steps=0)
     with pytest.raises(ValueError, match="Gram Newton-Schulz needs fp32"):
         newton_schulz(G, dtype=torch.bfloat16, gram=True)
+
+
+@pytest.mark.parametrize("gram", [False, True])
+@pytest.mark.parametrize("shape", [(16, 48), (48, 16), (3, 16, 40), (2, 2, 24, 24)])
+def test_flop_count_matches_torch_flop_counter(shape, gram):
+    """newton_schulz_flops == what torch's FlopCounterMode counts in the matmuls newton_schulz runs, for
+    iteration counts with and without Gram restarts, wide and tall, batched and square (no Gram there)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    G = torch.randn(shape)
+    for steps in (1, 3, 4, 5, 7):
+        with FlopCounterMode(display=False) as counter:
+            newton_schulz(G, steps, dtype=torch.float32, gram=gram)
+        assert newton_schulz_flops(shape, steps, gram) == counter.get_total_flops() > 0, (shape, steps, gram)
