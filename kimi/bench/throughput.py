@@ -123,10 +123,7 @@ def ns_flops_per_step(cfg: Config, model) -> int:
     """Matmul FLOPs of Muon's Newton-Schulz in one step of cfg's optimizer on `model` (0 with AdamW)."""
     from kimi.optim import build_optimizer
 
-    if cfg.optim.name != "muon":
-        return 0
-    with torch.device("meta"):
-        return build_optimizer(model, cfg.optim).newton_schulz_flops()
+    return build_optimizer(model, cfg.optim).newton_schulz_flops() if cfg.optim.name == "muon" else 0
 
 
 def _meta_model(cfg: Config):

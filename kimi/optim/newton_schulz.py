@@ -144,27 +144,16 @@ def _gram_iterations(X: Tensor, coeffs: tuple, mm_add) -> Tensor:
 
 
 def newton_schulz_flops(shape: tuple[int, ...], steps: int, gram: bool = False) -> int:
-    """Matmul FLOPs (2 per multiply-add) of `newton_schulz(G, steps, gram=gram)` on a G of `shape` (..., A, B),
-    as the code above runs them; the method changes coefficients, not FLOPs. With n = min(A, B), m = max(A, B):
-    the plain loop costs 4n^2 m + 2n^3 an iteration. Muon pays this every step for every hidden matrix, routed
-    experts included, however few tokens reached them, so at a small batch it rivals the model's own FLOPs
-    (kimi.bench throughput reports it); MFU does not count it."""
-    *batch, a, b = shape
-    n, m = min(a, b), max(a, b)
-    count = 1
-    for d in batch:
-        count *= d
-    if not (gram and m >= GRAM_MIN_ASPECT * n):
-        return count * steps * (4 * n * n * m + 2 * n**3)
-    gram_nm, cube = 2 * n * n * m, 2 * n**3  # X X^T or Q X; one n x n product
-    flops = gram_nm  # R = X X^T
-    for i in range(steps):
-        if i and i % GRAM_RESTART == 0:
-            flops += 2 * gram_nm  # X = Q X, then R afresh
-        flops += cube + (cube if i % GRAM_RESTART else 0)  # H = bR + cR^2; Q = H Q after the first since a restart
-        if i + 1 < steps and (i + 1) % GRAM_RESTART:
-            flops += 2 * cube  # R = H R H
-    return count * (flops + gram_nm)  # the final Q X
+    """Matmul FLOPs of `newton_schulz(G, steps, gram=gram)` on a G of `shape` (..., A, B): torch's flop counter
+    on a meta-device run of the code itself, so the count cannot drift from it. The plain loop costs 4n^2 m +
+    2n^3 an iteration (n = min(A, B), m = max(A, B)); the method changes coefficients, not FLOPs. Muon pays
+    this every step for every hidden matrix, routed experts included, however few tokens reached them, so at
+    a small batch it rivals the model's own FLOPs (kimi.bench throughput reports it); MFU does not count it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        newton_schulz(torch.empty(shape, device="meta"), steps, dtype=torch.float32, gram=gram)
+    return counter.get_total_flops()
 
 
 @functools.cache
