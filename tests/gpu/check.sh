@@ -181,9 +181,11 @@ for st in sorted(d.glob("*.status")):
     rows = [json.loads(l) for l in (d / f"{name}-run" / "metrics.jsonl").read_text().splitlines()] \
         if (d / f"{name}-run" / "metrics.jsonl").exists() else []
     rows = rows[2:] or rows  # warm-up (and compilation) steps excluded
+    for key in ("tokens_per_s", "mfu"):  # mfu only where runtime.py knows the card's datasheet peak
+        vals = [r[key] for r in rows if key in r]
+        if vals:
+            sec[key] = statistics.median(vals)
     if rows:
-        sec["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in rows)
-        sec["mfu"] = statistics.median(r["mfu"] for r in rows)
         sec["final_loss"] = rows[-1]["loss"]
     if sec.get("rc") not in (0, None) and (d / f"{name}.log").exists():
         sec["log_tail"] = (d / f"{name}.log").read_text()[-1500:]
