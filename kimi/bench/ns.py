@@ -6,7 +6,10 @@ Muon group, cut into the optimizer step's chunks (`update_chunks`), each chunk o
 own `orthogonalize` (same-shape matrices batched, as in training) on random updates of those shapes. A
 variant is method:steps[:gram], e.g. polar_express:4:gram. Variants are interleaved inside each of --rounds
 rounds (this machine is shared: a drift hits all of them alike); reported: the median over rounds of the
-wall and process-CPU ms of one whole pass. `--chunk-numel` changes the chunk size (the batch of each call).
+wall and process-CPU ms of one whole pass, and the matmul FLOP/s that wall time gives (`newton_schulz_flops`
+of every matrix over it). On a GPU the updates live there, Newton-Schulz runs in its training dtype (bf16),
+each pass ends with a sync and a warm-up pass goes first; CPU ms then only counts the host's launch work.
+`--chunk-numel` changes the chunk size (the batch of each call).
 The training step's own optimizer phase is `kimi.bench throughput --optim.ns_method=...`. Numbers for
 docs/benchmarking.md, never for tests.
 """
@@ -20,6 +23,7 @@ import torch
 
 from kimi.bench.tables import md_table, save_json
 from kimi.config import load_config
+from kimi.runtime import sync_time
 
 
 def add_args(p) -> None:
@@ -52,36 +56,55 @@ def parse_variant(v: str):
 
 def run(config: str, overrides: list[str], variants: list[str], rounds: int, chunk_numel: int | None) -> dict:
     from kimi.optim.dist_muon import orthogonalize
+    from kimi.optim.newton_schulz import newton_schulz_flops
 
     specs = {v: parse_variant(v) for v in variants}
     chunks = muon_chunks(config, overrides, chunk_numel)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator().manual_seed(0)
-    updates = [[torch.randn(p.shape, generator=gen) for p in c] for c in chunks]
+    updates = [[torch.randn(p.shape, generator=gen).to(device) for p in c] for c in chunks]
+    shapes = [tuple(p.shape) for c in chunks for p in c]
+    flops = {v: sum(newton_schulz_flops(s, ns.steps, ns.gram) for s in shapes) for v, ns in specs.items()}
+
+    def one_pass(ns) -> None:
+        for c, u in zip(chunks, updates):
+            orthogonalize(c, u, ns)
+
+    if device.type == "cuda":  # kernels' first launch (cuBLAS handles, autotuning) is not the steady state
+        for ns in specs.values():
+            one_pass(ns)
     wall: dict[str, list[float]] = {v: [] for v in variants}
     cpu: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(rounds):
         for v, ns in specs.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            for c, u in zip(chunks, updates):
-                orthogonalize(c, u, ns)
-            wall[v].append(1000 * (time.perf_counter() - t0))
+            t0, c0 = sync_time(device), time.process_time()
+            one_pass(ns)
+            wall[v].append(1000 * (sync_time(device) - t0))
             cpu[v].append(1000 * (time.process_time() - c0))
     calls = sum(len({tuple(p.shape) for p in c}) for c in chunks)
+    variants_out = {}
+    for v in variants:
+        wall_ms = statistics.median(wall[v])
+        variants_out[v] = {"wall_ms": wall[v], "cpu_ms": cpu[v], "wall_median_ms": wall_ms,
+                           "cpu_median_ms": statistics.median(cpu[v]), "gflop": flops[v] / 1e9,
+                           "tflops_per_s": flops[v] / (wall_ms / 1000) / 1e12}  # fmt: skip
     return {"config": config, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "matrices": sum(p.numel() // (p.shape[-2] * p.shape[-1]) for c in chunks for p in c),
-            "chunks": len(chunks), "ns_calls": calls,
-            "variants": {v: {"wall_ms": wall[v], "cpu_ms": cpu[v], "wall_median_ms": statistics.median(wall[v]),
-                             "cpu_median_ms": statistics.median(cpu[v])} for v in variants}}  # fmt: skip
+            "chunks": len(chunks), "ns_calls": calls, "variants": variants_out}  # fmt: skip
 
 
 def report(r: dict) -> str:
-    base = next(iter(r["variants"].values()))["cpu_median_ms"]
-    rows = [[v, f"{m['wall_median_ms']:.0f}", f"{m['cpu_median_ms']:.0f}", f"{m['cpu_median_ms'] / base:.2f}",
-             " ".join(f"{x:.0f}" for x in m["cpu_ms"])] for v, m in r["variants"].items()]  # fmt: skip
+    key = "cpu_median_ms" if r["device"] == "cpu" else "wall_median_ms"  # CPU time: steadier on a shared host
+    base = next(iter(r["variants"].values()))[key]
+    rows = [[v, f"{m['wall_median_ms']:.1f}", f"{m['cpu_median_ms']:.0f}", f"{m[key] / base:.2f}",
+             f"{m['gflop']:.1f}", f"{1000 * m['tflops_per_s']:.1f}",
+             " ".join(f"{x:.1f}" for x in m["wall_ms"])] for v, m in r["variants"].items()]  # fmt: skip
     return "\n".join([
         f"kimi.bench ns: {r['config']}, {r['matrices']} Muon matrices in {r['chunks']} chunks ({r['ns_calls']} "
-        f"Newton-Schulz calls per pass), {r['threads']} threads, torch {r['torch']}", "",
-        *md_table(["variant", "wall ms (median)", "CPU ms (median)", "CPU vs first", "CPU ms per round"], rows)])  # fmt: skip
+        f"Newton-Schulz calls per pass), {r['device']}, {r['threads']} threads, torch {r['torch']}", "",
+        *md_table(["variant", "wall ms (median)", "CPU ms (median)", f"{key.split('_')[0]} vs first",
+                   "GFLOP a pass", "GFLOP/s (wall)", "wall ms per round"], rows)])  # fmt: skip
 
 
 def main(args, overrides: list[str]) -> dict:

@@ -541,3 +541,6 @@ def test_ns_quick(tmp_path):
     assert res["matrices"] > 0 and res["ns_calls"] >= res["chunks"] > 0
     assert all(len(v["cpu_ms"]) == 1 and v["wall_median_ms"] > 0 for v in res["variants"].values())
     assert "| polar_express:4:gram |" in r.stdout
+    q5, pe4 = res["variants"]["quintic:5"], res["variants"]["polar_express:4:gram"]
+    assert pe4["gflop"] < q5["gflop"]  # one iteration fewer, and the Gram form on the non-square ones
+    assert q5["tflops_per_s"] == pytest.approx(q5["gflop"] / q5["wall_median_ms"])  # GFLOP per ms = TFLOP/s

@@ -21,6 +21,7 @@ SECTIONS = [
     "train_nano",
     "throughput_8",
     "throughput_32",
+    "ns",
     "grouped_mm",
     "kernel_tests",
     "kernels",

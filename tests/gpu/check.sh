@@ -18,6 +18,7 @@
 #   train_nano                 bf16 training, a few hundred steps: median tokens/s and MFU
 #   throughput_8 / _32         python -m kimi.bench throughput at nano 8 x 256 and 32 x 256 (issue 19's
 #                              MFU pair against the nanoGPT-equivalent; measured bf16 peak + datasheet MFU)
+#   ns                         Muon's Newton-Schulz alone in bf16 on nano's matrices: ms and TFLOP/s per method
 #   grouped_mm                 grouped_mm in bf16 against the per-expert loop: max error and ms each
 #   kernel_tests / kernels     pytest tests/unit/test_kernels.py and python -m kimi.bench kernels
 #   train_small                bf16 training of small, a hundred steps
@@ -132,6 +133,7 @@ section throughput_8 90 "$PY" -m kimi.bench throughput --config "$NANO_CONFIG" -
   --train.global_batch_size=8 --train.micro_batch_size=8 --json "$DIR/throughput_8.json"
 section throughput_32 90 "$PY" -m kimi.bench throughput --config "$NANO_CONFIG" --steps 10 \
   --train.global_batch_size=32 --train.micro_batch_size=32 --json "$DIR/throughput_32.json"
+section ns 60 "$PY" -m kimi.bench ns --config "$NANO_CONFIG" --rounds 3 --json "$DIR/ns.json"
 section grouped_mm 60 "$PY" - "$DIR/grouped_mm.json" <<'PYEOF'
 import json, sys, time
 import torch
