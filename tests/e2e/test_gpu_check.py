@@ -17,18 +17,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SECTIONS = [
-    "train_nano",
-    "throughput_8",
-    "throughput_32",
-    "ns",
-    "grouped_mm",
-    "kernel_tests",
-    "kernels",
-    "train_small",
-    "memory",
-    "compile",
-]
 
 
 @pytest.mark.slow  # ~15-30 s: the preflight imports every kimi module in a fresh interpreter
@@ -52,8 +40,10 @@ def test_without_a_gpu_preflight_fails_fast_and_skips_every_section(tmp_path):
     assert report["preflight"]["rc"] == 1
     assert "torch sees no CUDA device" in report["preflight"]["log_tail"]
     assert "every kimi module imports" in report["preflight"]["log_tail"]  # the imports ran before the CUDA check
-    for name in SECTIONS:
-        assert report[name] == {"rc": None, "seconds": 0, "skipped": "preflight failed"}, name
+    others = {k: v for k, v in report.items() if isinstance(v, dict) and k != "preflight"}
+    assert {"train_nano", "throughput_8", "throughput_32", "ns", "compile"} <= others.keys()
+    for name, sec in others.items():  # every section the script has, not a copy of its list
+        assert sec == {"rc": None, "seconds": 0, "skipped": "preflight failed"}, name
 
     with tarfile.open(tmp_path / "logs.tgz") as tar:
         names = {Path(n).name for n in tar.getnames()}
