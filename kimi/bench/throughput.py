@@ -111,7 +111,7 @@ def step_breakdown(cfg: Config, steps: int, device: torch.device, ops: bool = Fa
     model = _meta_model(cfg)
     res = {**med, "tokens_per_s": tokens / med["step_s"], "flops_per_token": model.flops_per_token(cfg.block_size),
            "params_total": model.num_params(), "params_active_non_embedding": model.num_active_params(True),
-           "ns_flops_per_step": ns_flops_per_step(cfg, model), "tokens_per_step": tokens}  # fmt: skip
+           "ns_flops_per_step": ns_flops_per_step(cfg, model, device), "tokens_per_step": tokens}  # fmt: skip
     if device.type == "cuda":
         res["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
     if ops:
@@ -119,11 +119,12 @@ def step_breakdown(cfg: Config, steps: int, device: torch.device, ops: bool = Fa
     return res
 
 
-def ns_flops_per_step(cfg: Config, model) -> int:
-    """Matmul FLOPs of Muon's Newton-Schulz in one step of cfg's optimizer on `model` (0 with AdamW)."""
+def ns_flops_per_step(cfg: Config, model, device: torch.device) -> int:
+    """Matmul FLOPs of Muon's Newton-Schulz in one step of cfg's optimizer on `model`, run on `device` (0 with
+    AdamW)."""
     from kimi.optim import build_optimizer
 
-    return build_optimizer(model, cfg.optim).newton_schulz_flops() if cfg.optim.name == "muon" else 0
+    return build_optimizer(model, cfg.optim).newton_schulz_flops(device) if cfg.optim.name == "muon" else 0
 
 
 def _meta_model(cfg: Config):

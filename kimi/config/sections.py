@@ -204,7 +204,8 @@ class OptimConfig:
     # "polar_express": a minimax polynomial per iteration (Amsel et al. 2025), see kimi/optim/newton_schulz.py.
     ns_method: str = "quintic"  # Muon's Newton-Schulz polynomials: "quintic" (fixed) or "polar_express" (per step)
     ns_steps: int | None = None  # Muon: Newton-Schulz iterations; None: the method's own (NS_DEFAULT_STEPS), filled in
-    ns_gram: bool = False  # Newton-Schulz on X X^T for matrices >= 1.5x wider than tall (fewer FLOPs); fp32 only
+    # ns_gram: the same map in fewer FLOPs (0.80x Newton-Schulz's time on an AVX2 EPYC), but fp32 only.
+    ns_gram: bool | str = "auto"  # NS on X X^T for matrices >= 1.5x wider than tall; "auto": wherever NS runs fp32
     ns_dtype: str = "auto"  # Newton-Schulz dtype: "auto" (bf16 on CUDA and CPUs with native bf16), "bf16", "fp32"
     qk_clip: bool = True  # MuonClip: rescale q/k weights of heads whose max logit exceeds tau
     qk_clip_tau: float = 100.0  # QK-clip threshold on the max pre-softmax logit
@@ -232,7 +233,9 @@ class OptimConfig:
             self.ns_steps = NS_DEFAULT_STEPS[self.ns_method]
         if self.ns_steps < 1:
             raise ConfigError(f"optim.ns_steps={self.ns_steps} must be >= 1")
-        if self.ns_gram and self.ns_dtype == "bf16":
+        if self.ns_gram not in (True, False, "auto"):
+            raise ConfigError(f"optim.ns_gram={self.ns_gram!r} is not one of true, false, 'auto'")
+        if self.ns_gram is True and self.ns_dtype == "bf16":
             raise ConfigError("optim.ns_gram=true needs optim.ns_dtype=fp32 or auto (Gram iterations drift in bf16)")
 
 

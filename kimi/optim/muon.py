@@ -25,7 +25,13 @@ from torch import Tensor, nn
 
 from kimi.config import ConfigError, OptimConfig
 from kimi.optim.dist_muon import orthogonalize  # the (possibly distributed) Newton-Schulz
-from kimi.optim.newton_schulz import NSSpec, default_ns_dtype, newton_schulz, newton_schulz_flops  # noqa: F401
+from kimi.optim.newton_schulz import (  # noqa: F401  (newton_schulz re-exported)
+    NSSpec,
+    default_ns_dtype,
+    newton_schulz,
+    newton_schulz_flops,
+    resolve_gram,
+)
 
 
 def muon_lr_scale(shape: torch.Size) -> float:
@@ -68,10 +74,10 @@ class Muon(torch.optim.Optimizer):
     (FSDP2 does that); a parameter whose grad is None is skipped, which must happen on all ranks alike.
 
     `ns_method`, `ns_steps`, `ns_gram`: which Newton-Schulz (newton_schulz.NSSpec; ns_steps None: the
-    method's default). Like `ns_dtype` they belong to the optimizer, not to its param groups, so a resumed
+    method's default; ns_gram "auto": Gram iterations wherever Newton-Schulz runs in fp32). Like `ns_dtype` they belong to the optimizer, not to its param groups, so a resumed
     run uses its config's, not its checkpoint's.
     `ns_dtype`: Newton-Schulz compute (and, when distributed, communication) dtype; None: bf16 on CUDA and
-    on CPUs with native bf16 matmuls, fp32 elsewhere, fp32 for Gram iterations (newton_schulz.default_ns_dtype).
+    on CPUs with native bf16 matmuls, fp32 elsewhere, fp32 for ns_gram=True (newton_schulz.default_ns_dtype).
     `chunk_numel`: Muon parameters are updated in chunks of about this many elements (`update_chunks`),
     which bounds the step's temporary memory.
     """
@@ -89,7 +95,7 @@ class Muon(torch.optim.Optimizer):
         ns_dtype: torch.dtype | None = None,
         chunk_numel: int = CHUNK_NUMEL,
         ns_method: str = "quintic",
-        ns_gram: bool = False,
+        ns_gram: bool | str = "auto",
     ):
         if lr < 0 or weight_decay < 0 or not 0 <= momentum < 1:
             raise ValueError(
@@ -121,11 +127,12 @@ class Muon(torch.optim.Optimizer):
                 self._adamw_step(group)
         return loss
 
-    def newton_schulz_flops(self) -> int:
+    def newton_schulz_flops(self, device: torch.device) -> int:
         """Matmul FLOPs of one step's Newton-Schulz over all Muon matrices (global shapes: the whole job's,
-        whichever rank runs each)."""
+        whichever rank runs each), as it runs on `device` (which picks the dtype, and so "auto" Gram)."""
+        gram = resolve_gram(self.ns.gram, self.ns_dtype or default_ns_dtype(device, self.ns.gram))
         muon = [p for g in self.param_groups if g["use_muon"] for p in g["params"]]
-        return sum(newton_schulz_flops(tuple(p.shape), self.ns.steps, self.ns.gram) for p in muon)
+        return sum(newton_schulz_flops(tuple(p.shape), self.ns.steps, gram) for p in muon)
 
     def _muon_step(self, group: dict) -> None:
         lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]

@@ -172,7 +172,7 @@ def test_optim_ns_method_reaches_the_optimizer_and_is_not_a_param_group_option()
     from kimi.optim.newton_schulz import NSSpec
 
     model = nn.Linear(16, 8, bias=False)
-    assert build_optimizer(model, OptimConfig()).ns == NSSpec("quintic", 5)
+    assert build_optimizer(model, OptimConfig()).ns == NSSpec("quintic", 5, "auto")
     opt = build_optimizer(model, OptimConfig(ns_method="polar_express", ns_gram=True, ns_dtype="fp32"))
     assert opt.ns == NSSpec("polar_express", 4, True)
     assert build_optimizer(model, OptimConfig(ns_method="polar_express", ns_steps=3)).ns.steps == 3
@@ -189,15 +189,16 @@ def test_optim_ns_method_reaches_the_optimizer_and_is_not_a_param_group_option()
     torch.testing.assert_close(model.weight.detach(), w0 * (1 - lr * wd) - lr * 0.2 * 16**0.5 * ns, rtol=0, atol=1e-7)
     for bad, msg in [(dict(ns_method="cubic"), "optim.ns_method='cubic' is not one of"),
                      (dict(ns_steps=0), "optim.ns_steps=0 must be >= 1"),
-                     (dict(ns_gram=True, ns_dtype="bf16"), "optim.ns_gram=true needs optim.ns_dtype=fp32")]:  # fmt: skip
+                     (dict(ns_gram=True, ns_dtype="bf16"), "optim.ns_gram=true needs optim.ns_dtype=fp32"),
+                     (dict(ns_gram="on"), "optim.ns_gram='on' is not one of true, false, 'auto'")]:  # fmt: skip
         with pytest.raises(ConfigError, match=msg):
             build_optimizer(model, OptimConfig(**bad))
 
 
-@pytest.mark.parametrize("ns", [{}, dict(ns_method="polar_express", ns_gram=True)])
+@pytest.mark.parametrize("ns", [dict(ns_gram=False), dict(ns_method="polar_express", ns_gram=True), {}])
 def test_newton_schulz_flops_is_what_a_step_multiplies(ns):
     """Muon.newton_schulz_flops() == the matmul FLOPs torch's FlopCounterMode counts in one step (the AdamW
-    part multiplies nothing), stacked experts and chunking included."""
+    part multiplies nothing), stacked experts and chunking included; "auto" Gram ({}) counted as it runs."""
     from torch.utils.flop_counter import FlopCounterMode
 
     gen = torch.Generator().manual_seed(3)
@@ -209,4 +210,4 @@ def test_newton_schulz_flops_is_what_a_step_multiplies(ns):
         p.grad = torch.randn(p.shape, generator=gen)
     with FlopCounterMode(display=False) as counter:
         opt.step()
-    assert opt.newton_schulz_flops() == counter.get_total_flops() > 0
+    assert opt.newton_schulz_flops(torch.device("cpu")) == counter.get_total_flops() > 0

@@ -23,9 +23,11 @@ from kimi.optim.newton_schulz import (
     PE_LOWER,
     NSSpec,
     _minimax_quintic,
+    default_ns_dtype,
     newton_schulz,
     newton_schulz_flops,
     polar_express_coeffs,
+    resolve_gram,
 )
 
 LOWER = 3e-3  # band checked for singular values >= LOWER * ||G||_F
@@ -164,6 +166,20 @@ def test_spec_defaults_and_refusals():
         NSSpec(steps=0)
     with pytest.raises(ValueError, match="Gram Newton-Schulz needs fp32"):
         newton_schulz(G, dtype=torch.bfloat16, gram=True)
+    with pytest.raises(ValueError, match="gram='yes' is not one of True, False, 'auto'"):
+        NSSpec(gram="yes")
+
+
+def test_auto_gram_follows_the_dtype():
+    """gram="auto": the Gram loop wherever the iterations run in fp32/fp64, the plain loop in bf16 (which the
+    Gram loop cannot take), and "auto" never forces the dtype the way gram=True does."""
+    G = torch.randn(2, 16, 48, generator=torch.Generator().manual_seed(5))
+    for dt, same_as in [(torch.float32, True), (torch.float64, True), (torch.bfloat16, False)]:
+        assert torch.equal(newton_schulz(G, dtype=dt, gram="auto"), newton_schulz(G, dtype=dt, gram=same_as)), dt
+        assert resolve_gram("auto", dt) is same_as
+    assert resolve_gram(True, torch.bfloat16) and not resolve_gram(False, torch.float32)
+    assert default_ns_dtype(torch.device("cuda"), "auto") == torch.bfloat16  # auto Gram leaves CUDA in bf16
+    assert default_ns_dtype(torch.device("cuda"), True) == torch.float32
 
 
 @pytest.mark.parametrize("gram", [False, True])
