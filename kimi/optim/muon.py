@@ -74,8 +74,9 @@ class Muon(torch.optim.Optimizer):
     (FSDP2 does that); a parameter whose grad is None is skipped, which must happen on all ranks alike.
 
     `ns_method`, `ns_steps`, `ns_gram`: which Newton-Schulz (newton_schulz.NSSpec; ns_steps None: the
-    method's default; ns_gram "auto": Gram iterations wherever Newton-Schulz runs in fp32). Like `ns_dtype` they belong to the optimizer, not to its param groups, so a resumed
-    run uses its config's, not its checkpoint's.
+    method's default; ns_gram "auto": Gram iterations wherever Newton-Schulz runs in fp32). Like `ns_dtype`
+    they belong to the optimizer, not to its param groups, so a resumed run uses its config's, not its
+    checkpoint's.
     `ns_dtype`: Newton-Schulz compute (and, when distributed, communication) dtype; None: bf16 on CUDA and
     on CPUs with native bf16 matmuls, fp32 elsewhere, fp32 for ns_gram=True (newton_schulz.default_ns_dtype).
     `chunk_numel`: Muon parameters are updated in chunks of about this many elements (`update_chunks`),

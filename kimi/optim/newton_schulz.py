@@ -104,8 +104,8 @@ def newton_schulz(G: Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dty
     Normalises each matrix by its Frobenius norm (so the spectral norm is <= 1), then runs `steps` iterations
     X <- aX + (bXX^T + c(XX^T)^2)X on the wide orientation (transposed when A > B, so the Gram matrix is the
     small one); with `gram`, matrices at least GRAM_MIN_ASPECT times wider than tall iterate on X X^T instead
-    (same map, fewer FLOPs; fp32 or fp64 only; "auto": whenever the dtype is one). Leading dims are a batch. Computes and returns in `dtype`
-    (default: `default_ns_dtype(G.device, gram)`).
+    (same map, fewer FLOPs; fp32 or fp64 only; "auto": whenever the dtype is one). Leading dims are a batch.
+    Computes and returns in `dtype` (default: `default_ns_dtype(G.device, gram)`).
     """
     if G.ndim < 2:
         raise ValueError(f"newton_schulz needs a (..., A, B) tensor, got shape {tuple(G.shape)}")
