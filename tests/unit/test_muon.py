@@ -195,17 +195,19 @@ def test_optim_ns_method_reaches_the_optimizer_and_is_not_a_param_group_option()
             build_optimizer(model, OptimConfig(**bad))
 
 
-@pytest.mark.parametrize("ns", [dict(ns_gram=False), dict(ns_method="polar_express", ns_gram=True), {}])
+@pytest.mark.parametrize("ns", [dict(ns_gram=False), dict(ns_method="polar_express", ns_gram=True), {},
+                                dict(ns_dtype=torch.bfloat16)])  # fmt: skip
 def test_newton_schulz_flops_is_what_a_step_multiplies(ns):
     """Muon.newton_schulz_flops() == the matmul FLOPs torch's FlopCounterMode counts in one step (the AdamW
-    part multiplies nothing), stacked experts and chunking included; "auto" Gram ({}) counted as it runs."""
+    part multiplies nothing), stacked experts and chunking included; "auto" Gram counted as it runs: the Gram
+    loop in fp32 ({}), the plain one in bf16."""
     from torch.utils.flop_counter import FlopCounterMode
 
     gen = torch.Generator().manual_seed(3)
     params = [nn.Parameter(torch.randn(s, generator=gen)) for s in [(16, 40), (40, 16), (4, 24, 56), (12, 12)]]
     extra = nn.Parameter(torch.randn(30, 8, generator=gen))
-    opt = Muon([dict(params=params), dict(params=[extra], use_muon=False)], ns_dtype=torch.float32, chunk_numel=2048,
-               **ns)  # fmt: skip
+    opt = Muon([dict(params=params), dict(params=[extra], use_muon=False)], chunk_numel=2048,
+               **{"ns_dtype": torch.float32, **ns})  # fmt: skip
     for p in [*params, extra]:
         p.grad = torch.randn(p.shape, generator=gen)
     with FlopCounterMode(display=False) as counter:
