@@ -445,6 +445,11 @@ def test_throughput_quick(tmp_path):
     # Muon's Newton-Schulz FLOPs (Muon.newton_schulz_flops, checked against torch's flop counter in test_muon)
     assert res["nanokimi"]["ns_flops_per_step"] > 0 and res["nanogpt"]["ns_flops_per_step"] == 0  # AdamW
     assert "Muon's Newton-Schulz:" in r.stdout and "the MFU ratio is at most" in r.stdout
+    # with those FLOPs counted, each round's ratio grows by exactly nanoKimi's (model + NS) / model FLOPs
+    k = res["nanokimi"]
+    grow = 1 + k["ns_flops_per_step"] / (k["flops_per_token"] * k["tokens_per_step"])
+    assert res["hw_flops_ratio_rounds"] == pytest.approx([x * grow for x in res["mfu_ratio_rounds"]])
+    assert "Counting them (hardware FLOPs/s), nanoKimi / nanoGPT" in r.stdout
     for name in ("nanokimi", "nanogpt"):
         m = res[name]
         assert len(m["rounds_tokens_per_s"]) == 2 and m["tokens_per_s"] == pytest.approx(
