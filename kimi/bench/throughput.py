@@ -195,15 +195,11 @@ def run(config: str, overrides: list[str], steps: int, quick: bool, rounds: int 
             r["mfu_datasheet"] = r["flops_per_token"] * r["tokens_per_s"] / out["datasheet_peak_flops"]
         out[name] = r
     k, g = out["nanokimi"], out["nanogpt"]
-    # MFU ratio = (FLOPs/token x tokens/s) over the pair; per round, the two runs next to each other
-    out["mfu_ratio_rounds"] = [k["flops_per_token"] * a / (g["flops_per_token"] * b)
-                               for a, b in zip(k["rounds_tokens_per_s"], g["rounds_tokens_per_s"])]  # fmt: skip
-    out["mfu_ratio"] = statistics.median(out["mfu_ratio_rounds"])
-    # The same with Newton-Schulz's matmuls counted too (hardware FLOPs): how fast each step runs the matmul
-    # work it actually does, which MFU, counting the model's FLOPs only, does not say for Muon
-    out["hw_flops_ratio_rounds"] = [hardware_flops_per_token(k) * a / (hardware_flops_per_token(g) * b)
-                                    for a, b in zip(k["rounds_tokens_per_s"], g["rounds_tokens_per_s"])]  # fmt: skip
-    out["hw_flops_ratio"] = statistics.median(out["hw_flops_ratio_rounds"])
+    # MFU ratio = (FLOPs/token x tokens/s) over the pair; then the same with Newton-Schulz's matmuls counted
+    # too (hardware FLOPs): how fast each step runs the matmul work it really does, which MFU does not say
+    for key, per_token in (("mfu_ratio", lambda m: m["flops_per_token"]), ("hw_flops_ratio", hardware_flops_per_token)):
+        out[f"{key}_rounds"] = pair_ratio_rounds(k, g, per_token)
+        out[key] = statistics.median(out[f"{key}_rounds"])
     widths = [QUICK_CONFIG] if quick else ["configs/nano.yaml", "configs/small.yaml"]
     tokens = 256 if quick else (16384 if device.type == "cuda" else 2048)
     out["moe_vs_dense"] = [moe_vs_dense(c, tokens, 2 if quick else 5, device) for c in widths]
@@ -233,6 +229,13 @@ def report(r: dict) -> str:
         f"MFU nanoKimi / nanoGPT: {r['mfu_ratio']:.2f}x (per round: {ratios})", *ns_lines(r), "",
         *md_table(["width", "tokens", "experts (top-k)", "MoE fwd+bwd ms", "dense SwiGLU (same active FLOPs) ms",
                    "MoE/dense"], moe)])  # fmt: skip
+
+
+def pair_ratio_rounds(k: dict, g: dict, flops_per_token) -> list[float]:
+    """Per round (the two runs next to each other), nanoKimi's FLOPs/s over nanoGPT's, FLOPs counted by
+    `flops_per_token(run)`."""
+    return [flops_per_token(k) * a / (flops_per_token(g) * b)
+            for a, b in zip(k["rounds_tokens_per_s"], g["rounds_tokens_per_s"])]  # fmt: skip
 
 
 def hardware_flops_per_token(m: dict) -> float:
