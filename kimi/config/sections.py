@@ -215,6 +215,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
     grad_clip: float = 1.0  # global-norm clip; 0 disables
     expert_lr_mult: float = 1.0  # routed experts' lr = lr x this (they see ~top_k/num_experts of the tokens)
+    # "adamw" spares the routed experts Newton-Schulz, most of Muon's FLOPs in a fine-grained MoE (K2: "muon")
+    expert_optimizer: str = "muon"  # routed experts' optimizer when name is muon: "muon" or "adamw" (AdamW at lr)
 
     def validate(self) -> None:
         if self.name not in ("muon", "adamw"):
@@ -225,6 +227,8 @@ class OptimConfig:
             raise ConfigError(f"optim.lr={self.lr} must be > 0")
         if not self.expert_lr_mult > 0:
             raise ConfigError(f"optim.expert_lr_mult={self.expert_lr_mult} must be > 0")
+        if self.expert_optimizer not in ("muon", "adamw"):
+            raise ConfigError(f"optim.expert_optimizer={self.expert_optimizer!r} must be 'muon' or 'adamw'")
         if self.ns_dtype not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"optim.ns_dtype={self.ns_dtype!r} is not one of 'auto', 'bf16', 'fp32'")
         if self.ns_method not in ("quintic", "polar_express"):

@@ -193,10 +193,13 @@ ROUTED_EXPERTS = ".ffn.experts."  # the stacked routed-expert weights (not the s
 
 
 def param_group_name(name: str, p: Tensor, cfg: OptimConfig) -> str:
-    """'muon', 'adamw' (decayed) or 'adamw_no_decay' (ndim < 2: norms and biases are not decayed)."""
+    """'muon', 'adamw' (decayed) or 'adamw_no_decay' (ndim < 2: norms and biases are not decayed). The routed
+    experts go to AdamW with cfg.expert_optimizer == 'adamw'."""
     if p.ndim < 2:
         return "adamw_no_decay"
     if cfg.name == "adamw" or any(k in name for k in ADAMW_NAME_KEYS):
+        return "adamw"
+    if cfg.expert_optimizer == "adamw" and ROUTED_EXPERTS in name:
         return "adamw"
     return "muon"
 

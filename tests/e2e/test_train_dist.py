@@ -182,3 +182,15 @@ def test_qk_clip_under_ep2_clips_as_one_process(tmp_path):
     (one, one_max), (ep2, ep2_max) = _clip_losses(tmp_path / "one"), _clip_losses(tmp_path / "ep2")
     _close(ep2, one)
     _close(ep2_max, one_max)
+
+
+def test_adamw_experts_under_ep2_step_as_one_process(tmp_path):
+    """optim.expert_optimizer=adamw: each EP rank steps its own experts with AdamW; the run must still be
+    the single process's, and not the default (Muon) one's."""
+    extra = ["--optim.expert_optimizer=adamw", "--train.max_steps=6"]
+    train(_cfg(tmp_path / "one", *extra))
+    run_distributed(_train_rank, 2, args=(str(tmp_path / "ep2"), ["--parallel.ep=2", *extra], None), timeout=600)
+    train(_cfg(tmp_path / "muon", "--train.max_steps=6"))
+    one, ep2, muon = _losses(tmp_path / "one"), _losses(tmp_path / "ep2"), _losses(tmp_path / "muon")
+    _close(ep2, one)
+    assert one[0] == muon[0] and all(a != b for a, b in zip(one[1:], muon[1:]))  # it acts from step 2 on
