@@ -47,8 +47,10 @@ _MODERN_DENSE = {
 ABLATIONS: dict[str, tuple[dict[str, Any], str]] = {
     "dense_adamw": (_MODERN_DENSE | {"optim": {"name": "adamw", "qk_clip": False}}, "modern dense block, AdamW"),
     "dense_muon": (_MODERN_DENSE | {"optim": {"name": "muon"}}, "modern dense block, Muon (Muon's effect)"),
-    "kimi_adamw": ({"optim": {"name": "adamw", "qk_clip": False, "expert_lr_mult": 1.0}},  # one lr for all
-                   "MoE + MLA with AdamW (MoE without Muon)"),
+    "kimi_adamw": (
+        {"optim": {"name": "adamw", "qk_clip": False, "expert_lr_mult": 1.0}},  # one lr for all
+        "MoE + MLA with AdamW (MoE without Muon)",
+    ),
     "kimi_mha": ({"attention": {"type": "mha"}}, "MHA instead of MLA"),
     "kimi_no_auxfree": ({"moe": {"aux_loss_free": False}}, "aux-loss-free bias off"),
     "kimi_e4k2": ({"moe": {"num_experts": 4, "top_k": 2}}, "4 routed experts, top-2 (expert count)"),

@@ -202,9 +202,17 @@ class Checkpointer:
             return {}
 
 
-# Fields a resumed run cannot change: the parameters' shapes and meaning, and the data stream's windows.
-# (data.dataset is checked by the data stream's own identity, so a moved data directory still resumes.)
-FROZEN_ON_RESUME = ("model.", "data.block_size", "data.tokenizer_name", "train.seed", "optim.name")
+# Fields a resumed run cannot change: the parameters' shapes and meaning, the optimizer state's layout, and
+# the data stream's windows. (data.dataset is checked by the data stream's own identity, so a moved data
+# directory still resumes.)
+FROZEN_ON_RESUME = (
+    "model.",
+    "data.block_size",
+    "data.tokenizer_name",
+    "train.seed",
+    "optim.name",
+    "optim.expert_optimizer",
+)
 # ... except model fields that pick how the same math runs, or tune routing without changing shapes.
 RESUMABLE_MODEL_FIELDS = (
     "model.loss_chunk_tokens",
@@ -236,7 +244,7 @@ def config_changes(step_dir: Path, cfg: Any) -> list[str]:
     if frozen:
         what = ", ".join(f"{k} {old_flat[k]} -> {new_flat[k]}" for k in frozen)
         raise CheckpointError(
-            f"cannot resume '{step_dir}' with a different config: {what} (the model or its data stream "
-            f"would change); drop the override, or start a new --out-dir"
+            f"cannot resume '{step_dir}' with a different config: {what} (the model, its optimizer state or "
+            f"its data stream would change); drop the override, or start a new --out-dir"
         )
     return [f"{k} {old_flat[k]} -> {new_flat[k]}" for k in changed]

@@ -216,7 +216,7 @@ class OptimConfig:
     grad_clip: float = 1.0  # global-norm clip; 0 disables
     expert_lr_mult: float = 1.0  # routed experts' lr = lr x this (they see ~top_k/num_experts of the tokens)
     # "adamw" spares the routed experts Newton-Schulz, most of Muon's FLOPs in a fine-grained MoE (K2: "muon")
-    expert_optimizer: str = "muon"  # routed experts' optimizer when name is muon: "muon" or "adamw" (AdamW at lr)
+    expert_optimizer: str = "muon"  # routed experts' optimizer under muon: "muon" or "adamw" (at lr x expert_lr_mult)
 
     def validate(self) -> None:
         if self.name not in ("muon", "adamw"):

@@ -261,6 +261,10 @@ def test_changed_config_on_resume_applies_and_is_listed(tmp_path, capsys):
         _train(out, "--train.max_steps=6", "--train.seed=7")
     with pytest.raises(CheckpointError, match=r"different config: model\.n_embd 128 -> 64 "):
         _train(out, "--train.max_steps=6", "--model.n_embd=64")
+    with pytest.raises(
+        CheckpointError, match=r"different config: optim\.expert_optimizer muon -> adamw .*optimizer state"
+    ):
+        _train(out, "--train.max_steps=6", "--optim.expert_optimizer=adamw")  # Adam's moments are not Muon's
     capsys.readouterr()
     _train(
         out,
