@@ -119,6 +119,14 @@ def test_variants_match_active_non_embedding_params():
     assert kimi["params_total"] > 2 * kimi["params_active"]  # the MoE holds more than it uses per token
 
 
+def test_kimi_adamw_keeps_one_lr_where_the_recipe_splits_it():
+    """byte.yaml puts the routed experts on AdamW at lr / 6; the all-AdamW ablation must not inherit that."""
+    variants, _ = build_variants(BYTE, [1e-3], ["kimi_adamw"])
+    kimi, ablation = (load_config(BYTE, v.overrides).optim for v in variants[1:])
+    assert (kimi.name, kimi.expert_optimizer, kimi.expert_lr_mult) == ("muon", "adamw", pytest.approx(1 / 6))
+    assert (ablation.name, ablation.expert_lr_mult) == ("adamw", 1.0)
+
+
 def test_baseline_at_total_holds_as_many_params_as_nanokimi():
     kimi_cfg, base_cfg = matched_pair(BYTE, [])
     wide = baseline_at_total(BYTE, [])
