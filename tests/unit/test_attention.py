@@ -219,6 +219,28 @@ def test_attend_with_offset_matches_naive():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_attend_narrow_values_take_the_fused_kernel_and_match_naive():
+    """MLA's values are narrower than its queries: attend pads them so SDPA's CPU flash kernel runs (the math
+    fallback materialises the scores), and the output and all three gradients still equal the naive causal
+    attention's."""
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 3, 6, 8, generator=g), torch.randn(2, 3, 6, 8, generator=g)
+    v, grad = torch.randn(2, 3, 6, 5, generator=g), torch.randn(2, 3, 6, 5, generator=g)
+    qa, ka, va = (t.clone().requires_grad_() for t in (q, k, v))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = attention.attend(qa, ka, va, 0.3, start_pos=0)
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in {e.key for e in prof.key_averages()}
+    out.backward(grad)
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
+    s = (qr @ kr.transpose(-1, -2)) * 0.3
+    ref = s.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf")).softmax(-1) @ vr
+    ref.backward(grad)
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for a, r in ((qa, qr), (ka, kr), (va, vr)):
+        torch.testing.assert_close(a.grad, r.grad, rtol=1e-5, atol=1e-6)
+
+
 def test_mha_dense_baseline_structure():
     m = model("mha", use_moe=False)
     names = {n for n, _ in m.named_parameters()}
