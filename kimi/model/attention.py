@@ -66,9 +66,9 @@ def attend(q_BHTd, k_BHSd, v_BHSv, scale: float, start_pos: int) -> torch.Tensor
     SDPA's CPU flash kernel wants one head dim for all three: otherwise it falls back to the math path,
     which builds the (T, S) scores and their mask in full. On CPU the values are zero-padded to the
     queries' width and the output's padding sliced off (exact: the padded columns are 0 x weights);
-    HF's DeepSeek-V3 pads the same way for flash-attention. Measured on the 2-core Xeon VM, fp32, B 32,
-    H 6, T 256: forward + backward 116 ms -> 65 ms a layer. Not on GPU, where SDPA's memory-efficient
-    kernel takes unequal widths: unmeasured there (tests/gpu/check.sh).
+    transformers' flash-attention integration pads MLA's values the same way. Measured on the 2-core Xeon
+    VM, fp32, B 32, H 6, T 256: forward + backward 116 ms -> 65 ms a layer. GPUs keep the unpadded call:
+    which SDPA kernel CUDA picks for unequal widths, and whether padding pays there, is unmeasured.
     """
     T, S = q_BHTd.shape[2], k_BHSd.shape[2]
     v_dim = v_BHSv.shape[-1]
