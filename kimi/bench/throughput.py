@@ -14,7 +14,10 @@ process, on synthetic tokens (speed does not depend on the text):
   Newton-Schulz      the matmul FLOPs Muon's orthogonalisation adds to each step (Muon.newton_schulz_flops)
                      as a share of the model's: MFU leaves them out, so against an AdamW baseline they cap
                      the MFU ratio at 1 / (1 + share) even where every matmul runs as fast as the baseline's.
-Medians over the steps after the first (warm-up). With --rounds N (default 2) the two models take turns,
+Medians over the steps after the first --warmup (default 2): a process's first steps grow malloc's heap,
+and touching new pages costs page faults that later steps do not pay (on the 2-core Xeon, nano at 32 x 256:
+25k-200k faults, up to ~2.7 s, in nanoKimi's second step, ~0 from its fourth). Each run's per-step
+times are in the JSON (`step_s_each`) to show where it settles. With --rounds N (default 2) the two models take turns,
 N runs each (nanoKimi, nanoGPT, nanoGPT, nanoKimi, ...), so drift in the machine's speed (other jobs,
 clocks) hits both alike: each figure is the median over rounds, and the MFU ratio is given per round too
 (its spread says how far to trust it; single runs on a shared 2-core VM varied by ~30%).
@@ -61,16 +64,18 @@ class _RouteTimer:
 
 
 def add_args(p) -> None:
+    p.add_argument("--warmup", type=int, default=2, help="throughput: steps at the start of each run left out of "
+                   "the medians (the allocator's warm-up; see this module's docstring)")  # fmt: skip
     p.add_argument("--ops", type=int, default=0, help="throughput --ablations: after the timed rounds, one "
                    "profiled run per variant (the trainer's train.profile_steps) and a table of the N ops with the "
                    "most self time per step")  # fmt: skip
 
 
-def step_breakdown(cfg: Config, steps: int, device: torch.device, ops: bool = False) -> dict:
+def step_breakdown(cfg: Config, steps: int, device: torch.device, ops: bool = False, warmup: int = 1) -> dict:
     """Run `python -m kimi.train`'s own trainer for `steps` steps of cfg's model on synthetic tokens, with
     `train.profile` on (device syncs between phases), and return the median per-phase times, tokens/s and
-    peak memory. The step is the trainer's `train_step`, the engine in the path; a hook reads each row.
-    `ops`: also profile the steps after the first with the trainer's own `train.profile_steps` and return
+    peak memory, over the steps after the first `warmup`. The step is the trainer's `train_step`, the engine
+    in the path; a hook reads each row. `ops`: also profile the steps after the warm-up with the trainer's own `train.profile_steps` and return
     each op's self time per step from its ops file (`ops_s`, device time on GPU; the profiler slows the step,
     so time the rounds without it)."""
     from kimi.train import Hooks, train
@@ -90,7 +95,7 @@ def step_breakdown(cfg: Config, steps: int, device: torch.device, ops: bool = Fa
             torch.cuda.reset_peak_memory_stats(device)
 
     if ops:
-        t.profile_steps = f"2:{steps}"  # step 1 warms up; writes OUT/profile/rank0_ops_steps_2-{steps}.json
+        t.profile_steps = f"{warmup + 1}:{steps}"  # writes OUT/profile/rank0_ops_steps_{warmup + 1}-{steps}.json
 
     def on_step(step: int, row: dict) -> None:
         rows.append({"step_s": row["step_time_s"], "forward_s": row["forward_ms"] / 1000,
@@ -101,17 +106,19 @@ def step_breakdown(cfg: Config, steps: int, device: torch.device, ops: bool = Fa
     try:
         train(cfg, hooks=Hooks(on_build=on_build, on_step=on_step))
         if ops:
-            opsfile = Path(out) / "profile" / f"rank0_ops_steps_2-{steps}.json"
+            opsfile = Path(out) / "profile" / f"rank0_ops_steps_{warmup + 1}-{steps}.json"
             ops_s = json.loads(opsfile.read_text())["ops_s_per_step"]
     finally:
         shutil.rmtree(out, ignore_errors=True)
-    rows = rows[1:] or rows
+    each = [r["step_s"] for r in rows]
+    rows = rows[warmup:] or rows
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     tokens = t.global_batch_size * cfg.block_size
     model = _meta_model(cfg)
     res = {**med, "tokens_per_s": tokens / med["step_s"], "flops_per_token": model.flops_per_token(cfg.block_size),
            "params_total": model.num_params(), "params_active_non_embedding": model.num_active_params(True),
-           "ns_flops_per_step": ns_flops_per_step(cfg, model, device), "tokens_per_step": tokens}  # fmt: skip
+           "ns_flops_per_step": ns_flops_per_step(cfg, model, device), "tokens_per_step": tokens,
+           "step_s_each": each}  # fmt: skip
     if device.type == "cuda":
         res["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
     if ops:
@@ -161,23 +168,24 @@ def moe_vs_dense(config: str, tokens: int, reps: int, device: torch.device) -> d
     return res
 
 
-def interleaved(pair: dict[str, Config], steps: int, rounds: int, device: torch.device) -> dict:
+def interleaved(pair: dict[str, Config], steps: int, rounds: int, device: torch.device, warmup: int = 1) -> dict:
     """step_breakdown of each config, in turns, `rounds` times; per config the median of each figure over
     rounds (the peak memory: the largest), plus the per-round tokens/s (`rounds_tokens_per_s`)."""
     per: dict[str, list[dict]] = {name: [] for name in pair}
     for i in range(rounds):
         for name in list(pair)[:: 1 if i % 2 == 0 else -1]:  # the order flips every round
-            per[name].append(step_breakdown(pair[name], steps, device))
+            per[name].append(step_breakdown(pair[name], steps, device, warmup=warmup))
     out = {}
     for name, runs in per.items():
-        out[name] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}  # counts are the same in each
+        out[name] = {k: statistics.median(r[k] for r in runs) for k in runs[0] if k != "step_s_each"}  # counts: equal
+        out[name]["step_s_each"] = [r["step_s_each"] for r in runs]
         if "peak_memory_bytes" in runs[0]:
             out[name]["peak_memory_bytes"] = max(r["peak_memory_bytes"] for r in runs)
         out[name]["rounds_tokens_per_s"] = [r["tokens_per_s"] for r in runs]
     return out
 
 
-def run(config: str, overrides: list[str], steps: int, quick: bool, rounds: int = 2) -> dict:
+def run(config: str, overrides: list[str], steps: int, quick: bool, rounds: int = 2, warmup: int = 1) -> dict:
     from kimi.bench.variants import matched_pair
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -186,10 +194,10 @@ def run(config: str, overrides: list[str], steps: int, quick: bool, rounds: int 
     peak = matmul_peak(device, dtype, n=256 if quick else None)
     out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads",
            "torch": torch.__version__, "config": config, "matmul_peak_flops": peak, "matmul_dtype": str(dtype),
-           "rounds": rounds}  # fmt: skip
+           "rounds": rounds, "steps": steps, "warmup": warmup}  # fmt: skip
     if device.type == "cuda":
         out["datasheet_peak_flops"] = datasheet_peak_flops(device)
-    for name, r in interleaved({"nanokimi": kimi_cfg, "nanogpt": base_cfg}, steps, rounds, device).items():
+    for name, r in interleaved({"nanokimi": kimi_cfg, "nanogpt": base_cfg}, steps, rounds, device, warmup).items():
         r["mfu_measured_peak"] = r["flops_per_token"] * r["tokens_per_s"] / peak
         if out.get("datasheet_peak_flops"):
             r["mfu_datasheet"] = r["flops_per_token"] * r["tokens_per_s"] / out["datasheet_peak_flops"]
@@ -223,7 +231,7 @@ def report(r: dict) -> str:
     ratios = ", ".join(f"{x:.2f}" for x in r["mfu_ratio_rounds"])
     return "\n".join([
         f"kimi.bench throughput: {r['config']} on {r['device']}, torch {r['torch']}; {peak}; "
-        f"medians of {r['rounds']} interleaved round(s)", "",
+        f"medians of {r['rounds']} interleaved round(s) of {r['steps']} steps, the first {r['warmup']} not counted", "",
         *md_table(["model", "tokens/s", "MFU (measured peak)", "step ms", "forward", "backward", "optimizer",
                    "routing"], speed), "",
         f"MFU nanoKimi / nanoGPT: {r['mfu_ratio']:.2f}x (per round: {ratios})", *ns_lines(r), "",
@@ -258,21 +266,23 @@ def ns_lines(r: dict) -> list[str]:
     ]
 
 
-def checked_args(args) -> tuple[str, int, int]:
-    """(config, steps, rounds) of the command line, or a ValueError that says what to give."""
-    steps = 2 if args.quick else args.steps
-    if steps < 2:
-        raise ValueError(f"--steps={steps}: need >= 2 (the first step is warm-up and not counted)")
+def checked_args(args) -> tuple[str, int, int, int]:
+    """(config, steps, rounds, warmup) of the command line, or a ValueError that says what to give."""
+    steps, warmup = (2, 1) if args.quick else (args.steps, args.warmup)
+    if warmup < 0:
+        raise ValueError(f"--warmup={warmup}: need >= 0")
+    if steps <= warmup:
+        raise ValueError(f"--steps={steps}: need more than --warmup={warmup} (the warm-up steps are not counted)")
     if args.rounds < 1:
         raise ValueError(f"--rounds={args.rounds}: need >= 1")
-    return QUICK_CONFIG if args.quick else args.config, steps, args.rounds
+    return QUICK_CONFIG if args.quick else args.config, steps, args.rounds, warmup
 
 
 def main(args, overrides: list[str]) -> dict:
-    config, steps, rounds = checked_args(args)
+    config, steps, rounds, warmup = checked_args(args)
     if args.ops:
         raise ValueError("--ops tables the ops of compare's variants: give it with --ablations, e.g. dense_muon,kimi")
-    r = run(config, overrides, steps, args.quick, rounds)
+    r = run(config, overrides, steps, args.quick, rounds, warmup)
     print(report(r))
     save_json(args.json, r)
     return r

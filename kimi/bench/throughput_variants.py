@@ -21,7 +21,7 @@ from kimi.config import load_config, parse_overrides
 
 
 def run(config: str, overrides: list[str], ablations: list[str], reference: str, steps: int, rounds: int,
-        ops: int = 0) -> dict:  # fmt: skip
+        ops: int = 0, warmup: int = 1) -> dict:  # fmt: skip
     from kimi.bench.variants import ABLATIONS, build_variants
 
     ablations = list(ABLATIONS) if ablations == ["all"] else ablations
@@ -31,18 +31,18 @@ def run(config: str, overrides: list[str], ablations: list[str], reference: str,
     if reference not in cfgs:
         raise ValueError(f"--reference {reference}: not among the timed variants ({', '.join(cfgs)})")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    res = interleaved(cfgs, steps, rounds, device)
+    res = interleaved(cfgs, steps, rounds, device, warmup)
     ref = res[reference]["rounds_tokens_per_s"]
     for r in res.values():
         r["speed_rounds"] = [a / b for a, b in zip(r["rounds_tokens_per_s"], ref)]
         r["speed"] = statistics.median(r["speed_rounds"])
     if ops:  # a separate profiled run each: the profiler's overhead stays out of the timed rounds
         for name, cfg in cfgs.items():
-            profiled = step_breakdown(cfg, steps, device, ops=True)
+            profiled = step_breakdown(cfg, steps, device, ops=True, warmup=warmup)
             res[name]["ops_s"], res[name]["ops_step_s"] = profiled["ops_s"], profiled["step_s"]
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     return {"device": where, "torch": torch.__version__, "config": config, "overrides": overrides, "rounds": rounds,
-            "steps": steps, "active_non_embedding": target, "reference": reference, "variants": res, "ops": ops}  # fmt: skip
+            "steps": steps, "warmup": warmup, "active_non_embedding": target, "reference": reference, "variants": res, "ops": ops}  # fmt: skip
 
 
 def report(r: dict) -> str:
@@ -54,7 +54,7 @@ def report(r: dict) -> str:
     return "\n".join([
         f"kimi.bench throughput: {' '.join([r['config'], *r['overrides']])} on {r['device']}, torch {r['torch']}; "
         f"variants at {r['active_non_embedding'] / 1e6:.2f}M active non-embedding params; medians of "
-        f"{r['rounds']} interleaved round(s) of {r['steps']} steps", "",
+        f"{r['rounds']} interleaved round(s) of {r['steps']} steps, the first {r['warmup']} not counted", "",
         *md_table(["variant", "tokens/s", f"speed vs {r['reference']} (per round)", "step ms", "forward",
                    "backward", "optimizer", "routing"], rows), *_ops_table(r)])  # fmt: skip
 
@@ -73,11 +73,11 @@ def _ops_table(r: dict) -> list[str]:
 
 
 def main(args, overrides: list[str]) -> dict:
-    config, steps, rounds = checked_args(args)
+    config, steps, rounds, warmup = checked_args(args)
     names = [a for a in args.ablations.split(",") if a]
     if args.ops < 0:
         raise ValueError(f"--ops={args.ops}: give the number of ops to table (0: none)")
-    r = run(config, overrides, names, args.reference, steps, rounds, args.ops)
+    r = run(config, overrides, names, args.reference, steps, rounds, args.ops, warmup)
     print(report(r))
     save_json(args.json, r)
     return r

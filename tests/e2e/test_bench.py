@@ -412,7 +412,8 @@ def test_compare_quick(tmp_path):
         (["compare", "--quick", "--ablations", "kimi_moar"], "unknown ablation(s) kimi_moar"),
         (["compare", "--quick", "--reference", "kimi"], "--reference only tables finished runs"),
         (["memory", "--quick", "--contexts", "1k"], "--contexts='1k': give comma-separated context lengths"),
-        (["throughput", "--config", "configs/debug.yaml", "--steps", "1"], "--steps=1: need >= 2"),
+        (["throughput", "--config", "configs/debug.yaml", "--steps", "2"], "--steps=2: need more than --warmup=2"),
+        (["throughput", "--config", "configs/debug.yaml", "--warmup", "-1"], "--warmup=-1: need >= 0"),
         (["throughput", "--config", "configs/debug.yaml", "--rounds", "0"], "--rounds=0: need >= 1"),
         (["throughput", "--quick", "--ablations", "kimi_moar"], "unknown ablation(s) kimi_moar"),
         (["throughput", "--quick", "--ablations", "kimi_mha", "--ops", "-1"], "--ops=-1: give the number of ops"),
@@ -463,6 +464,9 @@ def test_throughput_quick(tmp_path):
         assert len(m["rounds_tokens_per_s"]) == 2 and m["tokens_per_s"] == pytest.approx(
             sum(m["rounds_tokens_per_s"]) / 2
         )
+        # every step's time is kept, and the warm-up step (--quick: the first of 2) is not in the medians
+        assert [len(each) for each in m["step_s_each"]] == [2, 2]
+        assert m["step_s"] == pytest.approx(sum(each[1] for each in m["step_s_each"]) / 2)
 
 
 def test_throughput_of_compare_variants(tmp_path):
