@@ -40,6 +40,10 @@ def causal_max_logits(q_BHTd: torch.Tensor, k_BHSd: torch.Tensor, scale: float) 
     one more QK^T product (about a third of attention's forward FLOPs): the price of QK-clip.
     The product runs in fp32 with autocast off (autocast would re-cast the .float() inputs to bf16 and
     round the max logit to bf16, ~0.4%, which QK-clip's gamma = tau / max would inherit).
+    Past the product, one pass over the scores: the max over the batch comes first, since the causal mask
+    is the same for every sequence, and is masked at (H, chunk, S); the scale multiplies the H maxima, not
+    the scores (exact: scale > 0 and rounding is monotone, so max(x) * scale == max(x * scale)). Measured
+    on the 2-core Xeon, B 32, H 6, T 256, one thread: 56 -> 25 ms a layer, the same values bit for bit.
     """
     with fp32_region(q_BHTd.device):
         B, H, T, _ = q_BHTd.shape
@@ -51,12 +55,12 @@ def causal_max_logits(q_BHTd: torch.Tensor, k_BHSd: torch.Tensor, scale: float) 
         for t0 in range(0, T, chunk):
             t1 = min(T, t0 + chunk)
             kv_end = offset + t1  # keys past the chunk's last query are masked anyway
-            s_BHcs = (q_BHTd[:, :, t0:t1].float() @ k[:, :, :kv_end].transpose(-1, -2)) * scale
+            m_Hcs = (q_BHTd[:, :, t0:t1].float() @ k[:, :, :kv_end].transpose(-1, -2)).amax(dim=0)
             q_pos = torch.arange(offset + t0, offset + t1, device=q_BHTd.device)
             k_pos = torch.arange(kv_end, device=q_BHTd.device)
-            s_BHcs = s_BHcs.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
-            out_H = torch.maximum(out_H, s_BHcs.amax(dim=(0, 2, 3)))
-        return out_H
+            m_Hcs.masked_fill_(k_pos[None, :] > q_pos[:, None], float("-inf"))
+            out_H = torch.maximum(out_H, m_Hcs.amax(dim=(1, 2)))
+        return out_H * scale
 
 
 def attend(q_BHTd, k_BHSd, v_BHSv, scale: float, start_pos: int) -> torch.Tensor:

@@ -174,6 +174,21 @@ def test_max_logits_match_naive_and_chunking(kind, q_lora, monkeypatch):
     assert (a.max_logits_H == 0).all()
 
 
+def test_causal_max_logits_equal_the_masked_scaled_scores_bit_for_bit():
+    """causal_max_logits takes the max over the batch before masking and scales the H maxima instead of the
+    scores: the same numbers as masking the scaled (B, H, T, S) scores, to the bit, queries at S - T on.
+    (In chunks of queries the products may round differently: test_max_logits_match_naive_and_chunking.)"""
+    B, Hh, T, S, d, scale = 3, 4, 5, 9, 16, 0.37
+    g = torch.Generator().manual_seed(7)
+    q_BHTd, k_BHSd = torch.randn(B, Hh, T, d, generator=g), torch.randn(B, Hh, S, d, generator=g)
+    k_BHSd[:, :, S - T + 1 :] *= 50  # future keys with big logits: only the causal mask keeps them out
+    s_BHTS = (q_BHTd @ k_BHSd.transpose(-1, -2)) * scale
+    future_TS = torch.arange(S)[None, :] > torch.arange(S - T, S)[:, None]
+    want_H = s_BHTS.masked_fill(future_TS, float("-inf")).amax(dim=(0, 2, 3))
+    assert (want_H < s_BHTS.amax(dim=(0, 2, 3))).all()  # the mask matters for every head
+    assert torch.equal(attention.causal_max_logits(q_BHTd, k_BHSd, scale), want_H)
+
+
 @pytest.mark.parametrize("kind,q_lora,bias", [("mla", None, False), ("mla", 24, False), ("mha", None, True)])
 def test_qk_clip_scales_multiply_head_logits_by_gamma(kind, q_lora, bias):
     a, naive = make_attn(kind, q_lora, bias)
