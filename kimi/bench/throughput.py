@@ -14,12 +14,12 @@ process, on synthetic tokens (speed does not depend on the text):
   Newton-Schulz      the matmul FLOPs Muon's orthogonalisation adds to each step (Muon.newton_schulz_flops)
                      as a share of the model's: MFU leaves them out, so against an AdamW baseline they cap
                      the MFU ratio at 1 / (1 + share) even where every matmul runs as fast as the baseline's.
-Medians over the steps after the first --warmup (default 2): a process's first steps grow malloc's heap,
+Medians over the steps after the first --warmup (default 3): a process's first steps grow malloc's heap,
 and touching new pages costs page faults that later steps do not pay (on the 2-core Xeon, nano at 32 x 256:
-25k-200k faults, up to ~2.7 s, in nanoKimi's second step, ~0 from its fourth). Each run's per-step
-times are in the JSON (`step_s_each`) to show where it settles. With --rounds N (default 2) the two models take turns,
-N runs each (nanoKimi, nanoGPT, nanoGPT, nanoKimi, ...), so drift in the machine's speed (other jobs,
-clocks) hits both alike: each figure is the median over rounds, and the MFU ratio is given per round too
+25k-200k faults, up to ~2.7 s, in nanoKimi's second or third step, few or none from its fourth). Each run's
+per-step times are in the JSON (`step_s_each`) to show where it settles. With --rounds N (default 2) the
+two models take turns, N runs each (nanoKimi, nanoGPT, nanoGPT, nanoKimi, ...), so drift in the machine's
+speed (other jobs, clocks) hits both alike: each figure is the median over rounds, and the MFU ratio is given per round too
 (its spread says how far to trust it; single runs on a shared 2-core VM varied by ~30%).
 With --ablations A,B (compare's names, e.g. dense_muon,kimi_mha): nanoKimi and those variants at the
 baseline's active size instead of the pair, and each one's speed relative to --reference (default
@@ -64,7 +64,7 @@ class _RouteTimer:
 
 
 def add_args(p) -> None:
-    p.add_argument("--warmup", type=int, default=2, help="throughput: steps at the start of each run left out of "
+    p.add_argument("--warmup", type=int, default=3, help="throughput: steps at the start of each run left out of "
                    "the medians (the allocator's warm-up; see this module's docstring)")  # fmt: skip
     p.add_argument("--ops", type=int, default=0, help="throughput --ablations: after the timed rounds, one "
                    "profiled run per variant (the trainer's train.profile_steps) and a table of the N ops with the "

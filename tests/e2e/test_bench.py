@@ -412,7 +412,7 @@ def test_compare_quick(tmp_path):
         (["compare", "--quick", "--ablations", "kimi_moar"], "unknown ablation(s) kimi_moar"),
         (["compare", "--quick", "--reference", "kimi"], "--reference only tables finished runs"),
         (["memory", "--quick", "--contexts", "1k"], "--contexts='1k': give comma-separated context lengths"),
-        (["throughput", "--config", "configs/debug.yaml", "--steps", "2"], "--steps=2: need more than --warmup=2"),
+        (["throughput", "--config", "configs/debug.yaml", "--steps", "3"], "--steps=3: need more than --warmup=3"),
         (["throughput", "--config", "configs/debug.yaml", "--warmup", "-1"], "--warmup=-1: need >= 0"),
         (["throughput", "--config", "configs/debug.yaml", "--rounds", "0"], "--rounds=0: need >= 1"),
         (["throughput", "--quick", "--ablations", "kimi_moar"], "unknown ablation(s) kimi_moar"),
