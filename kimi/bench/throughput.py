@@ -19,8 +19,8 @@ and touching new pages costs page faults that later steps do not pay (on the 2-c
 25k-200k faults, up to ~2.7 s, in nanoKimi's second or third step, few or none from its fourth). Each run's
 per-step times are in the JSON (`step_s_each`) to show where it settles. With --rounds N (default 2) the
 two models take turns, N runs each (nanoKimi, nanoGPT, nanoGPT, nanoKimi, ...), so drift in the machine's
-speed (other jobs, clocks) hits both alike: each figure is the median over rounds, and the MFU ratio is given per round too
-(its spread says how far to trust it; single runs on a shared 2-core VM varied by ~30%).
+speed (other jobs, clocks) hits both alike: each figure is the median over rounds, and the MFU ratio is
+given per round too (its spread says how far to trust it; single runs on a shared 2-core VM varied by ~30%).
 With --ablations A,B (compare's names, e.g. dense_muon,kimi_mha): nanoKimi and those variants at the
 baseline's active size instead of the pair, and each one's speed relative to --reference (default
 dense_muon if timed, else kimi): kimi/bench/throughput_variants.py.
