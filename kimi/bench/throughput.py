@@ -75,9 +75,9 @@ def step_breakdown(cfg: Config, steps: int, device: torch.device, ops: bool = Fa
     """Run `python -m kimi.train`'s own trainer for `steps` steps of cfg's model on synthetic tokens, with
     `train.profile` on (device syncs between phases), and return the median per-phase times, tokens/s and
     peak memory, over the steps after the first `warmup`. The step is the trainer's `train_step`, the engine
-    in the path; a hook reads each row. `ops`: also profile the steps after the warm-up with the trainer's own `train.profile_steps` and return
-    each op's self time per step from its ops file (`ops_s`, device time on GPU; the profiler slows the step,
-    so time the rounds without it)."""
+    in the path; a hook reads each row. `ops`: also profile the steps after the warm-up with the trainer's
+    own `train.profile_steps` and return each op's self time per step from its ops file (`ops_s`, device
+    time on GPU; the profiler slows the step, so time the rounds without it)."""
     from kimi.train import Hooks, train
 
     cfg = copy.deepcopy(cfg)
