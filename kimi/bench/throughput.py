@@ -16,11 +16,12 @@ process, on synthetic tokens (speed does not depend on the text):
                      the MFU ratio at 1 / (1 + share) even where every matmul runs as fast as the baseline's.
 Medians over the steps after the first --warmup (default 3): a process's first steps grow malloc's heap,
 and touching new pages costs page faults that later steps do not pay (on the 2-core Xeon, nano at 32 x 256:
-25k-200k faults, up to ~2.7 s, in nanoKimi's second or third step, few or none from its fourth). Each run's
-per-step times are in the JSON (`step_s_each`) to show where it settles. With --rounds N (default 2) the
-two models take turns, N runs each (nanoKimi, nanoGPT, nanoGPT, nanoKimi, ...), so drift in the machine's
-speed (other jobs, clocks) hits both alike: each figure is the median over rounds, and the MFU ratio is
-given per round too (its spread says how far to trust it; single runs on a shared 2-core VM varied by ~30%).
+25k-200k faults in nanoKimi's second or third step, ~0.3 s quiet and up to ~2.7 s with another job on the
+other core; few or none from its fourth). Each run's per-step times are in the JSON (`step_s_each`).
+With --rounds N (default 2) the two models take turns, N runs each (nanoKimi, nanoGPT, nanoGPT, nanoKimi,
+...), so drift in the machine's speed (other jobs, clocks) hits both alike: each figure is the median over
+rounds, and the MFU ratio is given per round too (its spread says how far to trust it; single runs on a
+shared 2-core VM varied by ~30%).
 With --ablations A,B (compare's names, e.g. dense_muon,kimi_mha): nanoKimi and those variants at the
 baseline's active size instead of the pair, and each one's speed relative to --reference (default
 dense_muon if timed, else kimi): kimi/bench/throughput_variants.py.
