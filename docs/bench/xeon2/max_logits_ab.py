@@ -56,8 +56,6 @@ def main(config: str, batch: int, steps: int) -> None:
     for step in range(steps + 1):  # the first pair warms up
         for name, fn in (("old", old), ("new", new)):
             attention.causal_max_logits = timed(name, fn)
-            if step == 0:
-                spent[name] = 0.0
             model(idx_BT, idx_BT).loss.backward()
             model.zero_grad(set_to_none=True)
             if step == 0:
