@@ -145,22 +145,22 @@ class MLA(_MaxLogitMixin, nn.Module):
             q = self.q_proj(x_BTD)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
-        q_nope_BTHn, q_rope_BTHR = q.view(B, T, H, -1).split([self.nope, self.rope], dim=-1)
+        # q per head is [nope, rope]: rotate its rope dims in place of a split + cat
+        q_BTHd = apply_rope(q.view(B, T, H, -1), cos_TR, sin_TR, self.cfg.rope_interleave, skip=self.nope)
         c_kv_BTC, k_rope_BTR = self.kv_a_proj_with_mqa(x_BTD).split([self.kv_lora_rank, self.rope], dim=-1)
         c_kv_BTC = self.kv_a_layernorm(c_kv_BTC)
-        q_rope_BTHR = apply_rope(q_rope_BTHR, cos_TR, sin_TR, self.cfg.rope_interleave)
         k_rope_BTR = apply_rope(k_rope_BTR[:, :, None, :], cos_TR, sin_TR, self.cfg.rope_interleave)[:, :, 0]
         if cache is not None:
             c_kv_BTC, k_rope_BTR = cache.update(start_pos, c_kv_BTC, k_rope_BTR)  # now all S positions
         absorb = (T == 1) if self.absorb is None else self.absorb
         if cache is not None and absorb:
-            o_BTHv = self._attend_absorbed(q_nope_BTHn, q_rope_BTHR, c_kv_BTC, k_rope_BTR, start_pos)
+            o_BTHv = self._attend_absorbed(q_BTHd, c_kv_BTC, k_rope_BTR, start_pos)
         else:
-            o_BTHv = self._attend_expanded(q_nope_BTHn, q_rope_BTHR, c_kv_BTC, k_rope_BTR, start_pos, cache is None)
+            o_BTHv = self._attend_expanded(q_BTHd, c_kv_BTC, k_rope_BTR, start_pos, cache is None)
         return self.o_proj(o_BTHv.reshape(B, T, H * self.v_dim))
 
-    def _attend_expanded(self, q_nope_BTHn, q_rope_BTHR, c_kv_BSC, k_rope_BSR, start_pos: int, record: bool):
-        q_BHTd = torch.cat([q_nope_BTHn, q_rope_BTHR], dim=-1).transpose(1, 2)
+    def _attend_expanded(self, q_BTHd, c_kv_BSC, k_rope_BSR, start_pos: int, record: bool):
+        q_BHTd = q_BTHd.transpose(1, 2)
         args = (q_BHTd, c_kv_BSC, k_rope_BSR, start_pos, record)
         if self.cfg.recompute_kv:
             # Backward keeps the latent and attention's output, and rebuilds the per-head K/V (one small
@@ -180,8 +180,9 @@ class MLA(_MaxLogitMixin, nn.Module):
             self._record(q_BHTd, k_BHSd)
         return attend(q_BHTd, k_BHSd, v_BSHv.transpose(1, 2), self.softmax_scale, start_pos)
 
-    def _attend_absorbed(self, q_nope_BTHn, q_rope_BTHR, c_kv_BSC, k_rope_BSR, start_pos: int):
-        T, S = q_nope_BTHn.shape[1], c_kv_BSC.shape[1]
+    def _attend_absorbed(self, q_BTHd, c_kv_BSC, k_rope_BSR, start_pos: int):
+        T, S = q_BTHd.shape[1], c_kv_BSC.shape[1]
+        q_nope_BTHn, q_rope_BTHR = q_BTHd.split([self.nope, self.rope], dim=-1)
         w_HdC = self.kv_b_proj.weight.view(self.n_head, self.nope + self.v_dim, self.kv_lora_rank)
         w_uk_HnC, w_uv_HvC = w_HdC[:, : self.nope], w_HdC[:, self.nope :]
         q_lat_BTHC = torch.einsum("bthn,hnc->bthc", q_nope_BTHn, w_uk_HnC)  # q.k_nope == (q W_uk).c_kv

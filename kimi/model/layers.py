@@ -154,14 +154,26 @@ def _yarn_inv_freq(pos_freqs_R: torch.Tensor, dim: int, theta: float, s: RopeSca
     return (1.0 / (s.factor * pos_freqs_R)) * (1 - keep_R) + (1.0 / pos_freqs_R) * keep_R
 
 
-def apply_rope(x: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """Rotate the last dim of x (..., T, ?, 2R') by position; x is laid out (B, T, H, dim).
+def apply_rope(
+    x: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor, interleave: bool, skip: int = 0
+) -> torch.Tensor:
+    """Rotate the last dim of x by position, past its first `skip` entries (MLA's q: [nope, rope] per head,
+    rotated in one call); x is laid out (B, T, H, dim). The output keeps x's layout.
 
     interleave=True rotates pairs (x0, x1), (x2, x3), ... (how DeepSeek-V3 checkpoints store the rope
-    dims); False rotates (x_i, x_{i+dim/2}) (GPT-NeoX / Llama). Either way the output is written as
-    [rotated firsts, rotated seconds] like HF does: q and k get the same permutation, so q.k is
-    unchanged, and the latent cache simply stores k_rope in that layout.
+    dims); False rotates (x_i, x_{i+dim/2}) (GPT-NeoX / Llama). HF's DeepSeek-V3 writes interleaved
+    pairs out as [rotated firsts, rotated seconds]; keeping them interleaved here is the same attention
+    (q and k get the same layout, and q.k sums over the same products) and lets fp32 rotate as one
+    complex multiply over the whole head, the skipped pairs by 1 (exact): one elementwise kernel each way
+    instead of four multiplies, two adds and a cat, with no split or cat for MLA's q.
     """
+    if interleave and _complex_view_ok(x, skip):
+        rot_TP = torch.complex(cos_TR.to(x.dtype), sin_TR.to(x.dtype))  # (T, R/2): e^(i pos freq)
+        if skip:
+            rot_TP = torch.cat([rot_TP.new_ones(rot_TP.shape[0], skip // 2), rot_TP], dim=1)
+        x_c = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+        return torch.view_as_real(x_c * rot_TP[:, None, :]).flatten(-2)
+    head, x = x[..., :skip], x[..., skip:]
     if interleave:
         x1, x2 = x[..., 0::2], x[..., 1::2]
     else:
@@ -169,4 +181,18 @@ def apply_rope(x: torch.Tensor, cos_TR: torch.Tensor, sin_TR: torch.Tensor, inte
         x1, x2 = x[..., :half], x[..., half:]
     cos = cos_TR[:, None, :].to(x.dtype)  # (T, 1, R/2) broadcasts over heads
     sin = sin_TR[:, None, :].to(x.dtype)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    pairs = (x1 * cos - x2 * sin, x2 * cos + x1 * sin)
+    out = torch.stack(pairs, dim=-1).flatten(-2) if interleave else torch.cat(pairs, dim=-1)
+    return torch.cat([head, out], dim=-1) if skip else out
+
+
+def _complex_view_ok(x: torch.Tensor, skip: int) -> bool:
+    """Whether x's last dim can be viewed as complex pairs: fp32/fp64 (there is no complex bf16), unit
+    stride, even strides and offset, and `skip` a whole number of pairs."""
+    return (
+        x.dtype in (torch.float32, torch.float64)
+        and skip % 2 == 0
+        and x.stride(-1) == 1
+        and x.storage_offset() % 2 == 0
+        and all(s % 2 == 0 for s, n in zip(x.stride()[:-1], x.shape[:-1]) if n > 1)
+    )

@@ -261,3 +261,45 @@ def test_mha_dense_baseline_structure():
     names = {n for n, _ in m.named_parameters()}
     assert "layers.0.attn.q_proj.weight" in names and "layers.0.attn.v_proj.weight" in names
     assert "layers.0.ffn.gate_proj.weight" in names and not m.moe_layers()
+
+
+def rotate_pairs_reference(x, cos_TR, sin_TR, interleave, skip):
+    """RoPE written out pair by pair in fp64: (a, b) -> (a cos - b sin, b cos + a sin), the first `skip`
+    dims untouched, every value written back where it came from."""
+    x64, out = x.double(), x.double().clone()
+    R = x.shape[-1] - skip
+    for p in range(R // 2):
+        i, j = (skip + 2 * p, skip + 2 * p + 1) if interleave else (skip + p, skip + p + R // 2)
+        c, s = cos_TR[:, None, p].double(), sin_TR[:, None, p].double()  # (T, 1) over heads
+        out[..., i] = x64[..., i] * c - x64[..., j] * s
+        out[..., j] = x64[..., j] * c + x64[..., i] * s
+    return out
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+@pytest.mark.parametrize("skip", [0, 6])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_rope_rotates_each_pair_in_place_of_the_reference(interleave, skip, dtype):
+    """fp32 with interleaved pairs takes the one-complex-multiply path; bf16, non-interleaved pairs and
+    strides a complex view cannot take run the real path: all against the same pair-by-pair reference."""
+    torch.manual_seed(0)
+    B, T, nH, R = 2, 5, 3, 8
+    cos, sin = rope(range(T), R)
+    x = torch.randn(B, T, nH, skip + R, dtype=dtype)
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    want = rotate_pairs_reference(x, cos, sin, interleave, skip)
+    torch.testing.assert_close(apply_rope(x, cos, sin, interleave, skip).double(), want, **tol)
+    odd = torch.randn(B, T, nH, skip + R + 1, dtype=dtype)[..., 1:]  # offset 1: no complex view
+    odd.copy_(x)
+    torch.testing.assert_close(apply_rope(odd, cos, sin, interleave, skip).double(), want, **tol)
+
+
+def test_apply_rope_backward_matches_the_real_path():
+    torch.manual_seed(0)
+    cos, sin = rope(range(5), 8)
+    x = torch.randn(2, 5, 3, 14, requires_grad=True)
+    g = torch.randn(2, 5, 3, 14)
+    (gx_complex,) = torch.autograd.grad(apply_rope(x, cos, sin, True, skip=6), x, g)
+    x_odd = torch.randn(2, 5, 3, 15)[..., 1:].copy_(x.detach()).requires_grad_()  # forces the real path
+    (gx_real,) = torch.autograd.grad(apply_rope(x_odd, cos, sin, True, skip=6), x_odd, g)
+    torch.testing.assert_close(gx_complex, gx_real, atol=1e-6, rtol=1e-6)
