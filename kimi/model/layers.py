@@ -188,9 +188,11 @@ def apply_rope(
 
 def _complex_view_ok(x: torch.Tensor, skip: int) -> bool:
     """Whether x's last dim can be viewed as complex pairs: fp32/fp64 (there is no complex bf16), unit
-    stride, even strides and offset, and `skip` a whole number of pairs."""
+    stride, even strides and offset, and `skip` a whole number of pairs. Not under torch.compile: inductor
+    generates no code for complex ops (it warns and runs them eagerly) and fuses the real path anyway."""
     return (
-        x.dtype in (torch.float32, torch.float64)
+        not torch.compiler.is_compiling()
+        and x.dtype in (torch.float32, torch.float64)
         and skip % 2 == 0
         and x.stride(-1) == 1
         and x.storage_offset() % 2 == 0
