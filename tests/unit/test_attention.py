@@ -5,7 +5,7 @@ import torch
 
 import kimi.model.attention as attention
 from kimi.config import AttentionConfig, KimiConfig
-from kimi.model import MHA, MLA, KimiModel
+from kimi.model import MHA, MLA, KimiModel, layers
 from kimi.model.layers import apply_rope, rope_cos_sin
 
 D, H = 64, 4
@@ -291,6 +291,8 @@ def test_apply_rope_rotates_each_pair_in_place_of_the_reference(interleave, skip
     torch.testing.assert_close(apply_rope(x, cos, sin, interleave, skip).double(), want, **tol)
     odd = torch.randn(B, T, nH, skip + R + 1, dtype=dtype)[..., 1:]  # offset 1: no complex view
     odd.copy_(x)
+    # the paths this test means to cover are the ones taken
+    assert layers._complex_view_ok(x, skip) == (dtype == torch.float32) and not layers._complex_view_ok(odd, skip)
     torch.testing.assert_close(apply_rope(odd, cos, sin, interleave, skip).double(), want, **tol)
 
 
