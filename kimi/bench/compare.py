@@ -19,7 +19,8 @@ its best lr (lowest whole-split loss) is the reference for the other seeds and f
                        with --jobs > 1 hold only when each had its own cores: one thread per run)
 
 With dense_muon among the runs, results.md also tables each variant's validation loss minus dense_muon's
-at every eval (mean and range over seeds) and gap_vs_tokens.png draws it.
+at every eval (mean and range over seeds) with its trend over the last half of the budget
+(kimi/bench/trend.py), and gap_vs_tokens.png draws it.
 
 Writes results.json, results.md, val_vs_tokens.png, val_vs_time.png under --out, and logs every run
 (and a summary run with the table and plots) to MLflow (`--tracking-uri`; default sqlite in --out).
@@ -41,6 +42,7 @@ import torch
 from kimi.bench.children import Children
 from kimi.bench.lr_sweep import name_by_lr, plot_lr_sweep
 from kimi.bench.tables import vm_hwm
+from kimi.bench.trend import gap_trend, trend_line
 from kimi.bench.variants import ABLATIONS, Variant, build_variants, flatten, param_counts
 from kimi.config import LoggingConfig, load_config, parse_overrides
 
@@ -320,6 +322,8 @@ def gap_table(runs: list[dict], reference: str = DENSE_REFERENCE) -> str:
         cells = [f"{statistics.fmean(g[t]):+.4f} [{min(g[t]):+.4f}, {max(g[t]):+.4f}] ({len(g[t])})" if t in g else "-"
                  for g in gaps.values()]  # fmt: skip
         lines.append(f"| {t:,} | {' | '.join(cells)} |")
+    lines += ["", "The trend of each mean gap (kimi/bench/trend.py; a line in log2 tokens, extrapolated):", ""]
+    lines += [trend_line(n, gap_trend({t: statistics.fmean(v) for t, v in g.items()})) for n, g in gaps.items()]
     return "\n".join(lines) + "\n"
 
 
