@@ -22,6 +22,7 @@ class Trend(NamedTuple):
     stderr: float  # the slope's standard error (nan with fewer than 3 points)
     points: int  # evals in the fit
     at_end: float  # the line's gap at the last eval
+    goal: float  # the gap wanted (at or below)
     tokens_to_goal: float | None  # where the falling line crosses the goal (past the end if not there yet)
 
 
@@ -34,20 +35,19 @@ def gap_trend(gap_by_tokens: dict[int, float], goal: float = GOAL_GAP) -> Trend 
     if len(pts) < 2:
         return None
     xs, ys = zip(*pts)
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (y - my) for x, y in pts) / sxx
-    intercept = my - slope * mx
-    resid = [y - (intercept + slope * x) for x, y in pts]
-    stderr = math.sqrt(sum(r * r for r in resid) / (len(pts) - 2) / sxx) if len(pts) > 2 else math.nan
-    at_end = intercept + slope * xs[-1]
-    return Trend(slope, stderr, len(pts), at_end, 2 ** ((goal - intercept) / slope) if slope < 0 else None)
+    slope, intercept = statistics.linear_regression(xs, ys)
+    sxx = sum((x - statistics.fmean(xs)) ** 2 for x in xs)
+    resid2 = sum((y - intercept - slope * x) ** 2 for x, y in pts)
+    stderr = math.sqrt(resid2 / (len(pts) - 2) / sxx) if len(pts) > 2 else math.nan
+    to_goal = 2 ** ((goal - intercept) / slope) if slope < 0 else None
+    return Trend(slope, stderr, len(pts), intercept + slope * xs[-1], goal, to_goal)
 
 
-def trend_line(name: str, trend: Trend | None, goal: float = GOAL_GAP) -> str:
+def trend_line(name: str, trend: Trend | None) -> str:
     """One markdown bullet for `trend` (what results.md prints under the gap table)."""
     if trend is None:
         return f"- {name}: too few evals in the last half of the budget for a trend"
+    goal = trend.goal
     if trend.at_end <= goal:
         where = f"it ends at or below {goal:+.3f}"
     elif trend.tokens_to_goal is None:

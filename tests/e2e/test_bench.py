@@ -175,6 +175,7 @@ def test_summary_gives_tokens_and_seconds_to_the_reference_loss():
     runs[3] = run("kimi", 2, [(100, 2.5), (150, 1.0), (300, 0.7)], [5, 10, 20])
     table = gap_table(runs)
     assert "| 100 | -0.7500 [-1.0000, -0.5000] (2) |" in table and "| 300 | -0.4000 [-0.5000, -0.3000] (2) |" in table
+    assert "- kimi: too few evals in the last half of the budget" in table  # its trend line (one eval past 150)
 
 
 def test_tabling_against_a_named_reference(tmp_path):

@@ -25,7 +25,7 @@ def test_an_exact_line_gives_its_slope_and_where_it_reaches_the_goal():
 
 def test_noise_widens_the_error_and_a_flat_or_rising_gap_has_no_crossing():
     noisy = gap_trend(line(-0.005, -0.01, noise=[0, 0, 0, 0, 0.004, -0.004, 0.004, -0.004, 0.004, -0.004]))
-    assert noisy.stderr > 0.001 and noisy.per_doubling == pytest.approx(-0.005, abs=0.01)
+    assert noisy.stderr > 0.001 and abs(noisy.per_doubling + 0.005) < 2 * noisy.stderr  # the true slope within 2 errors
     rising = gap_trend(line(+0.002, -0.01))
     assert rising.tokens_to_goal is None and "not falling toward -0.030" in trend_line("kimi", rising)
     past = gap_trend(line(-0.005, -0.05))
