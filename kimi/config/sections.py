@@ -258,6 +258,10 @@ class TrainConfig:
     # peak. Off by itself when MALLOC_*_ or GLIBC_TUNABLES set glibc's malloc.
     cpu_keep_freed_memory: bool = True  # CPU: no page faults on reallocated big tensors; RSS stays at its peak
     compile: bool = False  # torch.compile each block
+    # torch.compile only the blocks' elementwise chains (RMSNorm, SwiGLU, the routed rows' weighting): one fused
+    # kernel each way instead of a pass over memory per op; matmuls stay eager. Pays on CPU (a 1.10x faster step
+    # at byte level, docs/benchmarking.md), where compiling whole blocks does not. Implied by train.compile.
+    fused_elementwise: bool = False  # torch.compile the blocks' elementwise chains only
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     log_interval: int = 1  # steps between log lines
     eval_interval: int = 0  # 0: no validation

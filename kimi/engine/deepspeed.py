@@ -218,7 +218,7 @@ class DeepSpeedEngine(Engine):
 
         from kimi.optim import ScheduleState, build_optimizer, build_scheduler
         from kimi.parallel import ParallelDims, apply_expert_parallel, submesh
-        from kimi.parallel.parallelize import apply_activation_checkpointing, apply_compile
+        from kimi.parallel.parallelize import apply_activation_checkpointing, apply_compile, apply_fused_elementwise
 
         num_experts = model.config.moe.num_experts if model.moe_layers() else None
         dims = ParallelDims.for_model(parallel, model.config, rt.world)
@@ -239,6 +239,8 @@ class DeepSpeedEngine(Engine):
             apply_activation_checkpointing(model)
         if train.compile:
             apply_compile(model)
+        elif train.fused_elementwise:
+            apply_fused_elementwise(model)
 
         client = build_optimizer(model, optim)
         if self.experts:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimi.config import MoEConfig
+from kimi.model.elementwise import ELEMENTWISE, Elementwise
 from kimi.model.kernel_choice import kernel_module
 from kimi.model.layers import MLP, FP32Buffers, fp32_region
 from kimi.model.recompute import MATMULS, recompute, recomputing
@@ -78,7 +79,7 @@ def unpermute(y_ND: torch.Tensor, sort_idx_N: torch.Tensor, topk_w_TK: torch.Ten
 
 
 def combine(y_ND: torch.Tensor, sort_idx_N: torch.Tensor, top_k: int) -> torch.Tensor:
-    """`unpermute` for rows the experts already weighted (GroupedExperts' scale_rows): each row added
+    """`unpermute` for rows the experts already weighted (GroupedExperts' row_weights): each row added
     to its token -> y_TD (fp32).
 
     On CPU an index_add: deterministic there, and its backward is one gather of the (T, D) gradient.
@@ -123,7 +124,7 @@ def weight_rows(h_NF: torch.Tensor, w_N: torch.Tensor) -> torch.Tensor:
 
 class DispatchSteps(NamedTuple):
     """The permute-side steps for one moe.kernels choice. `combine` is set where the experts should weight
-    their rows (GroupedExperts' scale_rows) and the rows then only be summed per token: the torch path.
+    their rows (GroupedExperts' row_weights) and the rows then only be summed per token: the torch path.
     The Triton un-permute weights as it gathers, at no extra cost, so it has none."""
 
     permute: Callable
@@ -169,14 +170,15 @@ def grouped_mm_supported(x_ND: torch.Tensor, w_EFD: torch.Tensor) -> bool:
     return x_ND.device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] >= 8
 
 
-def grouped_swiglu_up(x_ND, w1_EFD, w3_EFD, counts_E) -> torch.Tensor:
-    """h_NF = silu(x W1^T) * (x W3^T) for all experts in two grouped GEMMs; expert e owns rows
-    offs[e-1]:offs[e] (some may own none)."""
+def grouped_swiglu_up(x_ND, w1_EFD, w3_EFD, counts_E, w_N=None, ops: Elementwise = ELEMENTWISE) -> torch.Tensor:
+    """h_NF = silu(x W1^T) * (x W3^T) for all experts in two grouped GEMMs, each row scaled by w_N[n] when
+    given (`ops.weighted_swiglu`); expert e owns rows offs[e-1]:offs[e] (some may own none)."""
     offs_E = counts_E.cumsum(0).to(torch.int32)
     dtype = _compute_dtype(x_ND)  # grouped_mm has no autocast rule: cast explicitly
     x_ND, mm = x_ND.to(dtype), _grouped_mm_op()
-    h_NF = F.silu(mm(x_ND, w1_EFD.to(dtype).transpose(-2, -1), offs=offs_E))
-    return h_NF * mm(x_ND, w3_EFD.to(dtype).transpose(-2, -1), offs=offs_E)
+    gate_NF = mm(x_ND, w1_EFD.to(dtype).transpose(-2, -1), offs=offs_E)
+    up_NF = mm(x_ND, w3_EFD.to(dtype).transpose(-2, -1), offs=offs_E)
+    return ops.swiglu(gate_NF, up_NF) if w_N is None else ops.weighted_swiglu(gate_NF, up_NF, w_N)
 
 
 def grouped_swiglu_down(h_NF, w2_EDF, counts_E) -> torch.Tensor:
@@ -185,9 +187,10 @@ def grouped_swiglu_down(h_NF, w2_EDF, counts_E) -> torch.Tensor:
     return _grouped_mm_op()(h_NF, w2_EDF.to(h_NF.dtype).transpose(-2, -1), offs=offs_E)
 
 
-def looped_swiglu_up(x_ND, w1_EFD, w3_EFD, counts_E) -> torch.Tensor:
+def looped_swiglu_up(x_ND, w1_EFD, w3_EFD, counts_E, w_N=None, ops: Elementwise = ELEMENTWISE) -> torch.Tensor:
     """Reference / fallback for grouped_swiglu_up: one expert at a time (one host sync for the counts)."""
-    return _looped(x_ND, counts_E, w1_EFD.shape[1], lambda e, xe: F.silu(xe @ w1_EFD[e].T) * (xe @ w3_EFD[e].T))
+    h_NF = _looped(x_ND, counts_E, w1_EFD.shape[1], lambda e, xe: ops.swiglu(xe @ w1_EFD[e].T, xe @ w3_EFD[e].T))
+    return h_NF if w_N is None else weight_rows(h_NF, w_N)
 
 
 def looped_swiglu_down(h_NF, w2_EDF, counts_E) -> torch.Tensor:
@@ -216,19 +219,31 @@ def looped_swiglu(x_ND, w1_EFD, w3_EFD, w2_EDF, counts_E) -> torch.Tensor:
     return looped_swiglu_down(looped_swiglu_up(x_ND, w1_EFD, w3_EFD, counts_E), w2_EDF, counts_E)
 
 
+class RowWeights:
+    """Each routed row's routing weight (w_N, fp32, in the experts' row order), for the experts to multiply
+    into their SwiGLU product. A plain object rather than a tensor argument: FSDP2's mixed precision casts
+    the floating tensors a wrapped module's forward receives (expert parallelism wraps the experts), even
+    inside tuples and dataclasses, and routing weights stay fp32."""
+
+    __slots__ = ("w_N",)
+
+    def __init__(self, w_N: torch.Tensor):
+        self.w_N = w_N
+
+
 class GroupedExperts(nn.Module):
     """E SwiGLU experts stored as stacked 3-D weights: w1 (gate) and w3 (up) are (E, F, D), w2 (down)
-    is (E, D, F). forward(x, counts_E, gather=None): rows gather(x) (x itself without a gather) sorted
-    by expert, counts_E with one entry per expert this module holds (E_local = w1.shape[0] under expert
-    parallelism); experts may get 0 rows. `scale_rows` (optional, h_NF -> h_NF) scales each row's SwiGLU
+    is (E, D, F). forward(x, counts_E, gather=None, row_weights=None): rows gather(x) (x itself without a
+    gather) sorted by expert, counts_E with one entry per expert this module holds (E_local = w1.shape[0]
+    under expert parallelism); experts may get 0 rows. `row_weights` (optional) scales each row's SwiGLU
     product h before the down projection, which equals scaling the output (the projection is linear) at
-    F/D of the cost, and backward then keeps no N x D copy of the outputs for the weights' gradient. A
-    callable rather than the weights themselves: FSDP2's mixed precision casts the floating tensors a
-    wrapped module's forward receives (expert parallelism wraps the experts), and routing weights stay fp32.
+    F/D of the cost, and backward then keeps no N x D copy of the outputs for the weights' gradient.
 
-    `recompute` (moe.recompute): backward keeps W1x and W3x and their SwiGLU product h (the input of the
-    down projection), and recomputes the gathered rows (N x D) and silu(W1x) (N x F) from x and W1x
+    `recompute` (moe.recompute): backward keeps W1x and W3x and the (weighted) SwiGLU product h (the input
+    of the down projection), and recomputes the gathered rows (N x D) and silu(W1x) (N x F) from x and W1x
     instead of keeping them. Dispatchers pass the gather in, not its result, so it falls in that region.
+    That region runs the eager elementwise functions: its policy picks what to keep op by op, and a fused
+    (compiled) function is one opaque op to it.
     """
 
     use_grouped_mm = True  # set False (class or instance) to force the per-expert loop
@@ -239,28 +254,31 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.recompute = recompute
+        self.elementwise = ELEMENTWISE  # kimi.parallel may swap in fused (compiled) versions
 
     @property
     def num_experts(self) -> int:
         return self.w1.shape[0]
 
-    def forward(self, x: torch.Tensor, counts_E: torch.Tensor, gather=None, scale_rows=None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, counts_E: torch.Tensor, gather=None, row_weights: RowWeights | None = None
+    ) -> torch.Tensor:
         if counts_E.shape[0] != self.num_experts:
             raise ValueError(
                 f"counts_E has {counts_E.shape[0]} entries but this module holds {self.num_experts} experts"
             )
         grouped = self.use_grouped_mm and grouped_mm_supported(x, self.w1)
         up, down = (grouped_swiglu_up, grouped_swiglu_down) if grouped else (looped_swiglu_up, looped_swiglu_down)
+        w_N = None if row_weights is None else row_weights.w_N
+        ops = ELEMENTWISE if self.recompute else self.elementwise
 
         def rows_up(x, w1_EFD, w3_EFD):  # weights as arguments: under EP they are this forward's local views
-            return up(x if gather is None else gather(x), w1_EFD, w3_EFD, counts_E)
+            return up(x if gather is None else gather(x), w1_EFD, w3_EFD, counts_E, w_N, ops)
 
         if self.recompute:
             h_NF = recompute(rows_up, x, self.w1, self.w3, keep=MATMULS)
         else:
             h_NF = rows_up(x, self.w1, self.w3)
-        if scale_rows is not None:  # the down projection is linear: weight its F-wide input, not its output
-            h_NF = scale_rows(h_NF)
         return down(h_NF, self.w2, counts_E)
 
     def extra_repr(self) -> str:
@@ -282,8 +300,7 @@ class LocalDispatcher:
         if steps.combine is None:
             return steps.unpermute(experts(x_TD, counts_E, gather=gather), sort_idx_N, topk_w_TK).to(x_TD.dtype)
         # the experts weight their F-wide rows; the un-permute then only sums, with no D-wide multiply
-        w_N = rows_weights(topk_w_TK, sort_idx_N)
-        y_ND = experts(x_TD, counts_E, gather=gather, scale_rows=lambda h_NF: weight_rows(h_NF, w_N))
+        y_ND = experts(x_TD, counts_E, gather=gather, row_weights=RowWeights(rows_weights(topk_w_TK, sort_idx_N)))
         return steps.combine(y_ND, sort_idx_N, K).to(x_TD.dtype)
 
     def __repr__(self) -> str:

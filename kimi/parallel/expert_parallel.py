@@ -29,7 +29,7 @@ from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from kimi.model.moe import dispatch_steps, rows_weights, scatter_rows, weight_rows
+from kimi.model.moe import RowWeights, dispatch_steps, rows_weights, scatter_rows
 
 
 def _as_group(group: dist.ProcessGroup | DeviceMesh) -> dist.ProcessGroup:
@@ -97,13 +97,14 @@ class AllToAllDispatcher:
         seg_M = torch.repeat_interleave(torch.arange(R * L, device=x_TD.device), recv_counts_E, output_size=M)
         order_M = torch.argsort((seg_M % L) * R + seg_M // L, stable=True)
         counts_L = recv_counts_RL.sum(0)
-        scale_rows = None
+        row_weights = None
         if steps.combine is not None:  # the torch path: rows travel with their weights, the experts apply them
             w_N = rows_weights(topk_w_TK, sort_idx_N)
             w_M = all_to_all_single_autograd(w_N, recv_splits, send_splits, self.group).index_select(0, order_M)
-            scale_rows = lambda h_MF: weight_rows(h_MF, w_M)  # noqa: E731
+            row_weights = RowWeights(w_M)
         gather = lambda x: x.index_select(0, order_M)  # noqa: E731 (see GroupedExperts.recompute)
-        y_MD = scatter_rows(experts(x_MD, counts_L, gather=gather, scale_rows=scale_rows), order_M)  # undo the reorder
+        y_MD = experts(x_MD, counts_L, gather=gather, row_weights=row_weights)
+        y_MD = scatter_rows(y_MD, order_M)  # undo the reorder
 
         # 6. Results back to the ranks that own the tokens; un-permute, weight, sum over K: the model's own
         #    combine step, so EP and single-device outputs round identically.
@@ -111,7 +112,7 @@ class AllToAllDispatcher:
         y_ND = self._waited(all_to_all_single_autograd(y_MD, send_splits, recv_splits, self.group))
         if self.kernels != "torch":
             y_ND = wait_tensor(y_ND)  # Triton launchers need the plain tensor, not the collective's async wrapper
-        weight_bytes = sum(send_splits) * 4 if scale_rows is not None else 0  # fp32 weights, outbound only
+        weight_bytes = sum(send_splits) * 4 if row_weights is not None else 0  # fp32 weights, outbound only
         self.stats["a2a_bytes"] += (sum(send_splits) + M) * x_TD.shape[1] * x_ND.element_size() + weight_bytes
         if self.profile:
             self.stats["a2a_s"] += a2a_s + time.perf_counter() - t1

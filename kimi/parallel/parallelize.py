@@ -1,4 +1,5 @@
-"""`parallelize`: apply EP, activation checkpointing, torch.compile and FSDP2 to a KimiModel, in that order.
+"""`parallelize`: apply EP, activation checkpointing, torch.compile (of blocks or of their elementwise chains)
+and FSDP2 to a KimiModel, in that order.
 
 The order matters: expert parallelism first (it replaces expert parameters by DTensors and installs the
 all-to-all dispatcher, both of which the later steps must see), checkpointing wraps each Block so its
@@ -9,11 +10,15 @@ and FSDP2 last, bottom-up. Module names (and so state_dict / checkpoint keys) ar
 
 from __future__ import annotations
 
+import functools
+
+import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 
-from kimi.config import ParallelConfig, TrainConfig
+from kimi.config import ConfigError, ParallelConfig, TrainConfig
+from kimi.model.elementwise import ELEMENTWISE, Elementwise
 from kimi.parallel.expert_parallel import apply_expert_parallel
 from kimi.parallel.fsdp import apply_fsdp, mixed_precision
 from kimi.parallel.mesh import MESH_DIMS, ParallelDims, submesh
@@ -31,6 +36,44 @@ def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
     around that graph break."""
     for block in model.layers:
         block.compile(backend=backend)
+
+
+def apply_fused_elementwise(model: nn.Module, backend: str = "inductor") -> None:
+    """train.fused_elementwise: each module that runs the block's elementwise chains through its
+    `elementwise` attribute (RMSNorm, SwiGLU MLPs, the routed experts) gets torch.compile'd copies of them:
+    one fused kernel each for forward and for backward, every matmul still eager. In place; module tree,
+    parameters and state_dict keys are unchanged. Inductor builds its CPU kernels with a C++ compiler: without
+    one this fails here, in one line, rather than at the first forward."""
+    if backend == "inductor" and any(p.device.type == "cpu" for p in model.parameters()):
+        _require_cpp_compiler()
+    fused = fused_elementwise(backend)
+    for module in model.modules():
+        if isinstance(getattr(module, "elementwise", None), Elementwise):
+            module.elementwise = fused
+
+
+def _require_cpp_compiler() -> None:
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except Exception as e:  # inductor's InvalidCxxCompiler, or whatever its search raises
+        raise ConfigError(
+            f"train.fused_elementwise=true compiles CPU kernels, and no C++ compiler was found ({type(e).__name__}): "
+            "install g++ (or set CXX), or set --train.fused_elementwise=false"
+        ) from None
+
+
+def fused_elementwise(backend: str = "inductor") -> Elementwise:
+    """ELEMENTWISE's functions compiled, shared by every module (one compile per shape, not per module).
+    Shapes start static and go dynamic on the first change (torch.compile's default), so eval and a last
+    short batch cost one more compile rather than one per shape."""
+    return _compiled(backend)
+
+
+@functools.cache
+def _compiled(backend: str) -> Elementwise:
+    return Elementwise(*(torch.compile(fn, backend=backend, dynamic=False) for fn in ELEMENTWISE))
 
 
 def parallelize(
@@ -60,6 +103,8 @@ def parallelize(
         apply_activation_checkpointing(model)
     if train_cfg.compile:
         apply_compile(model, compile_backend)
+    elif train_cfg.fused_elementwise:  # compiled blocks fuse these chains already
+        apply_fused_elementwise(model, compile_backend)
     if mesh is not None:
         mp = mixed_precision(mesh.device_type, train_cfg.dtype)
         apply_fsdp(model, submesh(mesh, "hsdp"), submesh(mesh, "efsdp"), dims.world_size, mp)

@@ -116,3 +116,16 @@ def test_wrong_kind_of_path_gets_the_right_words(tmp_path):
     assert f"'{tmp_path}' is not a prepared dataset directory (no val/manifest.json); prepare one" in line, line
     line = _one_error_line("kimi.generate", "--checkpoint", str(readme))
     assert f"'{readme}' is not a nanoKimi checkpoint" in line and "weights_only" not in line, line
+
+
+def test_fused_elementwise_without_a_compiler(tmp_path):
+    """train.fused_elementwise compiles C++ kernels on CPU; with no compiler on the path (CXX names one that
+    does not exist) the run stops at start with one line, not at the first forward with inductor's traceback."""
+    env = {**ENV, "CXX": "no-such-c++-compiler"}
+    args = [*TRAIN, f"--train.out_dir={tmp_path / 'o'}", "--train.fused_elementwise=true"]
+    res = subprocess.run(
+        [sys.executable, "-m", "kimi.train", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 2 and len(lines) == 1, (res.returncode, res.stderr)
+    assert "no C++ compiler was found" in lines[0] and "--train.fused_elementwise=false" in lines[0], lines[0]

@@ -55,6 +55,7 @@ def run_case(
     accum: int = 1,
     loss_chunk: int = 0,
     recompute: bool = False,
+    fused: bool = False,
 ) -> dict:
     from kimi.optim import build_optimizer
     from kimi.parallel import ParallelDims, build_mesh, parallelize, submesh, update_router_bias
@@ -86,7 +87,11 @@ def run_case(
     mesh = build_mesh(dims, "cpu")
     # aot_eager: dynamo + autograd tracing as with inductor, without C++ codegen (minutes on a busy CPU)
     parallelize(
-        model, mesh, pcfg, TrainConfig(activation_checkpointing=ac, compile=compile), compile_backend="aot_eager"
+        model,
+        mesh,
+        pcfg,
+        TrainConfig(activation_checkpointing=ac, compile=compile, fused_elementwise=fused),
+        compile_backend="aot_eager",
     )
     opt = build_optimizer(model, ocfg)
     assert model.state_dict().keys() == ref.state_dict().keys()  # checkpoints load with any parallel layout
@@ -162,9 +167,11 @@ def _body(rank, world_size, cases, ckpt_dir):
 CASES = {
     # dp_shard=2 (FSDP2 only) with the chunked cross-entropy, 5 tokens a chunk (16 per rank: a short last
     # chunk) through the sharded head; EP=2 over dp_shard=2 (experts: size-1 FSDP mesh) with checkpointing +
-    # compile; the same EP=2 layout with moe.recompute and attention.recompute_kv on.
+    # compile; the same EP=2 layout with moe.recompute and attention.recompute_kv on; EP=2 with the elementwise
+    # chains compiled (train.fused_elementwise: the routed rows' weights reach the experts through the all-to-all).
     2: [
         (ParallelConfig(dp_shard=2), 4, 2, False, False, 1, 5),
+        (ParallelConfig(dp_shard=2, ep=2), 4, 2, False, False, 1, 0, False, True),
         (ParallelConfig(dp_shard=2, ep=2), 4, 2, True, True),
         (ParallelConfig(dp_shard=2, ep=2), 4, 2, False, False, 1, 0, True),
     ],
