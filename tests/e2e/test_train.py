@@ -49,14 +49,16 @@ def test_metrics_and_checkpoints(tmp_path):
     assert "model:" in (ckpts / "latest" / "config.yaml").read_text()
 
 
-def test_resume_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("fused", ["false", "true"], ids=["eager", "fused-elementwise"])
+def test_resume_is_bit_exact(tmp_path, fused):
     full, part = tmp_path / "full", tmp_path / "part"
-    train(_cfg(full, "--train.max_steps=8"))
+    steps = ["--train.max_steps=8", f"--train.fused_elementwise={fused}"]
+    train(_cfg(full, *steps))
     # Stopped after step 3 as a preempted run would be (checkpoint, then exit) ...
-    assert train(_cfg(part, "--train.max_steps=8"), stop_after=3)["preempted"]
+    assert train(_cfg(part, *steps), stop_after=3)["preempted"]
     assert list(_losses(part)) == [1, 2, 3]
     # ... and resumed automatically (the out_dir holds a checkpoint) to the end.
-    train(_cfg(part, "--train.max_steps=8"))
+    train(_cfg(part, *steps))
     a, b = _losses(full), _losses(part)
     assert list(b) == list(range(1, 9))
     assert [a[s] for s in range(1, 9)] == [b[s] for s in range(1, 9)]  # bit for bit
