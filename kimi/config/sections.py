@@ -259,7 +259,7 @@ class TrainConfig:
     cpu_keep_freed_memory: bool = True  # CPU: no page faults on reallocated big tensors; RSS stays at its peak
     compile: bool = False  # torch.compile each block
     # torch.compile only the blocks' elementwise chains (RMSNorm, SwiGLU, the routed rows' weighting): one fused
-    # kernel each way instead of a pass over memory per op; matmuls stay eager. Pays on CPU (1.08x tokens/s at byte
+    # kernel each way instead of a pass over memory per op; matmuls stay eager. Pays on CPU (~1.05x tokens/s at byte
     # level, docs/benchmarking.md), where compiling whole blocks does not. Needs a C++ compiler. Implied by train.compile.
     fused_elementwise: bool = False  # torch.compile the blocks' elementwise chains only
     activation_checkpointing: bool = False  # recompute each block's activations in backward
