@@ -41,7 +41,7 @@ def test_without_a_gpu_preflight_fails_fast_and_skips_every_section(tmp_path):
     assert "torch sees no CUDA device" in report["preflight"]["log_tail"]
     assert "every kimi module imports" in report["preflight"]["log_tail"]  # the imports ran before the CUDA check
     others = {k: v for k, v in report.items() if isinstance(v, dict) and k != "preflight"}
-    assert {"train_nano", "throughput_8", "throughput_32", "ns", "compile"} <= others.keys()
+    assert {"train_nano", "throughput_8", "throughput_32", "ns", "compile", "fused_elementwise"} <= others.keys()
     for name, sec in others.items():  # every section the script has, not a copy of its list
         assert sec == {"rc": None, "seconds": 0, "skipped": "preflight failed"}, name
 

@@ -25,6 +25,8 @@
 #   train_small                bf16 training of small, a hundred steps
 #   memory                     python -m kimi.bench memory: KV cache 1k-32k MLA vs MHA, cached generation
 #   compile                    nano with torch.compile: tokens/s against eager
+#   fused_elementwise          nano with only the elementwise chains compiled (train.fused_elementwise): its
+#                              Triton kernels' first run, tokens/s against eager and against compile
 # Written without a GPU to run it on (none was lent to the sessions that wrote it): expect to fix a detail
 # the first time. Knobs: PY (python), BUDGET_S, NANO_STEPS, SMALL_STEPS, NANO_CONFIG, SMALL_CONFIG,
 # SECTIONS_DIR (per-section logs; default beside OUT_JSON), ONLY (space-separated section names), WHEELS
@@ -173,6 +175,7 @@ section train_small 90 train_cmd train_small "$SMALL_CONFIG" "$SMALL_STEPS" \
   --train.global_batch_size=16 --train.micro_batch_size=16
 section memory 60 "$PY" -m kimi.bench memory --config "$NANO_CONFIG" --json "$DIR/memory.json"
 section compile 120 train_cmd compile "$NANO_CONFIG" 100 --train.compile=true
+section fused_elementwise 120 train_cmd fused_elementwise "$NANO_CONFIG" 100 --train.fused_elementwise=true
 
 # Assemble: each section's status, its JSON (if it wrote one), training medians, the tail of failed logs.
 "$PY" - "$DIR" "$OUT_JSON" <<'PYEOF'
