@@ -30,10 +30,16 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def weight_rows(h_NF: torch.Tensor, w_N: torch.Tensor) -> torch.Tensor:
+    """h_NF scaled row-wise by w_N (each routed row by its routing weight), multiplied in fp32 and rounded once
+    to h's dtype."""
+    return (h_NF.float() * w_N[:, None].float()).to(h_NF.dtype)
+
+
 def weighted_swiglu(gate_NF: torch.Tensor, up_NF: torch.Tensor, w_N: torch.Tensor) -> torch.Tensor:
-    """swiglu(gate, up) with each routed row scaled by its routing weight, multiplied in fp32 and rounded
-    once to the rows' dtype (MoE's weight_rows)."""
-    return (swiglu(gate_NF, up_NF).float() * w_N[:, None].float()).to(gate_NF.dtype)
+    """swiglu(gate, up) with each routed row scaled by its routing weight: the input of the experts' down
+    projection, fused into one kernel when compiled."""
+    return weight_rows(swiglu(gate_NF, up_NF), w_N)
 
 
 class Elementwise(NamedTuple):

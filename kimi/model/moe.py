@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimi.config import MoEConfig
-from kimi.model.elementwise import ELEMENTWISE, Elementwise
+from kimi.model.elementwise import ELEMENTWISE, Elementwise, weight_rows
 from kimi.model.kernel_choice import kernel_module
 from kimi.model.layers import MLP, FP32Buffers, fp32_region
 from kimi.model.recompute import MATMULS, recompute, recomputing
@@ -115,11 +115,6 @@ class _AddRowsToTokens(torch.autograd.Function):
 def rows_weights(topk_w_TK: torch.Tensor, sort_idx_N: torch.Tensor) -> torch.Tensor:
     """w_N: each routed row's weight, in the expert order of `permute`."""
     return topk_w_TK.reshape(-1).index_select(0, sort_idx_N)
-
-
-def weight_rows(h_NF: torch.Tensor, w_N: torch.Tensor) -> torch.Tensor:
-    """h_NF scaled row-wise by w_N, multiplied in fp32 and rounded once to h's dtype."""
-    return (h_NF.float() * w_N[:, None].float()).to(h_NF.dtype)
 
 
 class DispatchSteps(NamedTuple):

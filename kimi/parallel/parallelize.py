@@ -64,15 +64,12 @@ def _require_cpp_compiler() -> None:
         ) from None
 
 
-def fused_elementwise(backend: str = "inductor") -> Elementwise:
-    """ELEMENTWISE's functions compiled, shared by every module (one compile per shape, not per module).
-    Shapes start static and go dynamic on the first change (torch.compile's default), so eval and a last
-    short batch cost one more compile rather than one per shape."""
-    return _compiled(backend)
-
-
 @functools.cache
-def _compiled(backend: str) -> Elementwise:
+def fused_elementwise(backend: str) -> Elementwise:
+    """ELEMENTWISE's functions compiled, shared by every module (one compile per shape, not per module).
+    Static shapes (dynamic=False): one kernel per shape (train and eval, MLA's latent norm beside the model
+    width), which fixed-length training stays well inside; the automatic-dynamic kernels torch.compile makes
+    on a shape change were slower here."""
     return Elementwise(*(torch.compile(fn, backend=backend, dynamic=False) for fn in ELEMENTWISE))
 
 

@@ -37,7 +37,7 @@ def _inputs(name: str) -> tuple:
 
 @pytest.mark.parametrize("name", ELEMENTWISE._fields)
 def test_fused_function_matches_eager(name):
-    eager, fused = getattr(ELEMENTWISE, name), getattr(fused_elementwise(), name)
+    eager, fused = getattr(ELEMENTWISE, name), getattr(fused_elementwise("inductor"), name)
     args = _inputs(name)
     outs, grads = [], []
     for fn in (eager, fused):
@@ -64,7 +64,7 @@ def test_fused_model_matches_eager():
     ref.init_weights()
     model = copy.deepcopy(ref)
     apply_fused_elementwise(model)
-    fused = fused_elementwise()
+    fused = fused_elementwise("inductor")
     callers = [m for m in model.modules() if isinstance(m, (RMSNorm, MLP, GroupedExperts))]
     assert {type(m) for m in callers} == {RMSNorm, MLP, GroupedExperts}
     assert all(m.elementwise is fused for m in callers)

@@ -19,7 +19,7 @@ torch.set_num_threads(2)
 torch.manual_seed(0)
 hm.keep_freed_memory()
 importlib.import_module("kimi.parallel.parallelize")
-fused = sys.modules["kimi.parallel.parallelize"].fused_elementwise()
+fused = sys.modules["kimi.parallel.parallelize"].fused_elementwise("inductor")
 cfg = matched_pair(sys.argv[1], [])[0]
 model = KimiModel(cfg.model)
 model.init_weights()
