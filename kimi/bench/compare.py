@@ -440,10 +440,11 @@ def best_baseline(runs: list[dict]) -> str:
 
 
 def write_results(runs: list[dict], out: Path, config: str, budget: str, tracking_uri: str | None,
-                  failed: list[str] = (), log=print, reference: str | None = None) -> dict:  # fmt: skip
+                  failed: list[str] = (), log=print, reference: str | None = None, from_runs: str = "") -> dict:  # fmt: skip
     """Table, JSON, plots (and the MLflow summary run) from finished runs, also runs merged from several
-    `compare` outputs (--from-runs): the best baseline lr is picked over all of them, unless `reference`
-    names the variant every other is measured against (e.g. kimi for its own ablations)."""
+    `compare` outputs (`from_runs`, the runs.json files): the best baseline lr is picked over all of them,
+    unless `reference` names the variant every other is measured against (e.g. kimi for its own ablations).
+    The table's header names this machine's threads only when the runs trained here and now."""
     out.mkdir(parents=True, exist_ok=True)
     runs = name_by_lr(runs)
     order = list(dict.fromkeys(r["variant"] for r in sorted(runs, key=lambda r: r["group"] != "nanogpt")))
@@ -453,10 +454,14 @@ def write_results(runs: list[dict], out: Path, config: str, budget: str, trackin
     best = reference or best_baseline(runs)
     rows = summarise(runs, best)
     seeds = sorted({r["seed"] for r in runs})
-    env = f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs" if not torch.cuda.is_available() else (
-        torch.cuda.get_device_name())  # fmt: skip
-    header = (f"`python -m kimi.bench compare --config {config}`: {budget}, seeds {seeds}, {env}, "
-              f"torch {torch.__version__}, commit {_git_commit()}, {time.strftime('%Y-%m-%d')}")  # fmt: skip
+    if from_runs:  # tabled afterwards: where and how the runs trained is theirs, not this process's
+        header = (f"`python -m kimi.bench compare --from-runs {from_runs}`: {budget}, seeds {seeds}, tabled at "
+                  f"commit {_git_commit()}, {time.strftime('%Y-%m-%d')}")  # fmt: skip
+    else:
+        env = f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs" if not torch.cuda.is_available() else (
+            torch.cuda.get_device_name())  # fmt: skip
+        header = (f"`python -m kimi.bench compare --config {config}`: {budget}, seeds {seeds}, {env}, "
+                  f"torch {torch.__version__}, commit {_git_commit()}, {time.strftime('%Y-%m-%d')}")  # fmt: skip
     gap_ref = reference or DENSE_REFERENCE
     gaps = gap_table([r for r in runs if r["group"] != "nanogpt"], gap_ref)
     md = markdown_table(rows, header) + gaps + position_table(runs) + "".join(f"\nFAILED: {f}\n" for f in failed)
@@ -516,7 +521,9 @@ def main(args, overrides: list[str]) -> None:
         runs = [r for f in args.from_runs.split(",") if f for r in json.loads(Path(f).read_text())]
         budget = "/".join(f"{t:,}" for t in sorted({r["tokens"] for r in runs})) + " tokens"
         uri = None if args.no_mlflow else args.tracking_uri or f"sqlite:///{Path(args.out).resolve() / 'mlflow.db'}"
-        write_results(runs, Path(args.out), config, budget, uri, reference=args.reference or None)
+        write_results(
+            runs, Path(args.out), config, budget, uri, reference=args.reference or None, from_runs=args.from_runs
+        )
         return
     if args.reference:
         raise ValueError("--reference only tables finished runs: give it with --from-runs")

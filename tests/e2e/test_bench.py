@@ -198,6 +198,10 @@ def test_tabling_against_a_named_reference(tmp_path):
     res = json.loads((tmp_path / "results.json").read_text())
     assert [(row["variant"], row["reference"]) for row in res["rows"]] == [("kimi", True), ("kimi_mha", False)]
     assert "minus kimi's" in (tmp_path / "results.md").read_text() and "| 300 | -0.5000" in r.stdout
+    # the header names the tabled files, not this process's config default and threads
+    header = (tmp_path / "results.md").read_text().splitlines()[0]
+    assert header.startswith(f"`python -m kimi.bench compare --from-runs {tmp_path / 'runs.json'}`: 300 tokens")
+    assert "threads" not in header and "--config" not in header
     assert not (tmp_path / "lr_sweep.png").exists()  # no variant ran at two lrs
     r = _cli("compare", "--from-runs", str(tmp_path / "runs.json"), "--reference", "kimi_mla", "--out", str(tmp_path))
     assert (
