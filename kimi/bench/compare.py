@@ -454,20 +454,20 @@ def write_results(runs: list[dict], out: Path, config: str, budget: str, trackin
     best = reference or best_baseline(runs)
     rows = summarise(runs, best)
     seeds = sorted({r["seed"] for r in runs})
-    if from_runs:  # tabled afterwards: where and how the runs trained is theirs, not this process's
-        header = (f"`python -m kimi.bench compare --from-runs {from_runs}`: {budget}, seeds {seeds}, tabled at "
-                  f"commit {_git_commit()}, {time.strftime('%Y-%m-%d')}")  # fmt: skip
+    if from_runs:  # tabled afterwards: the runs' config, threads and torch were theirs, not this process's
+        origin, command, env = {"from_runs": from_runs}, f"--from-runs {from_runs}", "tabled at"
     else:
-        env = f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs" if not torch.cuda.is_available() else (
-            torch.cuda.get_device_name())  # fmt: skip
-        header = (f"`python -m kimi.bench compare --config {config}`: {budget}, seeds {seeds}, {env}, "
-                  f"torch {torch.__version__}, commit {_git_commit()}, {time.strftime('%Y-%m-%d')}")  # fmt: skip
+        origin, command = {"config": config}, f"--config {config}"
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else (
+            f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs")  # fmt: skip
+        env = f"{device}, torch {torch.__version__},"
+    header = (f"`python -m kimi.bench compare {command}`: {budget}, seeds {seeds}, {env} "
+              f"commit {_git_commit()}, {time.strftime('%Y-%m-%d')}")  # fmt: skip
     gap_ref = reference or DENSE_REFERENCE
     gaps = gap_table([r for r in runs if r["group"] != "nanogpt"], gap_ref)
     md = markdown_table(rows, header) + gaps + position_table(runs) + "".join(f"\nFAILED: {f}\n" for f in failed)
-    result = {"config": config, "budget": budget, "seeds": seeds, "best_baseline": best, "rows": rows,
-              "runs": runs, "failed": list(failed), "commit": _git_commit(),
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
+    result = {**origin, "budget": budget, "seeds": seeds, "best_baseline": best, "rows": rows, "runs": runs,
+              "failed": list(failed), "commit": _git_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}  # fmt: skip
     (out / "results.json").write_text(json.dumps(result, indent=1))
     (out / "results.md").write_text(md)
     files = [out / "results.json", out / "results.md"]
@@ -475,7 +475,7 @@ def write_results(runs: list[dict], out: Path, config: str, budget: str, trackin
     files += plot_gap([r for r in runs if r["group"] != "nanogpt"], out, gap_ref)
     files += plot_lr_sweep(rows, out)
     if tracking_uri:
-        log_summary(out, tracking_uri, rows, files, {"config": config, "budget": budget, "seeds": str(seeds)})
+        log_summary(out, tracking_uri, rows, files, {**origin, "budget": budget, "seeds": str(seeds)})
     log(md)
     return result
 

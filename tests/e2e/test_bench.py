@@ -202,6 +202,7 @@ def test_tabling_against_a_named_reference(tmp_path):
     header = (tmp_path / "results.md").read_text().splitlines()[0]
     assert header.startswith(f"`python -m kimi.bench compare --from-runs {tmp_path / 'runs.json'}`: 300 tokens")
     assert "threads" not in header and "--config" not in header
+    assert "config" not in res and res["from_runs"] == str(tmp_path / "runs.json")
     assert not (tmp_path / "lr_sweep.png").exists()  # no variant ran at two lrs
     r = _cli("compare", "--from-runs", str(tmp_path / "runs.json"), "--reference", "kimi_mla", "--out", str(tmp_path))
     assert (
